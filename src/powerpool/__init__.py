@@ -1,0 +1,87 @@
+"""powerpool: use all of your computer from Python, then a cluster's, without guessing.
+
+The public names are re-exported here; everything else is private.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from ._aio import aimap, amap
+from ._api import imap, imap_unordered, map, shutdown_warm_pools
+from ._errors import (
+    BackendUnavailableError,
+    CheckpointMismatchError,
+    InitializerError,
+    ItemTimeoutError,
+    PoolClosedError,
+    PowerpoolError,
+    RemoteTraceback,
+    SerializationError,
+    WorkerCrashedError,
+    WorkerError,
+)
+from ._executor import Executor
+from ._pool import Pool, PoolState
+from ._stats import PoolStats
+from ._stop import should_stop
+
+if TYPE_CHECKING:
+    from ._plan import Plan, plan
+    from ._profile import Profile, Workload, profile
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "BackendUnavailableError",
+    "CheckpointMismatchError",
+    "Executor",
+    "InitializerError",
+    "ItemTimeoutError",
+    "Plan",
+    "Pool",
+    "PoolClosedError",
+    "PoolState",
+    "PoolStats",
+    "PowerpoolError",
+    "Profile",
+    "RemoteTraceback",
+    "SerializationError",
+    "WorkerCrashedError",
+    "WorkerError",
+    "Workload",
+    "aimap",
+    "amap",
+    "imap",
+    "imap_unordered",
+    "map",
+    "plan",
+    "profile",
+    "should_stop",
+    "shutdown_warm_pools",
+]
+
+_LAZY = {
+    "Plan": "._plan",
+    "plan": "._plan",
+    "Profile": "._profile",
+    "Workload": "._profile",
+    "profile": "._profile",
+}
+
+
+def __getattr__(name: str) -> Any:
+    # The profiler pulls in more of the standard library than most runs need;
+    # import it on first use (the pattern of concurrent.futures' __init__).
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'powerpool' has no attribute {name!r}")
+    import importlib
+
+    value = getattr(importlib.import_module(module, __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(__all__)

@@ -1,0 +1,173 @@
+"""The async face: ``await amap(...)`` and ``async for r in aimap(...)``.
+
+Neither ever blocks the caller's event loop:
+
+* **Coroutine functions** run on the caller's own loop (so they can use the
+  caller's sessions and connections), at most ``workers`` at a time. This is
+  a small loop of its own rather than the pool core because the core blocks a
+  thread on its inbox, which an event loop must never do.
+* **Plain functions** run in a :class:`Pool` (any backend, ``auto`` by
+  default) driven from a helper thread; results cross to the loop with
+  ``call_soon_threadsafe``, with backpressure so memory stays bounded.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections.abc import AsyncIterator, Callable, Iterable
+from typing import Any
+
+from ._errors import ItemTimeoutError
+from ._execute import is_coroutine_function
+
+__all__ = ["aimap", "amap"]
+
+ASYNC_DEFAULT_WORKERS = 100
+"""Coroutines in flight by default: enough to overlap network waits, few
+enough not to exhaust sockets or a server's patience."""
+
+_BRIDGE_BUFFER = 64
+"""Results a helper thread may get ahead of the async consumer."""
+
+_DONE = object()
+
+
+async def amap(fn: Callable[..., Any], *iterables: Iterable[Any], **options: Any) -> list[Any]:
+    """Await all results, in input order. Options as for :func:`powerpool.map`."""
+    return [result async for result in aimap(fn, *iterables, **options)]
+
+
+async def aimap(
+    fn: Callable[..., Any],
+    *iterables: Iterable[Any],
+    ordered: bool = True,
+    backend: str = "auto",
+    workers: int | None = None,
+    timeout: float | None = None,
+    errors: str = "raise",
+    **options: Any,
+) -> AsyncIterator[Any]:
+    """Results as an async iterator (input order unless ``ordered=False``)."""
+    if not callable(fn):
+        raise TypeError(f"expected a callable to run, got {type(fn).__name__}: {fn!r}")
+    if is_coroutine_function(fn) and backend in ("auto", "asyncio"):
+        if options:
+            raise TypeError(f"unexpected option(s) for coroutines: {', '.join(sorted(options))}")
+        gen = _on_this_loop(fn, iterables, ordered, workers or ASYNC_DEFAULT_WORKERS, timeout, errors)
+    else:
+        gen = _bridged(fn, iterables, ordered, backend, workers, timeout, errors, options)
+    async for result in gen:
+        yield result
+
+
+async def _on_this_loop(
+    fn: Callable[..., Any],
+    iterables: tuple[Iterable[Any], ...],
+    ordered: bool,
+    workers: int,
+    timeout: float | None,
+    errors: str,
+) -> AsyncIterator[Any]:
+    if errors not in ("raise", "return", "skip"):
+        raise ValueError(f"errors must be 'raise', 'return' or 'skip', got {errors!r}")
+    calls = enumerate(zip(*iterables))
+    running: dict[asyncio.Task[Any], int] = {}
+    waiting: dict[int, tuple[bool, Any]] = {}
+    next_index = 0
+    exhausted = False
+
+    async def call(index: int, args: tuple[Any, ...]) -> Any:
+        if timeout is None:
+            return await fn(*args)
+        try:
+            return await asyncio.wait_for(fn(*args), timeout)
+        except asyncio.TimeoutError:
+            raise ItemTimeoutError(f"item {index} ran longer than its {timeout:g} s timeout") from None
+
+    try:
+        while True:
+            # At most `workers` in flight, and (ordered) at most that many waiting.
+            while not exhausted and len(running) + len(waiting) < workers:
+                try:
+                    index, args = next(calls)
+                except StopIteration:
+                    exhausted = True
+                    break
+                running[asyncio.ensure_future(call(index, args))] = index
+            if not running and not waiting:
+                return
+            if running:
+                done, _ = await asyncio.wait(running, return_when=asyncio.FIRST_COMPLETED)
+                for task in done:
+                    index = running.pop(task)
+                    exc = task.exception()
+                    waiting[index] = (exc is None, task.result() if exc is None else exc)
+            order = [next_index] if ordered else sorted(waiting)
+            while order and order[0] in waiting:
+                index = order.pop(0)
+                ok, value = waiting.pop(index)
+                if ok or errors == "return":
+                    yield value
+                elif errors == "raise":
+                    raise value
+                if ordered:
+                    next_index += 1
+                    order = [next_index]
+    finally:
+        for task in running:
+            task.cancel()
+
+
+async def _bridged(
+    fn: Callable[..., Any],
+    iterables: tuple[Iterable[Any], ...],
+    ordered: bool,
+    backend: str,
+    workers: int | None,
+    timeout: float | None,
+    errors: str,
+    options: dict[str, Any],
+) -> AsyncIterator[Any]:
+    from ._pool import Pool
+
+    loop = asyncio.get_running_loop()
+    queue: asyncio.Queue[Any] = asyncio.Queue()
+    room = threading.Semaphore(_BRIDGE_BUFFER)
+    stop = threading.Event()
+    pool = Pool(backend, workers=workers, progress=False, **options)
+    results = (pool.imap if ordered else pool.imap_unordered)(
+        fn, *iterables, timeout=timeout, errors=errors
+    )
+
+    def produce() -> None:
+        try:
+            for result in results:
+                room.acquire()
+                if stop.is_set():
+                    return
+                loop.call_soon_threadsafe(queue.put_nowait, (True, result))
+            loop.call_soon_threadsafe(queue.put_nowait, (True, _DONE))
+        except BaseException as exc:  # noqa: BLE001 - handed to the awaiting side
+            if not stop.is_set():
+                loop.call_soon_threadsafe(queue.put_nowait, (False, exc))
+        finally:
+            results.close()  # type: ignore[attr-defined]
+            pool.shutdown(wait=False) if stop.is_set() else pool.shutdown()
+
+    thread = threading.Thread(target=produce, name="powerpool-aimap", daemon=True)
+    thread.start()
+    try:
+        while True:
+            ok, value = await queue.get()
+            room.release()
+            if not ok:
+                raise value
+            if value is _DONE:
+                return
+            yield value
+    finally:
+        stop.set()
+        room.release()
+        pool.cancel()
+        await loop.run_in_executor(None, thread.join)

@@ -1,0 +1,98 @@
+"""``backend="auto"``: measure the first items, plan, and keep their results.
+
+The first few calls of the real work run in the caller's thread under the
+profiler; their outcomes are kept and reported as results (a function is
+never called twice for the same item: side effects matter). The plan then
+picks the backend for the rest. Work too small to pay any pool's overhead
+takes the fast path: the rest runs in the caller's thread through the
+builtin ``map``, at list-comprehension speed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from ._run import RunOptions
+from ._task import Item, Outcome
+
+if TYPE_CHECKING:
+    from ._plan import Plan
+
+__all__ = ["Choice", "choose"]
+
+SAMPLE_ITEMS = 8
+"""Most items the profiler runs before deciding: enough to average out noise
+on small items; slow items stop the sample after the first one."""
+
+SAMPLE_SECONDS = 0.2
+"""Most time the sample may take: the profile runs in one thread, so this is
+time the other cores sit idle."""
+
+
+@dataclass
+class Choice:
+    """What auto decided for one run."""
+
+    plan: Plan
+    """The backend, workers and chunk size, with reasons."""
+    prefilled: list[tuple[Item, Outcome]]
+    """The sampled calls and their outcomes, to be reported as results."""
+    per_item_s: float
+    """Measured wall seconds per item, to seed the chunk sizer."""
+    fast: Iterator[Any] | None
+    """For serial plans with default options: all results, computed lazily in
+    the caller's thread (the pool core is skipped altogether)."""
+
+
+def choose(
+    fn: Callable[..., Any],
+    source: Iterator[tuple[Any, ...]],
+    raw: Iterator[Any] | None,
+    total: int | None,
+    options: RunOptions,
+    *,
+    workers: int | None,
+    address: str | None,
+) -> Choice:
+    """Profile the first items of ``source`` (argument tuples) and plan the rest.
+
+    ``raw`` is the single input iterator behind ``source`` when there is one,
+    so the fast path can hand it straight to the builtin ``map``.
+    """
+    from ._plan import plan_from_profile
+    from ._profile import profile_calls
+
+    taken: list[tuple[Any, ...]] = []
+
+    def calls() -> Iterator[tuple[tuple[Any, ...], dict[str, Any]]]:
+        for args in source:
+            taken.append(args)
+            yield args, {}
+
+    profile, outcomes = profile_calls(
+        fn, calls(), max_items=SAMPLE_ITEMS, max_seconds=SAMPLE_SECONDS
+    )
+    if len(outcomes) != len(taken):  # an item taken must never be lost or re-run
+        raise AssertionError("profiler consumed items it did not run")
+    plan = plan_from_profile(profile, total, address=address)
+    if workers is not None and plan.backend != "serial":
+        plan = dataclasses.replace(plan, workers=workers)
+    prefilled = [((i, args, {}), outcome) for i, (args, outcome) in enumerate(zip(taken, outcomes))]
+    fast = None
+    if plan.backend == "serial" and options == dataclasses.replace(
+        RunOptions(), progress=options.progress
+    ):
+        rest = map(fn, raw) if raw is not None else itertools.starmap(fn, source)
+        fast = itertools.chain(_values(outcomes), rest)
+    return Choice(plan=plan, prefilled=prefilled, per_item_s=profile.wall_per_item_s, fast=fast)
+
+
+def _values(outcomes: list[Outcome]) -> Iterator[Any]:
+    for ok, value in outcomes:
+        if not ok:
+            raise value
+        yield value

@@ -1,0 +1,71 @@
+"""The small protocol every backend implements, and the settings it receives.
+
+A backend only runs chunks. Ordering, the in-flight window, chunk sizing,
+retries, errors policy, progress and statistics live once in the pool core.
+
+Life of a backend::
+
+    b = Backend(config, deliver)    # start workers (may be lazy)
+    b.submit(chunk)                 # many times, from any thread; must not block long
+    ...                             # b calls deliver(ChunkResult) once per chunk,
+                                    # from any thread, unless chunk.claim() said no
+    b.cancel(epoch)                 # work of epochs <= epoch should stop
+    b.shutdown(wait=..., kill=...)  # idempotent
+
+Per-item failures the backend detects itself (a worker crash, a timeout, an
+unpicklable value) are reported as outcomes, never raised from ``submit``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Protocol
+
+from .._task import Chunk, ChunkResult
+
+__all__ = ["Backend", "BackendConfig", "Deliver"]
+
+Deliver = Callable[[ChunkResult], None]
+
+
+@dataclass(frozen=True)
+class BackendConfig:
+    """Settings that shape the workers themselves (not a single run)."""
+
+    workers: int
+    """Number of workers (threads, processes, or concurrent coroutines)."""
+    initializer: Callable[..., Any] | None = None
+    """Called once in each worker before its first item."""
+    initargs: tuple[Any, ...] = ()
+    """Arguments for ``initializer``."""
+    native_threads: int | None = None
+    """Cap on BLAS/OpenMP threads per worker process; None picks cores // workers."""
+    start_method: str | None = None
+    """multiprocessing start method; None picks a safe one."""
+    options: Mapping[str, Any] = field(default_factory=dict)
+    """Backend-specific settings (e.g. ``address`` and ``client`` for dask)."""
+
+
+class Backend(Protocol):
+    """What the pool core needs from a backend."""
+
+    name: ClassVar[str]
+    """Registry name, e.g. ``"threads"``."""
+    chunk_target_s: ClassVar[float]
+    """How long one chunk should compute so the per-chunk overhead stays small."""
+    supports_timeout: ClassVar[bool]
+    """Whether ``Chunk.timeout_s`` is enforced (the worker is stopped and replaced)."""
+
+    workers: int
+
+    def __init__(self, config: BackendConfig, deliver: Deliver) -> None: ...
+
+    def submit(self, chunk: Chunk) -> None:
+        """Queue ``chunk``; ``deliver`` will be called with its result later."""
+
+    def cancel(self, epoch: int) -> None:
+        """Ask running work of epochs <= ``epoch`` to stop (``should_stop()`` turns true)."""
+
+    def shutdown(self, *, wait: bool = True, kill: bool = False) -> None:
+        """Stop the workers. ``kill`` stops running items at once where possible."""

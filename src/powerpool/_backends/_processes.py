@@ -1,0 +1,485 @@
+"""The process backend: powerpool's own engine, for CPU-bound Python.
+
+Data flow::
+
+    caller thread                      dispatcher thread                 worker i
+    ─────────────                      ─────────────────                 ────────
+    submit(chunk) ─ pickle args ─► pending ─► idle worker? ─ pipe i ─►  run items
+         │                          ▲   wait(wake pipe, every pipe,        │
+         └── 1 byte on wake pipe ───┘        every process sentinel,       │
+                                             next item deadline) ◄─ pipe i ┘
+                                        │
+                                        ├─ result   → ledger[i] = idle → deliver
+                                        ├─ sentinel → worker died: blame the item
+                                        │             it was running (shared status),
+                                        │             re-queue the rest, replace it
+                                        └─ deadline → kill + replace worker i,
+                                                      that item fails with a timeout
+
+One pipe and one chunk per worker (work is pulled by idle workers, so skewed
+durations balance), and one ``multiprocessing.connection.wait`` over all pipes
+and sentinels: a death is seen the moment it happens, with no polling.
+"""
+
+from __future__ import annotations
+
+import itertools
+import multiprocessing
+import os
+import pickle
+import threading
+import time
+from collections import OrderedDict, deque
+from collections.abc import Callable
+from concurrent.futures import CancelledError
+from dataclasses import dataclass, field
+from multiprocessing.connection import Connection, wait
+from multiprocessing.context import BaseContext
+from multiprocessing.process import BaseProcess
+from typing import Any, ClassVar
+
+from .._errors import (
+    InitializerError,
+    ItemTimeoutError,
+    SerializationError,
+    WorkerCrashedError,
+)
+from .._system import usable_cores
+from .._task import Chunk, ChunkResult, ItemLost, Outcome
+from ._base import BackendConfig, Deliver
+from ._worker import WORKER_FN_CACHE, worker_main
+
+__all__ = ["ProcessBackend"]
+
+_PICKLE = pickle.HIGHEST_PROTOCOL
+
+FN_CACHE = 64
+"""Functions kept pickled in the parent (one entry per distinct function);
+re-pickling a closure over a large array per chunk is what this avoids."""
+
+JOIN_GRACE_S = 5.0
+"""How long shutdown waits for an idle worker to exit before killing it."""
+
+
+def _dumps(obj: Any) -> bytes:
+    """pickle, falling back to cloudpickle for lambdas, closures and __main__ code."""
+    try:
+        return pickle.dumps(obj, _PICKLE)
+    except Exception:  # noqa: BLE001 - any pickling failure: try by value
+        import cloudpickle
+
+        blob: bytes = cloudpickle.dumps(obj, _PICKLE)
+        return blob
+
+
+def _dumps_function(fn: Callable[..., Any]) -> bytes:
+    # Plain pickle stores a function by name; under forkserver/spawn a worker
+    # cannot import __main__'s functions by name, so those go by value.
+    if getattr(fn, "__module__", None) == "__main__":
+        import cloudpickle
+
+        blob: bytes = cloudpickle.dumps(fn, _PICKLE)
+        return blob
+    return _dumps(fn)
+
+
+def choose_context(start_method: str | None) -> BaseContext:
+    """The user's start method, else fork while this process is single-threaded.
+
+    fork is the fastest start (no re-import) but unsafe once other threads may
+    hold locks; then forkserver (fast, safe), else spawn.
+    """
+    if start_method is not None:
+        return multiprocessing.get_context(start_method)
+    methods = multiprocessing.get_all_start_methods()
+    if "fork" in methods and threading.active_count() == 1:
+        return multiprocessing.get_context("fork")
+    if "forkserver" in methods:
+        return multiprocessing.get_context("forkserver")
+    return multiprocessing.get_context("spawn")
+
+
+@dataclass(eq=False)
+class _Worker:
+    """One worker process and the ledger of what it holds."""
+
+    process: BaseProcess
+    conn: Connection
+    slot: int
+    chunk: Chunk | None = None
+    """The chunk it is running; None when idle (the ledger)."""
+    sent_at: float = 0.0
+    functions: OrderedDict[int, None] = field(default_factory=OrderedDict)
+    """Ids of the functions this worker holds, least recently used first."""
+
+    @property
+    def name(self) -> str:
+        return f"process-{self.slot}"
+
+    def remember(self, fn_id: int) -> bool:
+        """Note that ``fn_id`` is sent or used; True if the worker lacks it.
+
+        Mirrors the worker's own cache (same LRU rule, same sequence of ids),
+        so parent and worker always agree on what the worker holds.
+        """
+        if fn_id in self.functions:
+            self.functions.move_to_end(fn_id)
+            return False
+        self.functions[fn_id] = None
+        if len(self.functions) > WORKER_FN_CACHE:
+            self.functions.popitem(last=False)
+        return True
+
+
+@dataclass(eq=False)
+class _Pending:
+    """A chunk waiting for an idle worker, its arguments already pickled."""
+
+    chunk: Chunk
+    payload: bytes
+    has_kwargs: bool
+
+
+class ProcessBackend:
+    name: ClassVar[str] = "processes"
+    chunk_target_s: ClassVar[float] = 0.02
+    supports_timeout: ClassVar[bool] = True
+
+    def __init__(self, config: BackendConfig, deliver: Deliver) -> None:
+        self.workers = config.workers
+        self._deliver = deliver
+        self._context = choose_context(config.start_method)
+        cores = usable_cores()
+        self._native_threads = config.native_threads or max(1, cores // self.workers)
+        self._init_blob = (
+            None
+            if config.initializer is None
+            else _dumps((config.initializer, tuple(config.initargs)))
+        )
+        # Shared with workers: per-slot (position, started) and the cancel epoch.
+        self._status = self._context.RawArray("d", 2 * self.workers)
+        self._cancel_flag = self._context.RawValue("q", -1)
+        # Invariant: _lock guards _pending, _closing and _fn_ids; everything
+        # else below is owned by the dispatcher thread alone.
+        self._lock = threading.Lock()
+        self._pending: deque[_Pending] = deque()
+        self._closing = False
+        self._kill = False
+        self._fn_ids: OrderedDict[int, tuple[Callable[..., Any], int, bytes]] = OrderedDict()
+        self._fn_counter = itertools.count()
+        # Set when workers cannot run anything (initializer raised, or no
+        # worker can be started): every chunk then fails with a fresh error.
+        self._broken: Callable[[], BaseException] | None = None
+        self._wake_r, self._wake_w = os.pipe()
+        os.set_blocking(self._wake_w, False)
+        self._workers: list[_Worker] = [self._start_worker(slot) for slot in range(self.workers)]
+        # Started after the workers so that a fork above saw a single thread.
+        self._dispatcher = threading.Thread(
+            target=self._dispatch_forever, name="powerpool-dispatcher", daemon=True
+        )
+        self._dispatcher.start()
+
+    # -- protocol (any thread) --------------------------------------------------
+
+    def submit(self, chunk: Chunk) -> None:
+        has_kwargs = any(kwargs for _, _, kwargs in chunk.items)
+        try:
+            payload = _dumps(
+                [(args, kwargs) for _, args, kwargs in chunk.items]
+                if has_kwargs
+                else [args for _, args, _ in chunk.items]
+            )
+        except Exception:  # noqa: BLE001 - isolate the unpicklable item(s) below
+            self._submit_isolating(chunk)
+            return
+        with self._lock:
+            if self._closing:
+                closed = True
+            else:
+                closed = False
+                self._pending.append(_Pending(chunk, payload, has_kwargs))
+        if closed:
+            self._deliver(_all_failed(chunk, CancelledError("the pool was shut down"), "parent"))
+            return
+        self._wake()
+
+    def cancel(self, epoch: int) -> None:
+        self._cancel_flag.value = max(self._cancel_flag.value, epoch)
+
+    def shutdown(self, *, wait: bool = True, kill: bool = False) -> None:
+        with self._lock:
+            self._closing = True
+            self._kill = self._kill or kill
+        self._wake()
+        if (wait or kill) and threading.current_thread() is not self._dispatcher:
+            self._dispatcher.join()
+
+    # -- submission helpers -----------------------------------------------------
+
+    def _submit_isolating(self, chunk: Chunk) -> None:
+        """Fail only the items whose arguments cannot be pickled; send the rest."""
+        good, bad = [], []
+        for item in chunk.items:
+            try:
+                _dumps(item[1:])
+                good.append(item)
+            except Exception as exc:  # noqa: BLE001
+                error = SerializationError(
+                    f"the arguments of item {item[0]} could not be pickled to send them "
+                    f"to a worker process: {type(exc).__name__}: {exc}"
+                )
+                bad.append((item, error))
+        failed = Chunk(chunk.id, chunk.fn, [item for item, _ in bad], chunk.timeout_s,
+                       chunk.epoch, on_done=chunk.on_done)
+        self._deliver(ChunkResult(failed, [(False, error) for _, error in bad], "parent", 0.0))
+        if good:
+            chunk.items = good
+            self.submit(chunk)
+
+    def _wake(self) -> None:
+        try:
+            os.write(self._wake_w, b"\0")
+        except BlockingIOError:
+            pass  # the pipe is full of wake-ups already: the dispatcher will look
+        except OSError:
+            pass  # closed during shutdown
+
+    def _function(self, fn: Callable[..., Any]) -> tuple[int, bytes]:
+        """(id, pickled bytes) for ``fn``, pickled once however many chunks use it."""
+        with self._lock:
+            entry = self._fn_ids.get(id(fn))
+            if entry is not None and entry[0] is fn:
+                self._fn_ids.move_to_end(id(fn))
+                return entry[1], entry[2]
+        blob = _dumps_function(fn)
+        fn_id = next(self._fn_counter)
+        with self._lock:
+            self._fn_ids[id(fn)] = (fn, fn_id, blob)  # holding fn keeps id(fn) unique
+            if len(self._fn_ids) > FN_CACHE:
+                self._fn_ids.popitem(last=False)
+        return fn_id, blob
+
+    # -- workers (dispatcher thread, and __init__) -------------------------------
+
+    def _start_worker(self, slot: int) -> _Worker:
+        parent_end, child_end = self._context.Pipe(duplex=True)
+        self._status[2 * slot] = 0
+        self._status[2 * slot + 1] = 0.0
+        process = self._context.Process(
+            target=worker_main,
+            args=(child_end, slot, self._status, self._cancel_flag, self._init_blob,
+                  self._native_threads),
+            name=f"powerpool-worker-{slot}",
+            daemon=True,
+        )
+        process.start()
+        child_end.close()
+        return _Worker(process, parent_end, slot)
+
+    def _replace(self, worker: _Worker) -> None:
+        """Start a new worker in a dead or killed one's slot (unless closing or broken)."""
+        worker.conn.close()
+        worker.process.join()
+        index = self._workers.index(worker)
+        if self._closing or self._broken is not None:
+            del self._workers[index]
+        else:
+            if self._context.get_start_method() == "fork":
+                # This is the dispatcher thread: forking now is unsafe.
+                self._context = choose_context(None)
+            try:
+                self._workers[index] = self._start_worker(worker.slot)
+            except Exception as exc:  # noqa: BLE001 - e.g. the fork server died
+                del self._workers[index]
+                if not self._workers:
+                    message = f"no worker process could be started: {type(exc).__name__}: {exc}"
+                    self._broken = lambda: WorkerCrashedError(message)
+        if not self._workers and self._broken is not None:
+            self._fail_pending(self._broken)
+
+    # -- the dispatcher -----------------------------------------------------------
+
+    def _dispatch_forever(self) -> None:
+        try:
+            self._dispatch_loop()
+        except BaseException as exc:  # noqa: BLE001 - never leave a caller waiting
+            self._fail_everything(exc)
+            raise
+        finally:
+            self._stop_workers()
+            os.close(self._wake_r)
+            os.close(self._wake_w)
+
+    def _dispatch_loop(self) -> None:
+        while True:
+            if self._kill:
+                self._fail_everything(CancelledError("the pool was terminated"))
+                return
+            self._send_pending()
+            busy = [w for w in self._workers if w.chunk is not None]
+            if self._closing and not busy and not self._pending:
+                return
+            timeout = self._next_deadline(busy)
+            waitables: list[Any] = [self._wake_r]
+            for worker in self._workers:
+                waitables.append(worker.conn)
+                waitables.append(worker.process.sentinel)
+            ready = set(wait(waitables, timeout))
+            if self._wake_r in ready:
+                os.read(self._wake_r, 65536)
+            for worker in list(self._workers):
+                if worker.conn in ready:
+                    self._receive(worker)
+            for worker in list(self._workers):
+                if worker.process.sentinel in ready and not worker.process.is_alive():
+                    self._on_death(worker)
+            self._expire_late(time.monotonic())
+
+    def _send_pending(self) -> None:
+        if self._broken is not None:
+            self._fail_pending(self._broken)
+            return
+        idle = [w for w in self._workers if w.chunk is None and w.process.is_alive()]
+        while idle:
+            with self._lock:
+                if not self._pending:
+                    return
+                pending = self._pending.popleft()
+            chunk = pending.chunk
+            if not chunk.claim():
+                continue
+            worker = idle.pop()
+            fn_id, blob = self._function(chunk.fn)
+            first = worker.remember(fn_id)
+            header = pickle.dumps(
+                (chunk.id, fn_id, blob if first else None, chunk.epoch, pending.has_kwargs), _PICKLE
+            )
+            worker.chunk = chunk
+            worker.sent_at = time.monotonic()
+            try:
+                worker.conn.send_bytes(header)
+                worker.conn.send_bytes(pending.payload)
+            except OSError:
+                pass  # it just died: its sentinel fires and _on_death blames the chunk
+
+    def _receive(self, worker: _Worker) -> None:
+        try:
+            message = pickle.loads(worker.conn.recv_bytes())
+        except (EOFError, OSError):
+            return  # died; handled by its sentinel
+        except Exception as exc:  # noqa: BLE001 - a result that won't unpickle here
+            chunk, worker.chunk = worker.chunk, None
+            if chunk is not None:
+                error = SerializationError(f"a result could not be unpickled: {exc!r}")
+                self._deliver(_all_failed(chunk, error, worker.name))
+            return
+        if message[0] == "init-error":
+            cause = message[1]
+            self._broken = lambda: InitializerError.wrap(cause)
+            chunk, worker.chunk = worker.chunk, None
+            if chunk is not None:
+                self._deliver(_all_failed(chunk, self._broken(), worker.name))
+            return
+        _, chunk_id, busy_s, outcomes = message
+        chunk, worker.chunk = worker.chunk, None
+        if chunk is not None and chunk.id == chunk_id:
+            self._deliver(ChunkResult(chunk, outcomes, worker.name, busy_s))
+
+    def _on_death(self, worker: _Worker) -> None:
+        chunk, worker.chunk = worker.chunk, None
+        if chunk is not None:
+            if self._broken is not None:
+                outcomes = [(False, self._broken())] * len(chunk.items)
+            else:
+                position = int(self._status[2 * worker.slot])
+                error = WorkerCrashedError.from_exitcode(
+                    worker.process.exitcode, pid=worker.process.pid
+                )
+                outcomes = _blame(chunk, position, error)
+            self._deliver(ChunkResult(chunk, outcomes, worker.name, 0.0))
+        self._replace(worker)
+
+    def _next_deadline(self, busy: list[_Worker]) -> float | None:
+        deadlines = []
+        for worker in busy:
+            assert worker.chunk is not None
+            if worker.chunk.timeout_s is None:
+                continue
+            started = max(self._status[2 * worker.slot + 1], worker.sent_at)
+            deadlines.append(started + worker.chunk.timeout_s)
+        if not deadlines:
+            return None
+        return max(0.0, min(deadlines) - time.monotonic())
+
+    def _expire_late(self, now: float) -> None:
+        for worker in list(self._workers):
+            chunk = worker.chunk
+            if chunk is None or chunk.timeout_s is None:
+                continue
+            started = max(self._status[2 * worker.slot + 1], worker.sent_at)
+            if now < started + chunk.timeout_s:
+                continue
+            position = max(0, int(self._status[2 * worker.slot]))
+            worker.chunk = None
+            worker.process.kill()
+            error = ItemTimeoutError(
+                f"item {chunk.items[position][0]} ran longer than its {chunk.timeout_s:g} s "
+                f"timeout; its worker process {worker.process.pid} was killed and replaced"
+            )
+            self._deliver(ChunkResult(chunk, _blame(chunk, position, error), worker.name,
+                                      chunk.timeout_s))
+            self._replace(worker)
+
+    # -- endings ------------------------------------------------------------------
+
+    def _fail_pending(self, error: Callable[[], BaseException]) -> None:
+        with self._lock:
+            pending, self._pending = list(self._pending), deque()
+        for entry in pending:
+            if entry.chunk.claim():
+                self._deliver(_all_failed(entry.chunk, error(), "parent"))
+
+    def _fail_everything(self, error: BaseException) -> None:
+        with self._lock:
+            self._closing = True
+        for worker in self._workers:
+            if worker.chunk is not None:
+                chunk, worker.chunk = worker.chunk, None
+                worker.process.kill()
+                self._deliver(_all_failed(chunk, error, worker.name))
+        self._fail_pending(lambda: error)
+
+    def _stop_workers(self) -> None:
+        for worker in self._workers:
+            if self._kill:
+                worker.process.kill()
+            else:
+                try:
+                    worker.conn.send_bytes(b"")
+                except OSError:
+                    pass
+        deadline = time.monotonic() + JOIN_GRACE_S
+        for worker in self._workers:
+            worker.process.join(max(0.0, deadline - time.monotonic()))
+            if worker.process.is_alive():
+                worker.process.kill()
+                worker.process.join()
+            worker.conn.close()
+        self._workers.clear()
+
+
+def _blame(chunk: Chunk, position: int, error: BaseException) -> list[Outcome]:
+    """Outcomes for a chunk whose worker died or ran late at ``position``.
+
+    Items before it had finished but their results died with the worker, items
+    after it never ran: both are re-queued (ItemLost). Position -1 means the
+    worker died before any item started: nobody is blamed.
+    """
+    outcomes: list[Outcome] = [(False, ItemLost())] * len(chunk.items)
+    if 0 <= position < len(chunk.items):
+        outcomes[position] = (False, error)
+    return outcomes
+
+
+def _all_failed(chunk: Chunk, error: BaseException, worker: str) -> ChunkResult:
+    return ChunkResult(chunk, [(False, error)] * len(chunk.items), worker, 0.0)

@@ -1,0 +1,208 @@
+"""The threads backend: concurrency for work that waits or releases the GIL.
+
+Worker threads pull chunks from one queue, so a worker that finishes early
+takes the next chunk (skewed durations balance themselves). Threads are
+started on demand, up to ``workers``, like ``ThreadPoolExecutor``.
+
+Threads cannot be killed, so a per-item timeout *abandons* the late thread:
+a watchdog (started only when a timeout is in use) fails the item with
+:class:`ItemTimeoutError`, tells the task to stop through ``should_stop()``,
+reports the chunk's not-yet-run items as lost (the core re-queues them), and
+starts a replacement thread so capacity is kept. Whatever the abandoned
+thread returns later is dropped.
+"""
+
+from __future__ import annotations
+
+import itertools
+import queue
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import ClassVar
+
+from .._errors import InitializerError, ItemTimeoutError
+from .._execute import run_items
+from .._stop import CancelFlag, StopToken
+from .._task import Chunk, ChunkResult, ItemLost, Outcome
+from ._base import BackendConfig, Deliver
+
+__all__ = ["ThreadBackend"]
+
+
+@dataclass(eq=False)
+class _Running:
+    """What one worker thread is doing; guarded by the backend's lock."""
+
+    chunk: Chunk
+    token: StopToken
+    position: int = 0
+    started: float = field(default_factory=time.monotonic)
+    abandoned: bool = False
+    outcomes: list[Outcome] = field(default_factory=list)
+
+
+class ThreadBackend:
+    name: ClassVar[str] = "threads"
+    chunk_target_s: ClassVar[float] = 0.002
+    supports_timeout: ClassVar[bool] = True
+
+    def __init__(self, config: BackendConfig, deliver: Deliver) -> None:
+        self.workers = config.workers
+        self._config = config
+        self._deliver = deliver
+        self._flag = CancelFlag()
+        self._queue: queue.SimpleQueue[Chunk | None] = queue.SimpleQueue()
+        # Invariant: _threads holds live, non-abandoned workers; _idle counts
+        # those blocked on the queue. Both change only under _lock.
+        self._lock = threading.Lock()
+        self._threads: set[threading.Thread] = set()
+        self._idle = 0
+        self._running: dict[threading.Thread, _Running] = {}
+        self._init_error: BaseException | None = None
+        self._watchdog: threading.Thread | None = None
+        self._wake = threading.Condition(self._lock)
+        self._closed = False
+        self._names = itertools.count()
+
+    # -- protocol -------------------------------------------------------------
+
+    def submit(self, chunk: Chunk) -> None:
+        with self._lock:
+            if self._idle == 0 and len(self._threads) < self.workers:
+                self._spawn()
+            if chunk.timeout_s is not None and self._watchdog is None:
+                self._watchdog = threading.Thread(
+                    target=self._watch, name="powerpool-threads-watchdog", daemon=True
+                )
+                self._watchdog.start()
+        self._queue.put(chunk)
+
+    def cancel(self, epoch: int) -> None:
+        self._flag.value = max(self._flag.value, epoch)
+
+    def shutdown(self, *, wait: bool = True, kill: bool = False) -> None:
+        with self._lock:
+            if self._closed:
+                threads: list[threading.Thread] = []
+            else:
+                self._closed = True
+                threads = [*self._threads]
+                self._wake.notify_all()
+        for _ in threads:
+            self._queue.put(None)
+        if kill:
+            # Threads can't be killed: ask running tasks to stop, don't wait.
+            self._flag.value = 1 << 62
+            return
+        if wait:
+            for thread in threads:
+                thread.join()
+            if self._watchdog is not None:
+                self._watchdog.join()
+
+    # -- workers --------------------------------------------------------------
+
+    def _spawn(self) -> None:
+        thread = threading.Thread(
+            target=self._work, name=f"powerpool-thread-{next(self._names)}", daemon=True
+        )
+        self._threads.add(thread)
+        thread.start()
+
+    def _work(self) -> None:
+        me = threading.current_thread()
+        if self._config.initializer is not None:
+            try:
+                self._config.initializer(*self._config.initargs)
+            except Exception as exc:  # noqa: BLE001 - every chunk reports it
+                self._init_error = exc
+        while True:
+            with self._lock:
+                self._idle += 1
+            chunk = self._queue.get()
+            with self._lock:
+                self._idle -= 1
+            if chunk is None:
+                with self._lock:
+                    self._threads.discard(me)
+                return
+            if not chunk.claim():
+                continue
+            if self._init_error is not None:
+                error = InitializerError.wrap(self._init_error)
+                self._deliver(ChunkResult(chunk, [(False, error)] * len(chunk.items), me.name, 0.0))
+                continue
+            if not self._run(me, chunk):
+                return  # abandoned after a timeout: a replacement already runs
+
+    def _run(self, me: threading.Thread, chunk: Chunk) -> bool:
+        token = StopToken(self._flag, chunk.epoch)
+        started = time.perf_counter()
+        if chunk.timeout_s is None:
+            outcomes = run_items(chunk.fn, chunk.items, token)
+        else:
+            record = _Running(chunk, token)
+            with self._lock:
+                self._running[me] = record
+                self._wake.notify()
+
+            def mark(position: int) -> None:
+                with self._lock:
+                    record.position, record.started = position, time.monotonic()
+
+            outcomes = run_items(chunk.fn, chunk.items, token, mark, record.outcomes)
+            with self._lock:
+                del self._running[me]
+                if record.abandoned:
+                    return False
+        self._deliver(ChunkResult(chunk, outcomes, me.name, time.perf_counter() - started))
+        return True
+
+    # -- timeouts -------------------------------------------------------------
+
+    def _watch(self) -> None:
+        """Sleep until the earliest item deadline; abandon threads past theirs."""
+        with self._lock:
+            while not self._closed:
+                now = time.monotonic()
+                expired: list[tuple[threading.Thread, _Running]] = []
+                next_deadline = float("inf")
+                for thread, record in self._running.items():
+                    deadline = record.started + (record.chunk.timeout_s or float("inf"))
+                    if deadline <= now and not record.abandoned:
+                        expired.append((thread, record))
+                    else:
+                        next_deadline = min(next_deadline, deadline)
+                for thread, record in expired:
+                    record.abandoned = True
+                    record.token.abandon()
+                    self._threads.discard(thread)
+                    self._spawn()
+                if expired:
+                    self._lock.release()
+                    try:
+                        for thread, record in expired:
+                            self._report_timeout(thread, record)
+                    finally:
+                        self._lock.acquire()
+                    continue
+                wait = None if next_deadline == float("inf") else max(0.0, next_deadline - now)
+                self._wake.wait(wait)
+
+    def _report_timeout(self, thread: threading.Thread, record: _Running) -> None:
+        chunk = record.chunk
+        # Items before the late one finished (their outcomes are in the record:
+        # the worker appends item i's outcome before it marks item i+1); items
+        # after it never started and are re-queued by the core (ItemLost).
+        late = ItemTimeoutError(
+            f"item {chunk.items[record.position][0]} ran longer than its "
+            f"{chunk.timeout_s:g} s timeout; its thread was abandoned"
+        )
+        done = record.outcomes[: record.position]
+        lost: list[Outcome] = [(False, ItemLost())] * (len(chunk.items) - record.position - 1)
+        outcomes = [*done, (False, late), *lost]
+        self._deliver(ChunkResult(chunk, outcomes, thread.name, float(chunk.timeout_s or 0.0)))
+
+    def __repr__(self) -> str:
+        return f"<ThreadBackend workers={self.workers}>"

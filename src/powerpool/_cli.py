@@ -1,0 +1,400 @@
+"""The ``powerpool`` command line: ``run``, ``bench``, ``profile`` and ``demo``.
+
+Only option parsing and exit codes live here; each command's work is in its
+own module (``_runcmd``, ``_benchcmd``, ``_demo``, and the profiler).
+
+Exit codes, for every command::
+
+    0    success
+    1    some items failed (run), results disagree (bench, demo)
+    2    bad usage or input: a malformed line, an unknown MODULE:FUNC,
+         an unreadable file, a checkpoint made for another run
+    130  interrupted (Ctrl-C); a checkpoint keeps what was finished
+
+Problems the user can fix are printed as one line, ``powerpool: error: ...``,
+never as a Python traceback.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from typing import Any
+
+import click
+
+from ._errors import BackendUnavailableError, CheckpointMismatchError
+from ._records import InputError, LoadedFunction, load_function, open_input, read_records
+
+__all__ = ["cli", "main"]
+
+EXIT_FAILED = 1
+EXIT_USAGE = 2
+EXIT_INTERRUPTED = 130
+
+_BACKENDS = ["auto", "serial", "threads", "asyncio", "processes", "dask"]
+
+
+class _Fail(click.ClickException):
+    """A one-line error with exit code 2."""
+
+    exit_code = EXIT_USAGE
+
+    def show(self, file: Any = None) -> None:
+        click.echo(f"powerpool: error: {self.format_message()}", err=True)
+
+
+def _note(message: str) -> None:
+    click.echo(f"powerpool: {message}", err=True)
+
+
+def _load(spec: str) -> LoadedFunction:
+    try:
+        return load_function(spec)
+    except InputError as exc:
+        raise _Fail(str(exc)) from None
+
+
+def _read_calls(path: str, *, lines: bool, sample: int | None) -> list[Any]:
+    """All records of INPUT (or the first ``sample``) as calls, for bench and profile."""
+    stream = open_input(path, seekable=False)
+    try:
+        calls = []
+        for record in read_records(stream, lines=lines):
+            if sample is not None and record.index >= sample:
+                break
+            calls.append(record.call)
+        return calls
+    finally:
+        if stream is not sys.stdin.buffer:
+            stream.close()
+
+
+def _positive_list(text: str) -> list[int]:
+    try:
+        values = [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise _Fail(f"--workers expects comma-separated integers, got {text!r}") from None
+    if not values or min(values) < 1:
+        raise _Fail(f"--workers expects positive integers, got {text!r}")
+    return sorted(set(values))
+
+
+def _write_json(path: str, data: dict[str, Any]) -> None:
+    try:
+        with open(path, "w", encoding="utf-8") as f:
+            json.dump(data, f, indent=2)
+            f.write("\n")
+    except OSError as exc:
+        raise _Fail(f"cannot write {path}: {exc.strerror or exc}") from None
+
+
+_lines_option = click.option(
+    "--lines",
+    is_flag=True,
+    help="Plain text input: each line is one string argument (default: JSON Lines).",
+)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.version_option(package_name="powerpool", prog_name="powerpool")
+def cli() -> None:
+    """Use all of your computer from Python, without guessing.
+
+    MODULE:FUNC names a function: an importable module (pkg.mod:func, looked up
+    from the current directory too) or a file (path/to/file.py:func).
+    """
+
+
+# -- run ------------------------------------------------------------------------------
+
+
+@cli.command()
+@click.argument("function", metavar="MODULE:FUNC")
+@click.argument("input_path", metavar="[INPUT]", required=False, default="-")
+@click.option("-o", "--output", "output_path", metavar="FILE", help="Results (default: stdout).")
+@click.option("--errors", "errors_path", metavar="FILE", help="Failed items as JSON lines.")
+@_lines_option
+@click.option("--unordered", is_flag=True, help="Write results as they finish, not in input order.")
+@click.option(
+    "--checkpoint",
+    "checkpoint_path",
+    metavar="FILE",
+    help="SQLite journal: run the same command again to resume after a crash or Ctrl-C.",
+)
+@click.option("--backend", type=click.Choice(_BACKENDS), default="auto", show_default=True)
+@click.option("--workers", type=click.IntRange(min=1), help="Workers (default: the backend's).")
+@click.option("--chunksize", type=click.IntRange(min=1), help="Items per chunk (default: adaptive).")
+@click.option("--timeout", type=click.FloatRange(min=0, min_open=True), help="Seconds per item.")
+@click.option("--retries", type=click.IntRange(min=0), default=0, help="Re-runs of a failed item.")
+@click.option("--address", help="Dask scheduler address (implies --backend dask).")
+@click.option("--progress/--no-progress", default=None, help="Progress bar (default: on a terminal).")
+@click.option("-q", "--quiet", is_flag=True, help="No summary line at the end.")
+def run(
+    function: str,
+    input_path: str,
+    output_path: str | None,
+    errors_path: str | None,
+    lines: bool,
+    unordered: bool,
+    checkpoint_path: str | None,
+    backend: str,
+    workers: int | None,
+    chunksize: int | None,
+    timeout: float | None,
+    retries: int,
+    address: str | None,
+    progress: bool | None,
+    quiet: bool,
+) -> int:
+    """Apply MODULE:FUNC to every record of INPUT (JSON Lines; stdin if - or omitted).
+
+    A record is the function's argument, or {"args": [...], "kwargs": {...}}.
+    Each result is written as one line, {"index": i, "result": ...}; failed
+    items go to --errors FILE (exit code 1). With --checkpoint, a killed or
+    interrupted run resumes where it stopped when the same command is run again.
+    """
+    from ._runcmd import Interrupted, RunSettings, execute_run, format_summary
+
+    options: dict[str, Any] = {}
+    if address is not None:
+        options["address"] = address
+        if backend == "auto":
+            backend = "dask"
+    _check_timeout_backend(backend, timeout)
+    settings = RunSettings(
+        function=_load(function),
+        input_path=input_path,
+        output_path=output_path,
+        errors_path=errors_path,
+        lines=lines,
+        unordered=unordered,
+        checkpoint_path=checkpoint_path,
+        backend=backend,
+        workers=workers,
+        chunksize=chunksize,
+        timeout_s=timeout,
+        retries=retries,
+        backend_options=options,
+        progress=progress,
+    )
+    try:
+        summary = execute_run(settings)
+    except Interrupted as exc:
+        kept = "" if exc.journaled is None else f"; {exc.journaled} results kept in {checkpoint_path}"
+        _note(f"interrupted{kept}")
+        return EXIT_INTERRUPTED
+    except (InputError, CheckpointMismatchError, BackendUnavailableError, OSError) as exc:
+        if checkpoint_path is not None and os.path.exists(checkpoint_path):
+            raise _Fail(f"{exc} (the checkpoint {checkpoint_path} is kept)") from None
+        raise _Fail(str(exc)) from None
+    if not quiet:
+        _note(format_summary(summary, settings).removeprefix("powerpool: "))
+    return EXIT_FAILED if summary.failed else 0
+
+
+def _check_timeout_backend(backend: str, timeout: float | None) -> None:
+    if timeout is None or backend == "auto":
+        return
+    from ._backends import load
+
+    try:
+        supported = load(backend).supports_timeout
+    except (ImportError, ValueError) as exc:
+        raise _Fail(str(exc)) from None
+    if not supported:
+        raise _Fail(f"--timeout needs a backend that can stop an item; {backend!r} can't")
+
+
+# -- bench ------------------------------------------------------------------------------
+
+
+@cli.command()
+@click.argument("function", metavar="MODULE:FUNC")
+@click.argument("input_path", metavar="INPUT")
+@_lines_option
+@click.option("--sample", type=click.IntRange(min=1), help="Use only the first N records.")
+@click.option("--workers", "workers_text", metavar="N,N,...", help="Worker counts to try.")
+@click.option(
+    "--backends",
+    "backends_text",
+    default="serial,threads,processes",
+    show_default=True,
+    help="Backends to compare (serial is always run: it is the baseline).",
+)
+@click.option("--repeat", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Runs per point; the fastest counts.")  # fmt: skip
+@click.option("--warm", is_flag=True, help="Leave pool start-up out of the times.")
+@click.option("--chunksize", type=click.IntRange(min=1), help="Items per chunk (default: adaptive).")
+@click.option("--plot", "plot_path", metavar="FILE", help="Write a PNG of speedup vs workers.")
+@click.option("--json", "json_path", metavar="FILE", help="Write every number as JSON.")
+def bench(
+    function: str,
+    input_path: str,
+    lines: bool,
+    sample: int | None,
+    workers_text: str | None,
+    backends_text: str,
+    repeat: int,
+    warm: bool,
+    chunksize: int | None,
+    plot_path: str | None,
+    json_path: str | None,
+) -> int:
+    """Time MODULE:FUNC on INPUT across backends and worker counts.
+
+    Prints time, speedup and efficiency for each, checks every result against
+    the serial run, fits Amdahl's law (and the USL) and names the best setting.
+    """
+    from ._benchcmd import (
+        TABLE_HEADER,
+        default_workers_list,
+        format_bench,
+        format_row,
+        require_matplotlib,
+        run_bench,
+        write_plot,
+    )
+    from ._pool import usable_cores
+    from ._records import call_record_for
+
+    backends = [b.strip() for b in backends_text.split(",") if b.strip()]
+    unknown = [b for b in backends if b not in _BACKENDS or b == "auto"]
+    if unknown or not backends:
+        raise _Fail(f"--backends: unknown {', '.join(unknown) or 'empty list'}; "
+                    f"choose from {', '.join(b for b in _BACKENDS if b != 'auto')}")  # fmt: skip
+    if plot_path is not None:
+        try:
+            require_matplotlib()
+        except InputError as exc:
+            raise _Fail(str(exc)) from None
+    loaded = _load(function)
+    cores = usable_cores()
+    workers_list = (
+        _positive_list(workers_text) if workers_text else default_workers_list(cores)
+    )
+    try:
+        calls = _read_calls(input_path, lines=lines, sample=sample)
+    except InputError as exc:
+        raise _Fail(str(exc)) from None
+    wrapped = call_record_for(loaded.fn)
+    is_async = type(wrapped).__name__ == "AsyncCallRecord"
+    if is_async:
+        backends = ["asyncio"]
+    click.echo(
+        f"{function} on {len(calls)} items, {cores} usable cores; times "
+        f"{'without' if warm else 'with'} pool start-up, best of {repeat}"
+    )
+    click.echo(TABLE_HEADER)
+    try:
+        report = run_bench(
+            wrapped,
+            calls,
+            function=function,
+            backends=backends,
+            workers_list=workers_list,
+            repeat=repeat,
+            warm=warm,
+            is_async=is_async,
+            chunksize=chunksize,
+            on_row=lambda row: click.echo(format_row(row)),
+        )
+    except (InputError, BackendUnavailableError) as exc:
+        raise _Fail(str(exc)) from None
+    click.echo("")
+    click.echo(format_bench(report, with_rows=False))
+    if plot_path is not None:
+        write_plot(report, plot_path)
+        _note(f"plot written to {plot_path}")
+    if json_path is not None:
+        _write_json(json_path, report.to_json())
+        _note(f"numbers written to {json_path}")
+    return 0 if report.all_agree else EXIT_FAILED
+
+
+# -- profile ----------------------------------------------------------------------------
+
+
+@cli.command()
+@click.argument("function", metavar="MODULE:FUNC")
+@click.argument("input_path", metavar="INPUT")
+@_lines_option
+@click.option("--sample", type=click.IntRange(min=1), default=50, show_default=True,
+              help="Profile at most this many records.")  # fmt: skip
+@click.option("--max-seconds", type=click.FloatRange(min=0, min_open=True), default=5.0,
+              show_default=True, help="Stop profiling after this long.")  # fmt: skip
+@click.option("--hotspots", type=click.IntRange(min=0), default=10, show_default=True,
+              help="Functions to list by own time (cProfile).")  # fmt: skip
+def profile(
+    function: str,
+    input_path: str,
+    lines: bool,
+    sample: int,
+    max_seconds: float,
+    hotspots: int,
+) -> int:
+    """Measure MODULE:FUNC on a sample of INPUT and say how to run it.
+
+    Prints the profile (per-item time, CPU/wall ratio, GIL holding, memory,
+    serialization cost), the hot spots, and the plan auto would choose for the
+    whole input.
+    """
+    from ._profcmd import profile_and_plan
+
+    loaded = _load(function)
+    try:
+        calls = _read_calls(input_path, lines=lines, sample=None)
+    except InputError as exc:
+        raise _Fail(str(exc)) from None
+    if not calls:
+        raise _Fail("the input has no records to profile")
+    click.echo(
+        profile_and_plan(
+            loaded.fn, calls, max_items=sample, max_seconds=max_seconds, hotspots=hotspots
+        )
+    )
+    return 0
+
+
+# -- demo -------------------------------------------------------------------------------
+
+
+@cli.command()
+@click.option("--size", type=click.Choice(["small", "full"]), default="small", show_default=True,
+              help="small: 24 numbers (a few seconds); full: 48.")  # fmt: skip
+@click.option("--json", "json_path", metavar="FILE", help="Write the measurements as JSON.")
+def demo(size: str, json_path: str | None) -> int:
+    """Check large numbers for primality sequentially, with threads, processes and auto.
+
+    Prints the time of each, the speedup over sequential, and why: the GIL
+    keeps pure-Python threads on one core, processes are not bound by it.
+    """
+    from ._demo import format_report, run_demo
+
+    report = run_demo("full" if size == "full" else "small")
+    click.echo(format_report(report))
+    if json_path is not None:
+        _write_json(json_path, report.to_json())
+    return 0 if report.all_agree else EXIT_FAILED
+
+
+# -- entry point ------------------------------------------------------------------------
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Console-script entry point: run the command, exit with its code."""
+    try:
+        code = cli.main(args=argv, prog_name="powerpool", standalone_mode=False)
+    except click.ClickException as exc:
+        exc.show()
+        code = exc.exit_code
+    except click.exceptions.Abort:  # Ctrl-C outside a run: nothing to keep
+        _note("interrupted")
+        code = EXIT_INTERRUPTED
+    except BrokenPipeError:
+        # The reader went away (`| head`): stop quietly, like `cat` does.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        code = EXIT_FAILED
+    sys.exit(code if isinstance(code, int) else 0)

@@ -1,0 +1,80 @@
+"""Running a chunk's items where the worker is, turning each call into an outcome.
+
+Shared by every backend (serial, threads, process workers, Dask workers), so a
+task behaves the same wherever it runs: exceptions become outcomes (never
+escape the worker loop), the stop token is current while items run, and the
+per-item hook lets backends that enforce timeouts know which item is running.
+"""
+
+from __future__ import annotations
+
+import inspect
+import traceback
+from collections.abc import Callable
+from functools import partial
+from typing import Any
+
+from ._errors import RemoteTraceback
+from ._stop import StopToken, running
+from ._task import Item, Outcome
+
+__all__ = ["ShippedError", "is_coroutine_function", "run_items"]
+
+
+def run_items(
+    fn: Callable[..., Any],
+    items: list[Item],
+    token: StopToken,
+    mark: Callable[[int], None] | None = None,
+    outcomes: list[Outcome] | None = None,
+) -> list[Outcome]:
+    """Call ``fn`` for every item; ``mark(i)`` is called just before item ``i`` starts.
+
+    Outcomes are appended to ``outcomes`` (a new list if None) as items finish,
+    so a watchdog can take the finished ones if the chunk is abandoned.
+    """
+    if outcomes is None:
+        outcomes = []
+    append = outcomes.append
+    with running(token):
+        for position, (_, args, kwargs) in enumerate(items):
+            if mark is not None:
+                mark(position)
+            try:
+                append((True, fn(*args, **kwargs)))
+            except Exception as exc:  # noqa: BLE001 - every failure becomes that item's outcome
+                append((False, exc))
+    return outcomes
+
+
+class ShippedError:
+    """An exception on its way out of a worker process, with its traceback as text.
+
+    Tracebacks and ``__cause__`` do not survive pickling, so the worker formats
+    the traceback while it still exists; unpickling in the caller yields the
+    original exception again, with a :class:`RemoteTraceback` as its cause.
+    """
+
+    __slots__ = ("exc", "tb")
+
+    def __init__(self, exc: BaseException) -> None:
+        self.exc = exc
+        self.tb = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (_rebuild, (self.exc, self.tb))
+
+
+def _rebuild(exc: BaseException, tb: str) -> BaseException:
+    exc.__cause__ = RemoteTraceback(tb)
+    return exc
+
+
+def is_coroutine_function(fn: object) -> bool:
+    """True for ``async def`` functions, partials of them and objects with async ``__call__``."""
+    while isinstance(fn, partial):
+        fn = fn.func
+    if inspect.iscoroutinefunction(fn):
+        return True
+    call = getattr(fn, "__call__", None)  # noqa: B004 - we want the bound __call__ itself
+    return call is not None and inspect.iscoroutinefunction(call)

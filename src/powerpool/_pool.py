@@ -1,0 +1,533 @@
+"""``Pool``: the one object users hold, whatever backend runs the work.
+
+A pool owns its backends (started lazily, one per backend name and worker
+count, so ``auto`` can use threads for one map and processes for the next),
+its lifecycle state, the cancel epoch and the statistics ledger. The work of
+a single map is done by :class:`~powerpool._run.Run`.
+"""
+
+from __future__ import annotations
+
+import enum
+import itertools
+import threading
+import weakref
+from collections import OrderedDict
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import CancelledError, Future
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from ._backends import BackendConfig, load
+from ._errors import PoolClosedError
+from ._execute import is_coroutine_function
+from ._progress import ProgressMode
+from ._run import ErrorPolicy, Run, RunOptions, is_retryable
+from ._stats import PoolStats, StatsLedger
+from ._system import usable_cores
+from ._task import Chunk, ChunkResult, Item, ItemLost, Outcome
+
+if TYPE_CHECKING:
+    from ._backends import Backend
+    from ._plan import Plan
+
+__all__ = ["Pool", "PoolState"]
+
+_BACKEND_NAMES = ("auto", "serial", "threads", "asyncio", "processes", "dask")
+_ASYNC_BACKENDS = ("asyncio",)
+_ERROR_POLICIES = ("raise", "return", "skip")
+
+MAX_LIVE_BACKENDS = 4
+"""Backends kept warm per pool (auto may start one per kind of work); the
+least recently used is shut down beyond this, so workers don't pile up."""
+
+
+class PoolState(enum.Enum):
+    """Lifecycle: OPEN --shutdown()--> CLOSING --(work drained)--> CLOSED."""
+
+    OPEN = "open"
+    CLOSING = "closing"
+    CLOSED = "closed"
+
+
+def default_workers(backend: str) -> int:
+    """Workers a backend gets when the user does not say."""
+    if backend == "serial":
+        return 1
+    if backend == "asyncio":
+        return 100  # coroutines in flight: waits overlap, the loop thread does the rest
+    cores = usable_cores()
+    if backend == "threads":
+        return min(32, cores + 4)  # ThreadPoolExecutor's default, for the same reasons
+    return cores
+
+
+class Pool:
+    """Runs a function over many inputs on a chosen backend (``"auto"`` measures and picks).
+
+    Options given here are defaults; ``map``/``imap``/``imap_unordered`` take
+    the per-run ones (chunksize, timeout, retries, retry_on, errors, progress)
+    as keyword overrides.
+    """
+
+    def __init__(
+        self,
+        backend: str = "auto",
+        *,
+        workers: int | None = None,
+        chunksize: int | None = None,
+        timeout: float | None = None,
+        retries: int = 0,
+        retry_on: tuple[type[BaseException], ...] = (Exception,),
+        errors: ErrorPolicy = "raise",
+        progress: ProgressMode = "auto",
+        initializer: Callable[..., Any] | None = None,
+        initargs: Iterable[Any] = (),
+        native_threads: int | None = None,
+        start_method: str | None = None,
+        explain: bool = False,
+        **backend_options: Any,
+    ) -> None:
+        if backend not in _BACKEND_NAMES:
+            raise ValueError(
+                f"unknown backend {backend!r}; choose one of: {', '.join(_BACKEND_NAMES)}"
+            )
+        if workers is not None and (not isinstance(workers, int) or workers < 1):
+            raise ValueError(f"workers must be a positive integer, got {workers!r}")
+        if initializer is not None and not callable(initializer):
+            raise TypeError(f"initializer must be callable, got {initializer!r}")
+        self._backend_name = backend
+        self._workers = workers
+        self._defaults = _run_options(
+            RunOptions(),
+            chunksize=chunksize,
+            timeout=timeout,
+            retries=retries,
+            retry_on=retry_on,
+            errors=errors,
+            progress=progress,
+        )
+        self._initializer = initializer
+        self._initargs = tuple(initargs)
+        self._native_threads = native_threads
+        self._start_method = start_method
+        self._explain = explain
+        self._backend_options = backend_options
+        self._state = PoolState.OPEN
+        # Invariant: _lock guards _state, _backends, _epoch, _futures and _runs.
+        self._lock = threading.RLock()
+        self._backends: OrderedDict[tuple[str, int], Backend] = OrderedDict()
+        self._epoch = 0
+        self._futures: set[Future[Any]] = set()
+        self._runs: weakref.WeakSet[Run] = weakref.WeakSet()
+        self._chunk_ids = itertools.count()
+        self._ledger = StatsLedger()
+        self._plans: dict[int, Plan] = {}
+        self.last_plan: Plan | None = None
+        """The plan ``auto`` made for the most recent run (None before one)."""
+
+    # -- lifecycle ----------------------------------------------------------
+
+    @property
+    def state(self) -> PoolState:
+        """Where the pool is in its lifecycle."""
+        return self._state
+
+    def __enter__(self) -> Pool:
+        return self
+
+    def __exit__(self, exc_type: object, exc: object, tb: object) -> None:
+        if exc_type is KeyboardInterrupt:
+            self.terminate()
+        else:
+            self.shutdown(wait=True)
+
+    def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
+        """Stop accepting work, then release the workers. Safe to call twice."""
+        with self._lock:
+            if self._state is PoolState.CLOSED:
+                return
+            self._state = PoolState.CLOSING
+            futures = list(self._futures)
+        if cancel_futures:
+            for future in futures:
+                future.cancel()
+        if wait:
+            for future in futures:
+                if not future.cancelled():
+                    try:
+                        future.exception()
+                    except CancelledError:
+                        pass
+        with self._lock:
+            backends = list(self._backends.values())
+            self._backends.clear()
+            self._state = PoolState.CLOSED
+        for backend in backends:
+            backend.shutdown(wait=wait)
+
+    def terminate(self) -> None:
+        """Stop at once: cancel everything, kill worker processes, don't wait for threads."""
+        self.cancel()
+        with self._lock:
+            backends = list(self._backends.values())
+            self._backends.clear()
+            self._state = PoolState.CLOSED
+        for backend in backends:
+            backend.shutdown(wait=False, kill=True)
+
+    def cancel(self) -> None:
+        """Cancel all work submitted so far; the pool stays usable.
+
+        Pending futures are cancelled, running maps raise ``CancelledError``
+        in their callers, and running tasks see ``should_stop()`` turn true.
+        """
+        with self._lock:
+            epoch = self._epoch
+            self._epoch += 1
+            futures = list(self._futures)
+            runs = list(self._runs)
+            backends = list(self._backends.values())
+        for future in futures:
+            future.cancel()
+        for run in runs:
+            run.abort()
+        for backend in backends:
+            backend.cancel(epoch)
+
+    def stats(self) -> PoolStats:
+        """Counters and busy time since the pool was created."""
+        return self._ledger.snapshot()
+
+    def __repr__(self) -> str:
+        return f"<powerpool.Pool backend={self._backend_name!r} state={self._state.value}>"
+
+    # -- work -----------------------------------------------------------------
+
+    def submit(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Future[Any]:
+        """Schedule ``fn(*args, **kwargs)``; returns a ``concurrent.futures.Future``.
+
+        With ``backend="auto"`` a single call cannot be measured: it runs where
+        the last plan for ``fn`` ran, else on threads (asyncio for coroutines).
+        """
+        _check_callable(fn)
+        name = self._backend_name
+        workers = self._workers
+        if name == "auto":
+            plan = self._plans.get(id(fn))
+            if plan is not None:
+                name, workers = plan.backend, plan.workers
+            else:
+                name = "asyncio" if is_coroutine_function(fn) else "threads"
+        _check_fn_fits(fn, name)
+        future: Future[Any] = Future()
+        with self._lock:
+            self._check_open()
+            backend = self._backend(name, workers)
+            self._futures.add(future)
+            epoch = self._epoch
+        self._ledger.begin(backend.name, backend.workers)
+        future.add_done_callback(self._future_done)
+        item: Item = (0, args, kwargs)
+        self._submit_one(backend, fn, item, future, epoch, attempt=0, claim=future.set_running_or_notify_cancel)
+        return future
+
+    def map(self, fn: Callable[..., Any], *iterables: Iterable[Any], **overrides: Any) -> list[Any]:
+        """Like the builtin ``map``, in parallel; returns a list in input order."""
+        return list(
+            self._iterate(fn, iterables, overrides, ordered=True, with_index=False, eager=True)
+        )
+
+    def imap(
+        self, fn: Callable[..., Any], *iterables: Iterable[Any], **overrides: Any
+    ) -> Iterator[Any]:
+        """Lazy ``map``: results in input order, with bounded memory for endless input."""
+        return self._iterate(fn, iterables, overrides, ordered=True, with_index=False)
+
+    def imap_unordered(
+        self,
+        fn: Callable[..., Any],
+        *iterables: Iterable[Any],
+        with_index: bool = False,
+        **overrides: Any,
+    ) -> Iterator[Any]:
+        """Results as they complete; ``with_index=True`` yields ``(input_index, result)``."""
+        return self._iterate(fn, iterables, overrides, ordered=False, with_index=with_index)
+
+    # -- internals ------------------------------------------------------------
+
+    def _check_open(self) -> None:
+        if self._state is not PoolState.OPEN:
+            raise PoolClosedError(f"this pool is {self._state.value}; create a new one")
+
+    def _backend(self, name: str, workers: int | None) -> Backend:
+        """The live backend for (name, workers), started on first use. Call under _lock."""
+        count = workers if workers is not None else default_workers(name)
+        key = (name, count)
+        backend = self._backends.get(key)
+        if backend is not None:
+            self._backends.move_to_end(key)
+            return backend
+        config = BackendConfig(
+            workers=count,
+            initializer=self._initializer,
+            initargs=self._initargs,
+            native_threads=self._native_threads,
+            start_method=self._start_method,
+            options=self._backend_options,
+        )
+        backend = load(name)(config, _route)
+        self._backends[key] = backend
+        if len(self._backends) > MAX_LIVE_BACKENDS:
+            _, oldest = self._backends.popitem(last=False)
+            oldest.shutdown(wait=False)
+        return backend
+
+    def _future_done(self, future: Future[Any]) -> None:
+        with self._lock:
+            self._futures.discard(future)
+        self._ledger.end()
+
+    def _submit_one(
+        self,
+        backend: Backend,
+        fn: Callable[..., Any],
+        item: Item,
+        future: Future[Any],
+        epoch: int,
+        attempt: int,
+        claim: Callable[[], bool],
+    ) -> None:
+        def on_done(result: ChunkResult) -> None:
+            self._ledger.chunk(result.worker, result.busy_s)
+            ok, value = result.outcomes[0]
+            if ok:
+                self._ledger.items(done=1)
+                future.set_result(value)
+                return
+            if isinstance(value, ItemLost) or (
+                attempt < self._defaults.retries and is_retryable(value, self._defaults)
+            ):
+                if not isinstance(value, ItemLost):
+                    self._ledger.items(retried=1)
+                self._submit_one(backend, fn, item, future, epoch, attempt + 1, _not_cancelled(future))
+                return
+            self._ledger.items(failed=1)
+            future.set_exception(value)
+
+        chunk = Chunk(
+            id=next(self._chunk_ids),
+            fn=fn,
+            items=[item],
+            timeout_s=self._defaults.timeout_s,
+            epoch=epoch,
+            claim=claim,
+            on_done=on_done,
+        )
+        backend.submit(chunk)
+
+    def _iterate(
+        self,
+        fn: Callable[..., Any],
+        iterables: tuple[Iterable[Any], ...],
+        overrides: dict[str, Any],
+        *,
+        ordered: bool,
+        with_index: bool,
+        eager: bool = False,
+    ) -> Iterator[Any]:
+        """Validate now (so mistakes raise at the call); run lazily unless ``eager``."""
+        _check_callable(fn)
+        if not iterables:
+            raise TypeError("map() needs at least one iterable of inputs")
+        options = _run_options(self._defaults, **overrides)
+        self._check_open()
+        if self._backend_name != "auto":
+            _check_fn_fits(fn, self._backend_name)
+            _check_timeout(self._backend_name, options)
+        if eager:
+            return self._results(self._prepare(fn, iterables, options), options, ordered, with_index)
+        return self._lazy(fn, iterables, options, ordered, with_index)
+
+    def _lazy(
+        self,
+        fn: Callable[..., Any],
+        iterables: tuple[Iterable[Any], ...],
+        options: RunOptions,
+        ordered: bool,
+        with_index: bool,
+    ) -> Iterator[Any]:
+        yield from self._results(self._prepare(fn, iterables, options), options, ordered, with_index)
+
+    def _prepare(
+        self, fn: Callable[..., Any], iterables: tuple[Iterable[Any], ...], options: RunOptions
+    ) -> _Prepared:
+        """Resolve the backend (profiling the first items when auto)."""
+        raw: Iterator[Any] | None = None
+        if len(iterables) == 1:
+            raw = iter(iterables[0])
+            source: Iterator[tuple[Any, ...]] = ((x,) for x in raw)
+        else:
+            source = zip(*iterables)
+        prepared = _Prepared(fn, source, _length(iterables), self._backend_name, self._workers)
+        if prepared.backend != "auto":
+            return prepared
+        from ._auto import choose
+
+        choice = choose(
+            fn, source, raw, prepared.total, options,
+            workers=self._workers, address=self._backend_options.get("address"),
+        )
+        self.last_plan = choice.plan
+        self._plans[id(fn)] = choice.plan
+        if self._explain:
+            print(choice.plan)  # noqa: T201 - explain=True asks for exactly this
+        prepared.backend, prepared.workers = choice.plan.backend, choice.plan.workers
+        prepared.prefilled, prepared.per_item_s = choice.prefilled, choice.per_item_s
+        prepared.fast = choice.fast
+        if prepared.fast is None:
+            _check_timeout(prepared.backend, options)
+        return prepared
+
+    def _results(
+        self, prepared: _Prepared, options: RunOptions, ordered: bool, with_index: bool
+    ) -> Iterator[Any]:
+        if prepared.fast is not None:
+            self._ledger.items(done=prepared.total or 0)
+            return enumerate(prepared.fast) if with_index else prepared.fast
+        pairs = self._pairs(prepared, options, ordered)
+        return pairs if with_index else (value for _, value in pairs)
+
+    def _pairs(
+        self, prepared: _Prepared, options: RunOptions, ordered: bool
+    ) -> Iterator[tuple[int, Any]]:
+        with self._lock:
+            self._check_open()
+            backend = self._backend(prepared.backend, prepared.workers)
+            epoch = self._epoch
+        run = Run(
+            backend=backend,
+            fn=prepared.fn,
+            calls=((args, {}) for args in prepared.source),
+            options=options,
+            ordered=ordered,
+            total=prepared.total,
+            epoch=epoch,
+            ledger=self._ledger,
+            new_chunk_id=self._chunk_ids.__next__,
+            prefilled=prepared.prefilled,
+            per_item_s=prepared.per_item_s,
+        )
+        with self._lock:
+            self._runs.add(run)
+        try:
+            yield from run
+        except KeyboardInterrupt:
+            # Ctrl-C: a user wants everything to stop now, workers included.
+            self.cancel()
+            with self._lock:
+                key = next((k for k, b in self._backends.items() if b is backend), None)
+                if key is not None:
+                    del self._backends[key]
+            backend.shutdown(wait=False, kill=True)
+            raise
+        finally:
+            with self._lock:
+                self._runs.discard(run)
+
+
+@dataclass
+class _Prepared:
+    """A run whose backend is decided but which has not started."""
+
+    fn: Callable[..., Any]
+    source: Iterator[tuple[Any, ...]]
+    total: int | None
+    backend: str
+    workers: int | None
+    prefilled: list[tuple[Item, Outcome]] = field(default_factory=list)
+    per_item_s: float | None = None
+    fast: Iterator[Any] | None = None
+
+
+def _check_timeout(name: str, options: RunOptions) -> None:
+    if options.timeout_s is not None and not load(name).supports_timeout:
+        raise ValueError(
+            f"backend {name!r} cannot enforce a per-item timeout "
+            "(it runs items in your thread); use threads or processes"
+        )
+
+
+def _route(result: ChunkResult) -> None:
+    """The ``deliver`` every backend gets: hand the result to whoever made the chunk."""
+    on_done = result.chunk.on_done
+    if on_done is not None:
+        on_done(result)
+
+
+def _not_cancelled(future: Future[Any]) -> Callable[[], bool]:
+    return lambda: not future.done()
+
+
+def _check_callable(fn: object) -> None:
+    if not callable(fn):
+        raise TypeError(f"expected a callable to run, got {type(fn).__name__}: {fn!r}")
+
+
+def _check_fn_fits(fn: Callable[..., Any], backend: str) -> None:
+    is_async = is_coroutine_function(fn)
+    if is_async and backend not in _ASYNC_BACKENDS:
+        raise TypeError(
+            f"{getattr(fn, '__name__', fn)!r} is a coroutine function, but backend "
+            f"{backend!r} runs plain functions; use backend='asyncio' (or 'auto'), "
+            "or powerpool.amap from async code"
+        )
+    if not is_async and backend in _ASYNC_BACKENDS:
+        raise TypeError(
+            f"backend 'asyncio' runs coroutine functions (async def); "
+            f"{getattr(fn, '__name__', fn)!r} is a plain function: use backend='threads' "
+            "for blocking I/O, or 'auto'"
+        )
+
+
+def _length(iterables: tuple[Iterable[Any], ...]) -> int | None:
+    """len() of the zipped input when every iterable knows its length."""
+    try:
+        return min(len(it) for it in iterables)  # type: ignore[arg-type]
+    except TypeError:
+        return None
+
+
+def _run_options(base: RunOptions, **overrides: Any) -> RunOptions:
+    """Merge keyword overrides (user-facing names) into ``base``, validating each."""
+    unknown = set(overrides) - {"chunksize", "timeout", "retries", "retry_on", "errors", "progress"}
+    if unknown:
+        raise TypeError(f"unexpected option(s): {', '.join(sorted(unknown))}")
+    chunksize = overrides.get("chunksize", base.chunksize)
+    timeout = overrides.get("timeout", base.timeout_s)
+    retries = overrides.get("retries", base.retries)
+    retry_on = overrides.get("retry_on", base.retry_on)
+    errors = overrides.get("errors", base.errors)
+    progress = overrides.get("progress", base.progress)
+    if chunksize is not None and (not isinstance(chunksize, int) or chunksize < 1):
+        raise ValueError(f"chunksize must be a positive integer, got {chunksize!r}")
+    if timeout is not None and (not isinstance(timeout, (int, float)) or timeout <= 0):
+        raise ValueError(f"timeout must be a positive number of seconds, got {timeout!r}")
+    if not isinstance(retries, int) or retries < 0:
+        raise ValueError(f"retries must be an integer >= 0, got {retries!r}")
+    if isinstance(retry_on, type):
+        retry_on = (retry_on,)
+    if not all(isinstance(t, type) and issubclass(t, BaseException) for t in retry_on):
+        raise TypeError(f"retry_on must be exception types, got {retry_on!r}")
+    if errors not in _ERROR_POLICIES:
+        raise ValueError(f"errors must be one of {_ERROR_POLICIES}, got {errors!r}")
+    if progress not in (True, False, "auto"):
+        raise ValueError(f"progress must be True, False or 'auto', got {progress!r}")
+    return RunOptions(
+        chunksize=chunksize,
+        timeout_s=None if timeout is None else float(timeout),
+        retries=retries,
+        retry_on=tuple(retry_on),
+        errors=errors,
+        progress=progress,
+    )

@@ -1,0 +1,297 @@
+"""From the command line's ``MODULE:FUNC`` and ``INPUT`` to calls a pool can run.
+
+* :func:`load_function` imports ``pkg.mod:func`` or ``path/to/file.py:func``.
+* :func:`read_records` turns JSON Lines (or plain text lines) into
+  :class:`Record` s, naming the line of any malformed one.
+* :class:`CallRecord` is the callable the pool runs: it applies the user's
+  function to one record and returns the result already encoded as JSON, so
+  encoding runs in the workers and an unencodable result fails *that item*.
+
+Every problem the user can fix is an :class:`InputError` with a one-line
+message; the CLI prints it without a traceback and exits with code 2.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+import importlib.util
+import inspect
+import json
+import os
+import shutil
+import sys
+import tempfile
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from types import ModuleType
+from typing import IO, Any
+
+import cloudpickle
+
+__all__ = [
+    "AsyncCallRecord",
+    "Call",
+    "CallRecord",
+    "InputError",
+    "LoadedFunction",
+    "Record",
+    "call_record_for",
+    "load_function",
+    "open_input",
+    "read_records",
+    "scan_input",
+]
+
+Call = tuple[list[Any], dict[str, Any]]
+"""Positional and keyword arguments of one call."""
+
+
+class InputError(Exception):
+    """Something on the command line or in the input that the user must fix."""
+
+
+@dataclass(frozen=True)
+class LoadedFunction:
+    """A user function and how to name it."""
+
+    spec: str
+    """As typed on the command line."""
+    normalized: str
+    """``module:pkg.mod:func`` or ``file:/abs/path.py:func``: stable across working directories."""
+    fn: Callable[..., Any]
+    """The function itself."""
+
+
+@dataclass(frozen=True)
+class Record:
+    """One input item."""
+
+    index: int
+    """Position among the records, from 0 (blank JSON lines are not records)."""
+    line: int
+    """Line number in the input, from 1, for messages."""
+    value: Any
+    """The decoded JSON value, or the text of the line with ``--lines``."""
+    call: Call
+    """The arguments the function is called with."""
+
+
+# -- the function -----------------------------------------------------------------
+
+
+def load_function(spec: str) -> LoadedFunction:
+    """Import the callable named by ``pkg.mod:func`` or ``path/to/file.py:func``.
+
+    ``func`` may be dotted (``Class.method``). Modules are looked up from the
+    current directory first, as ``python -m`` and most app servers do.
+    """
+    target, sep, attr = spec.rpartition(":")
+    if not sep or not target or not attr:
+        raise InputError(f"expected MODULE:FUNC or path/to/file.py:FUNC, got {spec!r}")
+    if target.endswith(".py") or os.sep in target or "/" in target:
+        module, normalized = _import_file(Path(target))
+    else:
+        module, normalized = _import_module(target), f"module:{target}"
+    obj: Any = module
+    for part in attr.split("."):
+        try:
+            obj = getattr(obj, part)
+        except AttributeError:
+            raise InputError(f"{target} has no attribute {attr!r}") from None
+    if not callable(obj):
+        raise InputError(f"{spec} is not callable (it is a {type(obj).__name__})")
+    return LoadedFunction(spec=spec, normalized=f"{normalized}:{attr}", fn=obj)
+
+
+def _import_module(name: str) -> ModuleType:
+    if "" not in sys.path and os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())
+    try:
+        return importlib.import_module(name)
+    except ModuleNotFoundError as exc:
+        if exc.name is not None and (name == exc.name or name.startswith(exc.name + ".")):
+            raise InputError(f"no module named {name!r} (looked in {os.getcwd()} too)") from None
+        raise InputError(f"importing {name!r} failed: {_one_line(exc)}") from None
+    except Exception as exc:  # noqa: BLE001 - any error while importing user code
+        raise InputError(f"importing {name!r} failed: {_one_line(exc)}") from None
+
+
+def _import_file(path: Path) -> tuple[ModuleType, str]:
+    try:
+        resolved = path.resolve(strict=True)
+    except OSError as exc:
+        raise InputError(f"cannot read {path}: {exc.strerror or exc}") from None
+    if not resolved.is_file():
+        raise InputError(f"cannot read {path}: not a file")
+    digest = hashlib.sha256(str(resolved).encode()).hexdigest()[:12]
+    # A private module name, so the file can't shadow (or be shadowed by) an
+    # installed module with the same stem.
+    name = f"powerpool_userfile_{_identifier(resolved.stem)}_{digest}"
+    if name in sys.modules:
+        return sys.modules[name], f"file:{resolved}"
+    spec = importlib.util.spec_from_file_location(name, resolved)
+    if spec is None or spec.loader is None:
+        raise InputError(f"cannot import {path}: not a Python file")
+    module = importlib.util.module_from_spec(spec)
+    # Like `python file.py`: the file's own directory comes first, so it can
+    # import its sibling modules (spawned workers inherit sys.path).
+    if str(resolved.parent) not in sys.path:
+        sys.path.insert(0, str(resolved.parent))
+    sys.modules[name] = module
+    try:
+        spec.loader.exec_module(module)
+    except Exception as exc:  # noqa: BLE001 - any error while running user code
+        del sys.modules[name]
+        raise InputError(f"importing {path} failed: {_one_line(exc)}") from None
+    # Process workers can't import this module by name: ship its functions by value.
+    cloudpickle.register_pickle_by_value(module)
+    return module, f"file:{resolved}"
+
+
+def _identifier(text: str) -> str:
+    return "".join(c if c.isalnum() else "_" for c in text)
+
+
+def _one_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0]}" if text else type(exc).__name__
+
+
+# -- the callable the pool runs ---------------------------------------------------
+
+
+class CallRecord:
+    """Apply ``fn`` to one call and return the result encoded as JSON.
+
+    A module-level class so process workers can unpickle it. It pickles ``fn``
+    with cloudpickle itself, so a function from a ``file.py`` (registered to
+    travel by value) reaches workers whatever pickler the pool uses.
+    """
+
+    __slots__ = ("fn",)
+
+    def __init__(self, fn: Callable[..., Any]) -> None:
+        self.fn = fn
+
+    def __call__(self, call: Call) -> str:
+        args, kwargs = call
+        return encode_result(self.fn(*args, **kwargs))
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (_rebuild, (type(self), cloudpickle.dumps(self.fn)))
+
+
+class AsyncCallRecord(CallRecord):
+    """:class:`CallRecord` for ``async def`` functions (the pool awaits it)."""
+
+    __slots__ = ()
+
+    async def __call__(self, call: Call) -> str:  # type: ignore[override]
+        args, kwargs = call
+        return encode_result(await self.fn(*args, **kwargs))
+
+
+def _rebuild(cls: type[CallRecord], fn_bytes: bytes) -> CallRecord:
+    return cls(cloudpickle.loads(fn_bytes))
+
+
+def call_record_for(fn: Callable[..., Any]) -> CallRecord:
+    """The right wrapper for ``fn``: async functions get an awaitable one."""
+    if inspect.iscoroutinefunction(fn):
+        return AsyncCallRecord(fn)
+    return CallRecord(fn)
+
+
+def encode_result(value: Any) -> str:
+    """Strict JSON (no NaN/Infinity), one line, UTF-8 kept readable."""
+    try:
+        return json.dumps(value, ensure_ascii=False, allow_nan=False)
+    except (TypeError, ValueError) as exc:
+        raise TypeError(f"the result is not JSON serializable: {exc}") from None
+
+
+# -- the input --------------------------------------------------------------------
+
+
+def open_input(path: str | None, *, seekable: bool) -> IO[bytes]:
+    """Open INPUT (``-`` or None: stdin) for reading bytes.
+
+    With ``seekable``, stdin is first copied to a temporary file, because
+    :func:`scan_input` reads the input before the run does.
+    """
+    if path is None or path == "-":
+        stdin = sys.stdin.buffer
+        if not seekable:
+            return stdin
+        spool = tempfile.TemporaryFile()  # noqa: SIM115 - returned to the caller, who closes it
+        shutil.copyfileobj(stdin, spool)
+        spool.seek(0)
+        return spool
+    try:
+        return open(path, "rb")  # noqa: SIM115 - returned to the caller, who closes it
+    except OSError as exc:
+        raise InputError(f"cannot read {path}: {exc.strerror or exc}") from None
+
+
+def scan_input(stream: IO[bytes], *, lines: bool) -> tuple[str, int]:
+    """Check every record of a seekable stream; return its SHA-256 (hex) and record count.
+
+    Reading the input once before the run means a malformed line is reported
+    before any work starts, and the progress bar knows the total. Rewinds.
+    """
+    digest = hashlib.sha256()
+    stream.seek(0)
+    count = sum(1 for _ in read_records(_hashing(stream, digest), lines=lines))
+    stream.seek(0)
+    return digest.hexdigest(), count
+
+
+def _hashing(stream: IO[bytes], digest: Any) -> Iterator[bytes]:
+    for raw in stream:
+        digest.update(raw)
+        yield raw
+
+
+def read_records(stream: Iterable[bytes], *, lines: bool) -> Iterator[Record]:
+    """Yield the records of a JSON Lines (or, with ``lines``, plain text) stream.
+
+    JSON Lines: blank lines are skipped; a record that is an object with only
+    ``"args"`` (a list) and/or ``"kwargs"`` (an object) is a call, any other
+    value is the single argument. Text: every line is one string argument,
+    without its line ending (an empty line is an empty string).
+    """
+    index = 0
+    for lineno, raw in enumerate(stream, start=1):
+        try:
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise InputError(f"input line {lineno} is not valid UTF-8 ({exc.reason})") from None
+        if lines:
+            value: Any = text.rstrip("\r\n")
+            yield Record(index, lineno, value, ([value], {}))
+            index += 1
+            continue
+        if not text.strip():
+            continue
+        try:
+            value = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise InputError(
+                f"input line {lineno} is not valid JSON: {exc.msg} (column {exc.colno})"
+            ) from None
+        yield Record(index, lineno, value, _to_call(value, lineno))
+        index += 1
+
+
+def _to_call(value: Any, lineno: int) -> Call:
+    if isinstance(value, dict) and value and value.keys() <= {"args", "kwargs"}:
+        args = value.get("args", [])
+        kwargs = value.get("kwargs", {})
+        if not isinstance(args, list):
+            raise InputError(f'input line {lineno}: "args" must be a JSON array')
+        if not isinstance(kwargs, dict):
+            raise InputError(f'input line {lineno}: "kwargs" must be a JSON object')
+        return args, kwargs
+    return [value], {}
