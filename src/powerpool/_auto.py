@@ -50,18 +50,17 @@ class Choice:
 
 def choose(
     fn: Callable[..., Any],
-    source: Iterator[tuple[Any, ...]],
-    raw: Iterator[Any] | None,
+    source: Iterator[Any],
+    star: bool,
     total: int | None,
     options: RunOptions,
     *,
     workers: int | None,
     address: str | None,
 ) -> Choice:
-    """Profile the first items of ``source`` (argument tuples) and plan the rest.
+    """Profile the first items of ``source`` and plan the rest.
 
-    ``raw`` is the single input iterator behind ``source`` when there is one,
-    so the fast path can hand it straight to the builtin ``map``.
+    ``source`` yields argument tuples when ``star``, else single arguments.
     """
     from ._plan import plan_from_profile
     from ._profile import profile_calls
@@ -69,7 +68,8 @@ def choose(
     taken: list[tuple[Any, ...]] = []
 
     def calls() -> Iterator[tuple[tuple[Any, ...], dict[str, Any]]]:
-        for args in source:
+        for entry in source:
+            args = entry if star else (entry,)
             taken.append(args)
             yield args, {}
 
@@ -81,12 +81,12 @@ def choose(
     plan = plan_from_profile(profile, total, address=address)
     if workers is not None and plan.backend != "serial":
         plan = dataclasses.replace(plan, workers=workers)
-    prefilled = [((i, args, {}), outcome) for i, (args, outcome) in enumerate(zip(taken, outcomes))]
+    prefilled: list[tuple[Item, Outcome]] = [((i, args, {}), outcome) for i, (args, outcome) in enumerate(zip(taken, outcomes))]
     fast = None
     if plan.backend == "serial" and options == dataclasses.replace(
         RunOptions(), progress=options.progress
     ):
-        rest = map(fn, raw) if raw is not None else itertools.starmap(fn, source)
+        rest = itertools.starmap(fn, source) if star else map(fn, source)
         fast = itertools.chain(_values(outcomes), rest)
     return Choice(plan=plan, prefilled=prefilled, per_item_s=profile.wall_per_item_s, fast=fast)
 

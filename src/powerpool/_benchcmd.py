@@ -156,7 +156,7 @@ class BenchReport:
     def to_json(self) -> dict[str, Any]:
         """A plain dict for ``--json`` (infinities become None)."""
         data = asdict(self)
-        for fit, raw in zip(self.fits, data["fits"]):
+        for fit, raw in zip(self.fits, data["fits"], strict=True):
             raw["amdahl"]["serial_fraction"] = fit.amdahl.serial_fraction
             raw["amdahl"]["max_speedup"] = _finite(fit.amdahl.max_speedup)
             raw["usl"]["peak_workers"] = fit.usl.peak_workers
@@ -195,6 +195,11 @@ def fit_amdahl(points: Sequence[tuple[int, float]]) -> AmdahlFit:
         else:
             lo = a
     p = (lo + hi) / 2
+    # The optimum is often exactly at a bound (no parallelism, or perfect
+    # scaling), which the search only approaches; snap to it when no worse.
+    for bound in (0.0, 1.0):
+        if sse(bound) <= sse(p) + 1e-12:
+            p = bound
     return AmdahlFit(parallel_fraction=p, rmse=math.sqrt(sse(p) / len(points)))
 
 
@@ -256,9 +261,7 @@ def default_workers_list(cores: int) -> list[int]:
 
 
 def _comparable(values: list[Any]) -> list[str]:
-    return [
-        f"!{type(v).__name__}: {v}" if isinstance(v, BaseException) else str(v) for v in values
-    ]
+    return [f"!{type(v).__name__}: {v}" if isinstance(v, BaseException) else str(v) for v in values]
 
 
 def run_bench(
@@ -277,7 +280,8 @@ def run_bench(
 ) -> BenchReport:
     """Measure ``fn`` over ``calls`` on a serial baseline and every (backend, workers) pair."""
     import powerpool as pp
-    from ._pool import usable_cores
+
+    from ._system import usable_cores
 
     if not calls:
         raise InputError("the input has no records to benchmark")
@@ -316,7 +320,9 @@ def run_bench(
         for workers in workers_list:
             wall_s, results = measure(backend, workers)
             speedup = serial_s / wall_s if wall_s > 0 else math.inf
-            row = BenchRow(backend, workers, wall_s, speedup, speedup / workers, results == expected)
+            row = BenchRow(
+                backend, workers, wall_s, speedup, speedup / workers, results == expected
+            )
             rows.append(row)
             if on_row is not None:
                 on_row(row)
@@ -347,7 +353,9 @@ def format_row(row: BenchRow) -> str:
     )
 
 
-TABLE_HEADER = f"{'backend':<10} {'workers':>7} {'time':>10} {'speedup':>8} {'efficiency':>10}  results"
+TABLE_HEADER = (
+    f"{'backend':<10} {'workers':>7} {'time':>10} {'speedup':>8} {'efficiency':>10}  results"
+)
 
 
 def format_bench(report: BenchReport, *, with_rows: bool = True) -> str:

@@ -24,9 +24,10 @@ under ~1/4 of a chunk per worker on average."""
 MAX_CHUNK_ITEMS = 65536
 """Upper bound for unknown-length inputs, so one chunk's results stay small in memory."""
 
-_SMOOTHING = 0.3
-"""Weight of the newest measurement in the moving average of per-item time:
-high enough to follow a workload that changes, low enough to ignore one outlier."""
+_DECAY = 0.5
+"""How much of the past each new chunk keeps in the per-item average. The
+average is weighted by items, so one big chunk outweighs the tiny first ones
+(whose time is mostly fixed overhead) and the size ramps up in a few steps."""
 
 
 class ChunkSizer:
@@ -40,6 +41,8 @@ class ChunkSizer:
         self._fixed = fixed
         self._target_s = target_s
         self._per_item_s: float | None = None
+        self._busy_s = 0.0
+        self._items = 0.0
         if total is None:
             self._cap = MAX_CHUNK_ITEMS
         else:
@@ -67,8 +70,6 @@ class ChunkSizer:
         """Feed back one finished chunk."""
         if self._fixed is not None or n_items <= 0:
             return
-        sample = busy_s / n_items
-        if self._per_item_s is None:
-            self._per_item_s = sample
-        else:
-            self._per_item_s += _SMOOTHING * (sample - self._per_item_s)
+        self._busy_s = self._busy_s * _DECAY + busy_s
+        self._items = self._items * _DECAY + n_items
+        self._per_item_s = self._busy_s / self._items

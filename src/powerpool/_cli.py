@@ -25,7 +25,7 @@ from typing import Any
 import click
 
 from ._errors import BackendUnavailableError, CheckpointMismatchError
-from ._records import InputError, LoadedFunction, load_function, open_input, read_records
+from ._records import Call, InputError, LoadedFunction, load_function, open_input, read_records
 
 __all__ = ["cli", "main"]
 
@@ -56,16 +56,19 @@ def _load(spec: str) -> LoadedFunction:
         raise _Fail(str(exc)) from None
 
 
-def _read_calls(path: str, *, lines: bool, sample: int | None) -> list[Any]:
-    """All records of INPUT (or the first ``sample``) as calls, for bench and profile."""
+def _read_calls(path: str, *, lines: bool, sample: int | None) -> tuple[list[Call], int]:
+    """The first ``sample`` records of INPUT (all if None) as calls, and how many there are."""
     stream = open_input(path, seekable=False)
     try:
-        calls = []
+        calls: list[Call] = []
+        count = 0
         for record in read_records(stream, lines=lines):
-            if sample is not None and record.index >= sample:
-                break
-            calls.append(record.call)
-        return calls
+            count += 1
+            if sample is None or record.index < sample:
+                calls.append(record.call)
+        return calls, count
+    except InputError as exc:
+        raise _Fail(str(exc)) from None
     finally:
         if stream is not sys.stdin.buffer:
             stream.close()
@@ -125,13 +128,14 @@ def cli() -> None:
 )
 @click.option("--backend", type=click.Choice(_BACKENDS), default="auto", show_default=True)
 @click.option("--workers", type=click.IntRange(min=1), help="Workers (default: the backend's).")
-@click.option("--chunksize", type=click.IntRange(min=1), help="Items per chunk (default: adaptive).")
+@click.option("--chunksize", type=click.IntRange(min=1), help="Items per chunk (default: adapts).")
 @click.option("--timeout", type=click.FloatRange(min=0, min_open=True), help="Seconds per item.")
 @click.option("--retries", type=click.IntRange(min=0), default=0, help="Re-runs of a failed item.")
 @click.option("--address", help="Dask scheduler address (implies --backend dask).")
-@click.option("--progress/--no-progress", default=None, help="Progress bar (default: on a terminal).")
+@click.option("--progress/--no-progress", default=None, help="Progress bar (default: on a tty).")
 @click.option("-q", "--quiet", is_flag=True, help="No summary line at the end.")
 def run(
+    *,
     function: str,
     input_path: str,
     output_path: str | None,
@@ -182,8 +186,10 @@ def run(
     try:
         summary = execute_run(settings)
     except Interrupted as exc:
-        kept = "" if exc.journaled is None else f"; {exc.journaled} results kept in {checkpoint_path}"
-        _note(f"interrupted{kept}")
+        if exc.journaled is None:
+            _note("interrupted")
+        else:
+            _note(f"interrupted; {exc.journaled} results kept in {checkpoint_path}")
         return EXIT_INTERRUPTED
     except (InputError, CheckpointMismatchError, BackendUnavailableError, OSError) as exc:
         if checkpoint_path is not None and os.path.exists(checkpoint_path):
@@ -226,10 +232,11 @@ def _check_timeout_backend(backend: str, timeout: float | None) -> None:
 @click.option("--repeat", type=click.IntRange(min=1), default=1, show_default=True,
               help="Runs per point; the fastest counts.")  # fmt: skip
 @click.option("--warm", is_flag=True, help="Leave pool start-up out of the times.")
-@click.option("--chunksize", type=click.IntRange(min=1), help="Items per chunk (default: adaptive).")
+@click.option("--chunksize", type=click.IntRange(min=1), help="Items per chunk (default: adapts).")
 @click.option("--plot", "plot_path", metavar="FILE", help="Write a PNG of speedup vs workers.")
 @click.option("--json", "json_path", metavar="FILE", help="Write every number as JSON.")
 def bench(
+    *,
     function: str,
     input_path: str,
     lines: bool,
@@ -256,8 +263,8 @@ def bench(
         run_bench,
         write_plot,
     )
-    from ._pool import usable_cores
     from ._records import call_record_for
+    from ._system import usable_cores
 
     backends = [b.strip() for b in backends_text.split(",") if b.strip()]
     unknown = [b for b in backends if b not in _BACKENDS or b == "auto"]
@@ -271,14 +278,9 @@ def bench(
             raise _Fail(str(exc)) from None
     loaded = _load(function)
     cores = usable_cores()
-    workers_list = (
-        _positive_list(workers_text) if workers_text else default_workers_list(cores)
-    )
-    try:
-        calls = _read_calls(input_path, lines=lines, sample=sample)
-    except InputError as exc:
-        raise _Fail(str(exc)) from None
-    wrapped = call_record_for(loaded.fn)
+    workers_list = _positive_list(workers_text) if workers_text else default_workers_list(cores)
+    calls, _ = _read_calls(input_path, lines=lines, sample=sample)
+    wrapped = call_record_for(loaded)
     is_async = type(wrapped).__name__ == "AsyncCallRecord"
     if is_async:
         backends = ["asyncio"]
@@ -320,19 +322,20 @@ def bench(
 @click.argument("function", metavar="MODULE:FUNC")
 @click.argument("input_path", metavar="INPUT")
 @_lines_option
-@click.option("--sample", type=click.IntRange(min=1), default=50, show_default=True,
-              help="Profile at most this many records.")  # fmt: skip
+@click.option("--sample", type=click.IntRange(min=1), default=20, show_default=True,
+              help="Profile at most this many records (the first ones).")  # fmt: skip
 @click.option("--max-seconds", type=click.FloatRange(min=0, min_open=True), default=5.0,
               show_default=True, help="Stop profiling after this long.")  # fmt: skip
-@click.option("--hotspots", type=click.IntRange(min=0), default=10, show_default=True,
-              help="Functions to list by own time (cProfile).")  # fmt: skip
+@click.option("--hotspots/--no-hotspots", default=True, show_default=True,
+              help="Also run cProfile and list the functions that take the time.")  # fmt: skip
 def profile(
+    *,
     function: str,
     input_path: str,
     lines: bool,
     sample: int,
     max_seconds: float,
-    hotspots: int,
+    hotspots: bool,
 ) -> int:
     """Measure MODULE:FUNC on a sample of INPUT and say how to run it.
 
@@ -343,15 +346,17 @@ def profile(
     from ._profcmd import profile_and_plan
 
     loaded = _load(function)
-    try:
-        calls = _read_calls(input_path, lines=lines, sample=None)
-    except InputError as exc:
-        raise _Fail(str(exc)) from None
+    calls, count = _read_calls(input_path, lines=lines, sample=sample)
     if not calls:
         raise _Fail("the input has no records to profile")
     click.echo(
         profile_and_plan(
-            loaded.fn, calls, max_items=sample, max_seconds=max_seconds, hotspots=hotspots
+            loaded.fn,
+            calls,
+            n_items=count,
+            max_items=sample,
+            max_seconds=max_seconds,
+            hotspots=hotspots,
         )
     )
     return 0
@@ -364,7 +369,7 @@ def profile(
 @click.option("--size", type=click.Choice(["small", "full"]), default="small", show_default=True,
               help="small: 24 numbers (a few seconds); full: 48.")  # fmt: skip
 @click.option("--json", "json_path", metavar="FILE", help="Write the measurements as JSON.")
-def demo(size: str, json_path: str | None) -> int:
+def demo(*, size: str, json_path: str | None) -> int:
     """Check large numbers for primality sequentially, with threads, processes and auto.
 
     Prints the time of each, the speedup over sequential, and why: the GIL

@@ -18,7 +18,10 @@ import sys
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
+
+if TYPE_CHECKING:
+    from ._plan import Plan
 
 __all__ = [
     "DemoReport",
@@ -72,7 +75,7 @@ def is_prime(n: int) -> bool:
 
 
 def _interleave(primes: Sequence[int], composites: Sequence[int]) -> list[int]:
-    return [n for pair in zip(primes, composites) for n in pair]
+    return [n for pair in zip(primes, composites, strict=True) for n in pair]
 
 
 def numbers(size: Size = "small") -> list[int]:
@@ -149,13 +152,14 @@ def _python() -> str:
 def run_demo(size: Size = "small") -> DemoReport:
     """Run the check four ways and return what was measured."""
     import powerpool as pp
-    from ._pool import usable_cores
+
+    from ._system import usable_cores
 
     cores = usable_cores()
     data = numbers(size)
     truth = expected(size)
 
-    def timed(backend: str, workers: int | None) -> tuple[float, list[bool], Any]:
+    def timed(backend: str, workers: int | None) -> tuple[float, list[bool], Plan | None]:
         start = time.perf_counter()
         with pp.Pool(backend, workers=workers, progress=False) as pool:
             results = pool.map(is_prime, data)
@@ -174,8 +178,8 @@ def run_demo(size: Size = "small") -> DemoReport:
         why = _why_threads(cores, speedup) if mode == "threads" else _why_processes(cores, speedup)
         rows.append(DemoRow(mode, mode, cores, wall_s, speedup, results == truth, why))
     wall_s, results, plan = timed("auto", None)
-    backend = getattr(plan, "backend", "?")
-    workers = int(getattr(plan, "workers", 0))
+    backend = plan.backend if plan is not None else "?"
+    workers = plan.workers if plan is not None else 0
     rows.append(
         DemoRow("auto", backend, workers, wall_s, base_s / wall_s, results == truth,
                 _why_auto(plan))
@@ -211,14 +215,13 @@ def _why_processes(cores: int, speedup: float) -> str:
     )
 
 
-def _why_auto(plan: Any) -> str:
+def _why_auto(plan: Plan | None) -> str:
     if plan is None:
-        return "auto decided without measuring (too few items)"
-    reason = str(getattr(plan, "reason", "") or "").strip().splitlines()
-    because = f": {reason[0]}" if reason else ""
-    return (
-        f"auto ran a sample, measured it and chose {plan.backend} x{plan.workers}{because}"
-    )
+        return "auto chose without measuring"
+    from ._profcmd import describe_auto
+
+    chose = plan.backend if plan.backend == "serial" else f"{plan.backend} x{plan.workers}"
+    return f"auto measured {describe_auto(plan)} on the first items, and chose {chose}"
 
 
 def format_report(report: DemoReport) -> str:
@@ -240,5 +243,5 @@ def format_report(report: DemoReport) -> str:
     if report.all_agree:
         lines.append("All four ways gave the same, right answers.")
     else:
-        lines.append("RESULTS DISAGREE: at least one way gave a wrong answer (a bug: please report it).")
+        lines.append("RESULTS DISAGREE: some way gave a wrong answer (a bug: please report it).")
     return "\n".join(lines)

@@ -16,14 +16,14 @@ from typing import Any
 
 from ._errors import RemoteTraceback
 from ._stop import StopToken, running
-from ._task import Item, Outcome
+from ._task import NO_KWARGS, Chunk, Outcome
 
 __all__ = ["ShippedError", "is_coroutine_function", "run_items"]
 
 
 def run_items(
     fn: Callable[..., Any],
-    items: list[Item],
+    chunk: Chunk,
     token: StopToken,
     mark: Callable[[int], None] | None = None,
     outcomes: list[Outcome] | None = None,
@@ -36,8 +36,10 @@ def run_items(
     if outcomes is None:
         outcomes = []
     append = outcomes.append
+    kwargs_list = chunk.kwargs or [NO_KWARGS] * len(chunk.args)
+    args_list = chunk.args if chunk.star else [(arg,) for arg in chunk.args]
     with running(token):
-        for position, (_, args, kwargs) in enumerate(items):
+        for position, (args, kwargs) in enumerate(zip(args_list, kwargs_list)):
             if mark is not None:
                 mark(position)
             try:

@@ -38,7 +38,7 @@ class Executor(concurrent.futures.Executor):
         """The pool underneath (for ``stats()``, ``cancel()``, ``imap``...)."""
         return self._pool
 
-    def submit(  # type: ignore[override]
+    def submit(
         self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any
     ) -> concurrent.futures.Future[Any]:
         return self._pool.submit(fn, *args, **kwargs)

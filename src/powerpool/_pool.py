@@ -35,6 +35,7 @@ __all__ = ["Pool", "PoolState"]
 
 _BACKEND_NAMES = ("auto", "serial", "threads", "asyncio", "processes", "dask")
 _ASYNC_BACKENDS = ("asyncio",)
+_OPTION_BACKENDS = ("auto", "dask")
 _ERROR_POLICIES = ("raise", "return", "skip")
 
 MAX_LIVE_BACKENDS = 4
@@ -96,6 +97,13 @@ class Pool:
             raise ValueError(f"workers must be a positive integer, got {workers!r}")
         if initializer is not None and not callable(initializer):
             raise TypeError(f"initializer must be callable, got {initializer!r}")
+        if backend_options and backend not in _OPTION_BACKENDS:
+            # Only dask (and auto, which may pick it) reads backend options; anywhere
+            # else an extra keyword is a typo ("retires=3") that must not pass silently.
+            raise TypeError(
+                f"unexpected option(s) for backend {backend!r}: "
+                f"{', '.join(sorted(backend_options))}"
+            )
         self._backend_name = backend
         self._workers = workers
         self._defaults = _run_options(
@@ -363,19 +371,18 @@ class Pool:
         self, fn: Callable[..., Any], iterables: tuple[Iterable[Any], ...], options: RunOptions
     ) -> _Prepared:
         """Resolve the backend (profiling the first items when auto)."""
-        raw: Iterator[Any] | None = None
-        if len(iterables) == 1:
-            raw = iter(iterables[0])
-            source: Iterator[tuple[Any, ...]] = ((x,) for x in raw)
-        else:
-            source = zip(*iterables)
-        prepared = _Prepared(fn, source, _length(iterables), self._backend_name, self._workers)
+        # One input: its items are the bare arguments (no tuple per item).
+        star = len(iterables) > 1
+        source: Iterator[Any] = zip(*iterables) if star else iter(iterables[0])
+        prepared = _Prepared(
+            fn, source, star, _length(iterables), self._backend_name, self._workers
+        )
         if prepared.backend != "auto":
             return prepared
         from ._auto import choose
 
         choice = choose(
-            fn, source, raw, prepared.total, options,
+            fn, source, star, prepared.total, options,
             workers=self._workers, address=self._backend_options.get("address"),
         )
         self.last_plan = choice.plan
@@ -395,12 +402,12 @@ class Pool:
         if prepared.fast is not None:
             self._ledger.items(done=prepared.total or 0)
             return enumerate(prepared.fast) if with_index else prepared.fast
-        pairs = self._pairs(prepared, options, ordered)
-        return pairs if with_index else (value for _, value in pairs)
+        blocks = self._blocks(prepared, options, ordered, with_index)
+        return itertools.chain.from_iterable(blocks)
 
-    def _pairs(
-        self, prepared: _Prepared, options: RunOptions, ordered: bool
-    ) -> Iterator[tuple[int, Any]]:
+    def _blocks(
+        self, prepared: _Prepared, options: RunOptions, ordered: bool, with_index: bool
+    ) -> Iterator[list[Any]]:
         with self._lock:
             self._check_open()
             backend = self._backend(prepared.backend, prepared.workers)
@@ -408,9 +415,11 @@ class Pool:
         run = Run(
             backend=backend,
             fn=prepared.fn,
-            calls=((args, {}) for args in prepared.source),
+            source=prepared.source,
+            star=prepared.star,
             options=options,
             ordered=ordered,
+            with_index=with_index,
             total=prepared.total,
             epoch=epoch,
             ledger=self._ledger,
@@ -441,7 +450,8 @@ class _Prepared:
     """A run whose backend is decided but which has not started."""
 
     fn: Callable[..., Any]
-    source: Iterator[tuple[Any, ...]]
+    source: Iterator[Any]
+    star: bool
     total: int | None
     backend: str
     workers: int | None

@@ -37,6 +37,9 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
+from . import _probes
+from ._probes import Heartbeat, SchedClock
+
 __all__ = ["Hotspot", "Profile", "Workload", "format_bytes", "format_seconds", "profile",
            "profile_calls"]
 
@@ -59,7 +62,8 @@ TINY_S = 20e-6
 """Per-item wall time below this is "tiny": about twice the cheapest per-item
 overhead of any pool (~10 us of chunked IPC), so no backend can beat a loop."""
 IO_MAX_BUSY = 0.5
-"""CPU time below this fraction of wall time means the item mostly waits ("io")."""
+"""Busy time (CPU, plus time spent queued for a CPU on a loaded machine) below
+this fraction of wall time means the item mostly waits ("io")."""
 NATIVE_THREADS_RATIO = 1.2
 """Process CPU above this multiple of wall time proves code ran outside the GIL
 in several threads at once (BLAS, OpenMP): one Python thread cannot do that."""
@@ -67,9 +71,6 @@ GIL_HELD_MIN = 0.5
 """Heartbeat lateness (as a fraction of the switch interval) from which the
 GIL counts as held. GIL-holding code scores ~1, GIL-releasing code ~0 (~0.3 on
 a badly overloaded machine), so the midpoint leaves margin both ways."""
-HEARTBEAT_S = 1e-3
-"""Heartbeat sleep. Shorter ticks measure short items better but cost more CPU
-(~10 us per tick); 1 ms is well below the 5 ms switch interval it must detect."""
 WARMUP_FACTOR = 3.0
 """A first call slower than this multiple of the median of the others (a cold
 cache, a lazy import) is left out of the per-item means."""
@@ -80,7 +81,8 @@ HOTSPOT_LIMIT = 8
 ASYNC_BATCH = 4
 """Coroutines run concurrently when profiling a coroutine function."""
 
-_THIS_FILE = os.path.normcase(__file__)
+_OWN_FILES = frozenset(os.path.normcase(os.path.abspath(f)) for f in (__file__, _probes.__file__))
+"""The profiler's own source files: their frames never count as hot spots."""
 
 
 class Workload(str, enum.Enum):
@@ -182,6 +184,9 @@ class Profile:
     """How far resident memory rose above its level before the sampled items."""
     overhead_s: float = 0.0
     """Seconds the profiler added on top of running the items."""
+    runqueue_per_item_s: float = 0.0
+    """Seconds per item the calling thread was ready but waited for a CPU (a
+    loaded machine); counted as busy time when classifying. Linux only, else 0."""
 
     @property
     def cpu_ratio(self) -> float:
@@ -204,6 +209,8 @@ class Profile:
                      f"{format_seconds(self.thread_cpu_per_item_s)}), {gil}")
         if self.unpicklable:
             lines.append(f"  pickling  impossible: {self.unpicklable}")
+        elif not (self.arg_pickle_bytes or self.result_pickle_bytes or self.fn_pickle_bytes):
+            lines.append("  pickling  not measured (only CPU work could go to processes)")
         else:
             fn_size = (f", function {format_bytes(self.fn_pickle_bytes)}"
                        if self.fn_pickle_bytes else "")
@@ -276,22 +283,33 @@ def profile_calls(fn: Callable[..., Any], calls: Iterable[Call], *, max_items: i
 
     Sampling stops after ``max_items`` calls, when the next call would overrun
     ``max_seconds``, and with ``stop_early`` after one slow (>= 5 ms) waiting
-    item, or two slow busy ones. ``thorough`` (used by :func:`profile`) also
-    measures pickling with cloudpickle for work no process pool would get.
+    item, or two slow busy ones. ``thorough`` (used by :func:`profile`)
+    measures pickling even for work that no process pool would get.
     An empty ``calls`` gives a profile with ``items == 0``.
     """
     if max_items < 1:
         raise ValueError(f"max_items must be at least 1, got {max_items}")
-    t_start = time.perf_counter()
+    budget = _Budget(max_items, max_seconds, hotspots, stop_early, time.perf_counter())
     it = iter(calls)
     if _is_coroutine_function(fn):
-        raw = _sample_async(fn, it, None, max_items, max_seconds, hotspots, stop_early, t_start)
+        raw = _sample_async(fn, it, None, budget)
     else:
-        raw = _sample_sync(fn, it, max_items, max_seconds, hotspots, stop_early, t_start)
-    return _build_profile(fn, raw, t_start, thorough), raw.outcomes
+        raw = _sample_sync(fn, it, budget)
+    return _build_profile(fn, raw, budget.t_start, thorough), raw.outcomes
 
 
 # --------------------------------------------------------------------------- sampling
+
+
+@dataclass(frozen=True)
+class _Budget:
+    """How much sampling a call of :func:`profile_calls` may do (private)."""
+
+    max_items: int
+    max_seconds: float
+    hotspots: bool
+    stop_early: bool
+    t_start: float
 
 
 @dataclass
@@ -303,6 +321,8 @@ class _Raw:
     walls: list[float] = field(default_factory=list)
     thread_cpus: list[float] = field(default_factory=list)
     process_cpus: list[float] = field(default_factory=list)
+    runqueue_s: float = 0.0  # calling thread's wait for a CPU, all items
+    first_runqueue_s: float = 0.0  # the same, first item only
     is_async: bool = False
     gil: tuple[float, int, float] | None = None  # fraction, ticks used, median lateness
     gil_window_s: float = 0.0
@@ -321,23 +341,29 @@ def _invoke(fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any
         return False, exc
 
 
-def _sample_sync(fn: Callable[..., Any], it: Iterator[Call], max_items: int,
-                 max_seconds: float, hotspots: bool, stop_early: bool, t_start: float) -> _Raw:
+def _sample_sync(fn: Callable[..., Any], it: Iterator[Call], budget: _Budget) -> _Raw:
     raw = _Raw()
     perf, thread_time, process_time = time.perf_counter, time.thread_time, time.process_time
-    prof = _start_cprofile(raw) if hotspots else None
-    beat: _Heartbeat | None = None
+    prof = _start_cprofile(raw) if budget.hotspots else None
+    beat: Heartbeat | None = None
+    sched = SchedClock()
+    queued0 = sched.waited_s()
     heavy = False
-    limit = max_items
+    limit = max_items = budget.max_items
+    total_wall = 0.0
+    max_seconds, t_start = budget.max_seconds, budget.t_start
     try:
         for call in it:
             if heavy and beat is None:
-                beat = _Heartbeat()
+                beat = Heartbeat()
             args, kwargs = call
-            w0, c0, p0 = perf(), thread_time(), process_time()
+            c0, p0 = thread_time(), process_time()
+            w0 = perf()  # innermost, so the CPU clocks' own cost is not wall time
             outcome = _invoke(fn, args, kwargs)
-            p1, c1, w1 = process_time(), thread_time(), perf()
+            w1 = perf()
+            p1, c1 = process_time(), thread_time()
             wall = w1 - w0
+            total_wall += wall
             raw.outcomes.append(outcome)
             raw.walls.append(wall)
             raw.thread_cpus.append(c1 - c0)
@@ -345,29 +371,40 @@ def _sample_sync(fn: Callable[..., Any], it: Iterator[Call], max_items: int,
             if len(raw.calls) < PICKLE_SAMPLES:
                 raw.calls.append(call)
             n = len(raw.outcomes)
+            if n == 1:
+                raw.first_runqueue_s = sched.waited_s() - queued0
             if n == 1 and outcome[0] and inspect.iscoroutine(outcome[1]):
                 # A plain function that returns coroutines: profile it as async.
                 if prof is not None:
                     prof.disable()
                     prof = None
-                raw.outcomes.clear()
-                return _sample_async(fn, it, (call, outcome[1]), max_items, max_seconds,
-                                     hotspots, stop_early, t_start)
+                return _sample_async(fn, it, (call, outcome[1]), budget)
             if beat is not None:
-                beat.mark(w0, w1)
+                if n == 2 and wall < HEAVY_CALL_S:
+                    # Only the first item was heavy (warm-up): a heartbeat
+                    # contending for the GIL would distort these light items.
+                    beat.stop()
+                    beat = None
+                    heavy = False
+                else:
+                    beat.mark(w0, w1)
             heavy = heavy or wall >= HEAVY_CALL_S
             spent = w1 - t_start
+            if n == 2 and limit == 2 < max_items and wall * WARMUP_FACTOR < raw.walls[0]:
+                # The slow first item was warm-up (a lazy import, a cold cache):
+                # judge the function by the items after it instead.
+                limit = max_items
             if n >= limit:
                 raw.notes.append(f"stopped after {n} items (max_items)" if n == max_items
                                  else "stopped after 2 items: the first was slow and busy, the "
                                       "second ran with the heartbeat to measure the GIL")
                 break
-            if spent + sum(raw.walls) / n > max_seconds:
+            if spent + total_wall / n > max_seconds:
                 raw.notes.append(f"stopped after {n} items: time budget "
                                  f"{format_seconds(max_seconds)} spent")
                 break
-            if n == 1 and stop_early and wall >= SLOW_ITEM_S:
-                busy = max(c1 - c0, p1 - p0) / wall
+            if n == 1 and budget.stop_early and wall >= SLOW_ITEM_S:
+                busy = max(c1 - c0 + raw.first_runqueue_s, p1 - p0) / wall
                 if busy < IO_MAX_BUSY:
                     raw.notes.append(f"stopped after 1 item: one slow waiting item "
                                      f"({format_seconds(wall)}) is enough evidence")
@@ -382,6 +419,8 @@ def _sample_sync(fn: Callable[..., Any], it: Iterator[Call], max_items: int,
             prof.disable()
         if beat is not None:
             beat.stop()
+        raw.runqueue_s = sched.waited_s() - queued0
+        sched.close()
     if beat is not None:
         raw.gil, raw.gil_window_s = beat.gil_estimate()
         raw.peak_rss, raw.rss_growth = beat.peak_rss, beat.rss_growth
@@ -391,23 +430,20 @@ def _sample_sync(fn: Callable[..., Any], it: Iterator[Call], max_items: int,
 
 
 def _sample_async(fn: Callable[..., Any], it: Iterator[Call], first: tuple[Call, Any] | None,
-                  max_items: int, max_seconds: float, hotspots: bool, stop_early: bool,
-                  t_start: float) -> _Raw:
+                  budget: _Budget) -> _Raw:
     import asyncio
 
     try:
         asyncio.get_running_loop()
     except RuntimeError:
-        return _run_async_sample(fn, it, first, max_items, max_seconds, hotspots, stop_early,
-                                 t_start)
+        return _run_async_sample(fn, it, first, budget)
     # This thread already runs an event loop (we were called from async code):
     # a second loop cannot run here, so ours runs in a short-lived helper thread.
     box: list[_Raw | BaseException] = []
 
     def target() -> None:
         try:
-            box.append(_run_async_sample(fn, it, first, max_items, max_seconds, hotspots,
-                                         stop_early, t_start))
+            box.append(_run_async_sample(fn, it, first, budget))
         except BaseException as exc:  # handed to the caller's thread below
             box.append(exc)
 
@@ -421,15 +457,14 @@ def _sample_async(fn: Callable[..., Any], it: Iterator[Call], first: tuple[Call,
 
 
 def _run_async_sample(fn: Callable[..., Any], it: Iterator[Call],
-                      first: tuple[Call, Any] | None, max_items: int, max_seconds: float,
-                      hotspots: bool, stop_early: bool, t_start: float) -> _Raw:
+                      first: tuple[Call, Any] | None, budget: _Budget) -> _Raw:
     import asyncio
 
     perf = time.perf_counter
     raw = _Raw(is_async=True)
 
-    async def timed(call: Call, made: Any) -> tuple[Outcome, float]:
-        t0 = perf()
+    async def timed(call: Call, made: Any) -> tuple[Outcome, float, float]:
+        t0, c0 = perf(), time.thread_time()
         try:
             if made is None:
                 made = fn(*call[0], **call[1])
@@ -437,10 +472,14 @@ def _run_async_sample(fn: Callable[..., Any], it: Iterator[Call],
             outcome: Outcome = (True, result)
         except (Exception, asyncio.CancelledError) as exc:
             outcome = (False, exc)
-        return outcome, perf() - t0
+        return outcome, perf() - t0, time.thread_time() - c0
+
+    async def gather(batch: list[tuple[Call, Any]]) -> list[tuple[Outcome, float, float]]:
+        return await asyncio.gather(*(timed(c, m) for c, m in batch))
 
     loop = asyncio.new_event_loop()
-    prof = _start_cprofile(raw) if hotspots else None
+    prof = _start_cprofile(raw) if budget.hotspots else None
+    max_items = budget.max_items
     try:
         pending: list[tuple[Call, Any]] = [first] if first is not None else []
         batch_size = 1  # the first coroutine runs alone: its latency is undisturbed
@@ -454,21 +493,24 @@ def _run_async_sample(fn: Callable[..., Any], it: Iterator[Call],
             if not pending:
                 break
             c0, p0 = time.thread_time(), time.process_time()
-            done = loop.run_until_complete(asyncio.gather(*(timed(c, m) for c, m in pending)))
+            done = loop.run_until_complete(gather(pending))
             c1, p1 = time.thread_time(), time.process_time()
-            for (call, _), (outcome, wall) in zip(pending, done):
+            for (call, _), (outcome, wall, own_cpu) in zip(pending, done, strict=True):
                 raw.outcomes.append(outcome)
                 raw.walls.append(wall)
-                raw.thread_cpus.append((c1 - c0) / len(done))
-                raw.process_cpus.append((p1 - p0) / len(done))
+                # Alone, a coroutine's own CPU clock excludes the loop's start-up;
+                # together, each clock also sees the others, so share the total.
+                alone = len(done) == 1
+                raw.thread_cpus.append(own_cpu if alone else (c1 - c0) / len(done))
+                raw.process_cpus.append(own_cpu if alone else (p1 - p0) / len(done))
                 if len(raw.calls) < PICKLE_SAMPLES:
                     raw.calls.append(call)
             pending = []
             n = len(raw.outcomes)
-            if stop_early and n == 1 and raw.walls[0] >= SLOW_ITEM_S:
+            if budget.stop_early and n == 1 and raw.walls[0] >= SLOW_ITEM_S:
                 raw.notes.append("stopped after 1 coroutine: one slow item is enough evidence")
                 break
-            if perf() - t_start + max(raw.walls) > max_seconds:
+            if perf() - budget.t_start + max(raw.walls) > budget.max_seconds:
                 raw.notes.append(f"stopped after {n} coroutines: time budget spent")
                 break
             batch_size = ASYNC_BATCH
@@ -502,129 +544,13 @@ def _close_loop(loop: Any) -> None:
 def _is_coroutine_function(fn: Callable[..., Any]) -> bool:
     if inspect.iscoroutinefunction(fn):  # unwraps functools.partial
         return True
-    call = getattr(type(fn), "__call__", None)  # an object with ``async def __call__``
-    return not inspect.isfunction(fn) and inspect.iscoroutinefunction(call)
+    call = getattr(type(fn), "__call__", None)  # noqa: B004 - looking for ``async def __call__``
+    return call is not None and inspect.iscoroutinefunction(call)
 
 
 def _gil_disabled() -> bool:
     is_enabled = getattr(sys, "_is_gil_enabled", None)
     return is_enabled is not None and not is_enabled()
-
-
-# --------------------------------------------------------------------------- heartbeat and memory
-
-
-class _Heartbeat:
-    """A thread that sleeps ``HEARTBEAT_S`` in a loop and records how late it wakes.
-
-    Also samples resident memory at each tick. Invariant: ``ticks`` and
-    ``_rss`` are appended only by the heartbeat thread and read by the
-    sampler only after ``stop()`` joined it.
-    """
-
-    def __init__(self) -> None:
-        self.ticks: list[tuple[float, float]] = []  # (when it was due, when it woke)
-        self._rss: list[int] = []
-        self._done = threading.Event()
-        self._probe = _RssProbe()
-        self._maxrss_before = _max_rss()
-        self._rss_before = self._probe.read()
-        self._windows: list[tuple[float, float]] = []
-        self._thread = threading.Thread(target=self._run, name="powerpool-profile-heartbeat",
-                                        daemon=True)
-        self._thread.start()
-        self.peak_rss = 0
-        self.rss_growth = 0
-
-    def _run(self) -> None:
-        perf, wait, ticks, read = time.perf_counter, self._done.wait, self.ticks, self._probe.read
-        rss = self._rss
-        while True:
-            due = perf() + HEARTBEAT_S
-            if wait(HEARTBEAT_S):  # releases the GIL while it sleeps
-                return
-            ticks.append((due, perf()))  # waking up needed the GIL
-            rss.append(read())
-
-    def mark(self, start: float, end: float) -> None:
-        """Record that an item ran from ``start`` to ``end`` (perf_counter seconds)."""
-        self._windows.append((start, end))
-
-    def stop(self) -> None:
-        self._done.set()
-        self._thread.join()
-        rss_after = self._probe.read()
-        self._probe.close()
-        peak = max([rss_after, self._rss_before, *self._rss])
-        maxrss = _max_rss()
-        if maxrss > self._maxrss_before:  # the lifetime peak rose while sampling: it is ours
-            peak = max(peak, maxrss)
-        self.peak_rss = peak
-        self.rss_growth = max(0, peak - self._rss_before) if self._rss_before else 0
-
-    def gil_estimate(self) -> tuple[tuple[float, int, float] | None, float]:
-        """((held fraction, ticks used, median lateness s) or None, window seconds)."""
-        if not self._windows:
-            return None, 0.0
-        start, end = self._windows[0][0], self._windows[-1][1]
-        si = sys.getswitchinterval()
-        late: list[float] = []
-        for due, woke in self.ticks:
-            if not start <= due < end:
-                continue
-            if woke <= end:
-                late.append(max(0.0, woke - due))
-            elif end - due >= si / 2:
-                # Still blocked when the last item ended: a lower bound, but
-                # already long enough to count as GIL holding.
-                late.append(end - due)
-        if not late:
-            return None, end - start
-        fraction = sum(min(x / si, 1.0) for x in late) / len(late)
-        return (fraction, len(late), sorted(late)[len(late) // 2]), end - start
-
-
-class _RssProbe:
-    """Reads this process's resident memory cheaply (~1 us on Linux)."""
-
-    def __init__(self) -> None:
-        self._fd = -1
-        self._proc: Any = None
-        try:
-            self._fd = os.open("/proc/self/statm", os.O_RDONLY)
-            self._page = os.sysconf("SC_PAGE_SIZE")
-        except (OSError, AttributeError, ValueError):
-            try:
-                import psutil
-
-                self._proc = psutil.Process()
-            except Exception:  # no psutil or no access: memory stays unmeasured
-                self._proc = None
-
-    def read(self) -> int:
-        try:
-            if self._fd >= 0:
-                return int(os.pread(self._fd, 128, 0).split()[1]) * self._page
-            if self._proc is not None:
-                return int(self._proc.memory_info().rss)
-        except (OSError, ValueError, IndexError):
-            pass
-        return 0
-
-    def close(self) -> None:
-        if self._fd >= 0:
-            os.close(self._fd)
-            self._fd = -1
-
-
-def _max_rss() -> int:
-    """The process's lifetime peak RSS in bytes (0 where getrusage is missing)."""
-    try:
-        import resource
-    except ImportError:  # Windows
-        return 0
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return int(peak) if sys.platform == "darwin" else int(peak) * 1024
 
 
 # --------------------------------------------------------------------------- cProfile
@@ -647,21 +573,22 @@ def _hotspots(prof: Any) -> tuple[Hotspot, ...]:
     import pstats
 
     stats: dict[tuple[str, int, str], tuple[Any, ...]] = pstats.Stats(prof).stats  # type: ignore[attr-defined]
-    invoke = (_THIS_FILE, _invoke.__code__.co_firstlineno, "_invoke")
 
     def ours(key: tuple[str, int, str]) -> bool:
-        return os.path.normcase(key[0]) == _THIS_FILE
+        return os.path.normcase(os.path.abspath(key[0])) in _OWN_FILES
 
-    # Leave out the profiler's own frames, and everything only they called
-    # (timers, the heartbeat thread's waits), but never what _invoke called:
-    # that is the user's function.
+    # Leave out the profiler's own frames and everything only they called
+    # (timers, the event loop's machinery, the heartbeat), but never what its
+    # entry points called: that is the user's function. Calls from frames that
+    # were already running when cProfile started have no recorded caller.
+    entries = {key for key in stats if ours(key) and key[2] in ("_invoke", "timed")}
     excluded = {key for key in stats if ours(key)}
     changed = True
     while changed:
         changed = False
         for key, entry in stats.items():
             callers = entry[4]
-            if (key not in excluded and callers and invoke not in callers
+            if (key not in excluded and not any(c in entries for c in callers)
                     and all(c in excluded or ours(c) for c in callers)):
                 excluded.add(key)
                 changed = True
@@ -700,6 +627,7 @@ def _build_profile(fn: Callable[..., Any], raw: _Raw, t_start: float, thorough: 
                             f"~{format_seconds(median)}: treated as warm-up, left out of "
                             f"the means")
             walls, tcpu, pcpu = walls[1:], tcpu[1:], pcpu[1:]
+    queued = (raw.runqueue_s - (raw.first_runqueue_s if len(walls) < n else 0.0)) / len(walls)
     wall = sum(walls) / len(walls)
     thread_cpu = sum(tcpu) / len(tcpu)
     process_cpu = sum(pcpu) / len(pcpu)
@@ -708,15 +636,17 @@ def _build_profile(fn: Callable[..., Any], raw: _Raw, t_start: float, thorough: 
     else:
         gil_fraction, gil_measured = 0.0, False
 
-    workload = _classify(raw, wall, thread_cpu, process_cpu, gil_disabled, evidence)
+    workload = _classify(raw, (wall, thread_cpu, process_cpu, max(0.0, queued)), gil_disabled,
+                         evidence)
 
-    # Pickling only decides between processes and threads for CPU work, so
-    # cloudpickle (a 40 ms first import) is only tried there or when asked.
-    wants_processes = workload in (Workload.CPU_GIL, Workload.CPU_NATIVE) or thorough
-    args_cost = _pickle_cost(raw.calls, wants_processes)
-    results = [value for ok, value in raw.outcomes[:PICKLE_SAMPLES] if ok]
-    result_cost = _pickle_cost(results, wants_processes)
-    fn_cost = _pickle_cost([fn], True) if wants_processes else (0, 0.0, None, False)
+    # Pickling only decides between processes and threads for CPU work, so it
+    # is skipped for other work unless asked (``thorough``).
+    unmeasured: tuple[int, float, str | None, bool] = (0, 0.0, None, False)
+    args_cost = result_cost = fn_cost = unmeasured
+    if workload in (Workload.CPU_GIL, Workload.CPU_NATIVE) or thorough:
+        args_cost = _pickle_cost(raw.calls)
+        result_cost = _pickle_cost([value for ok, value in raw.outcomes[:PICKLE_SAMPLES] if ok])
+        fn_cost = _pickle_cost([fn])
     unpicklable = None
     for what, cost in (("function", fn_cost), ("argument", args_cost), ("result", result_cost)):
         if cost[2] is not None:
@@ -740,29 +670,36 @@ def _build_profile(fn: Callable[..., Any], raw: _Raw, t_start: float, thorough: 
         gil_disabled=gil_disabled, fn_pickle_bytes=fn_cost[0],
         needs_cloudpickle=args_cost[3] or result_cost[3] or fn_cost[3], unpicklable=unpicklable,
         rss_growth_bytes=raw.rss_growth, overhead_s=max(0.0, elapsed - sum(raw.walls)),
+        runqueue_per_item_s=max(0.0, queued),
     )
 
 
-def _classify(raw: _Raw, wall: float, thread_cpu: float, process_cpu: float,
-              gil_disabled: bool, evidence: list[str]) -> Workload:
+def _classify(  # noqa: PLR0911 - a decision ladder reads best as early returns
+        raw: _Raw, means: tuple[float, float, float, float], gil_disabled: bool,
+        evidence: list[str]) -> Workload:
+    wall, thread_cpu, process_cpu, queued = means
     per_item = (f"{format_seconds(wall)} wall, {format_seconds(thread_cpu)} CPU in the "
                 f"calling thread, {format_seconds(process_cpu)} in the whole process per item")
-    busy = max(thread_cpu, process_cpu) / wall if wall > 0 else 0.0
+    if queued > 0.1 * wall:
+        per_item += (f"; the calling thread also waited {format_seconds(queued)} for a CPU "
+                     f"(a busy machine), which counts as busy")
+    busy = max(thread_cpu + queued, process_cpu) / wall if wall > 0 else 0.0
     if raw.is_async:
-        evidence.append(f"coroutine function; {per_item}")
+        evidence.append(per_item)
         if busy >= IO_MAX_BUSY:
             evidence.append(f"the coroutines compute {busy:.0%} of the time: an event loop "
                             f"overlaps only their waiting")
         return Workload.ASYNC
-    if wall < TINY_S:
-        evidence.append(f"{format_seconds(wall)} per item is below {format_seconds(TINY_S)}: "
-                        f"cheaper than any pool's per-item overhead")
+    typical = sorted(raw.walls)[len(raw.walls) // 2]  # a preempted item cannot move a median
+    if min(wall, typical) < TINY_S:
+        evidence.append(f"{format_seconds(typical)} per item (median) is below "
+                        f"{format_seconds(TINY_S)}: cheaper than any pool's per-item overhead")
         return Workload.TINY
     evidence.append(per_item)
     if busy < IO_MAX_BUSY:
-        evidence.append(f"CPU is {busy:.0%} of wall time: the item mostly waits")
+        evidence.append(f"busy {busy:.0%} of wall time: the item mostly waits")
         return Workload.IO
-    evidence.append(f"CPU is {busy:.0%} of wall time: the item computes")
+    evidence.append(f"busy {busy:.0%} of wall time: the item computes")
     if gil_disabled:
         evidence.append("the GIL is disabled (free-threaded build): threads run Python code "
                         "in parallel")
@@ -788,7 +725,7 @@ def _classify(raw: _Raw, wall: float, thread_cpu: float, process_cpu: float,
     return Workload.CPU_NATIVE
 
 
-def _pickle_cost(objs: list[Any], allow_cloudpickle: bool) -> tuple[int, float, str | None, bool]:
+def _pickle_cost(objs: list[Any]) -> tuple[int, float, str | None, bool]:
     """(mean bytes, mean seconds to dump and load, why unpicklable or None, used cloudpickle)."""
     if not objs:
         return 0, 0.0, None, False
@@ -799,8 +736,6 @@ def _pickle_cost(objs: list[Any], allow_cloudpickle: bool) -> tuple[int, float, 
         try:
             data = pickle.dumps(obj, pickle.HIGHEST_PROTOCOL)
         except Exception:
-            if not allow_cloudpickle:
-                return 0, 0.0, None, False  # unmeasured: no process pool would get it
             try:
                 import cloudpickle
 

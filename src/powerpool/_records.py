@@ -62,6 +62,9 @@ class LoadedFunction:
     """``module:pkg.mod:func`` or ``file:/abs/path.py:func``: stable across working directories."""
     fn: Callable[..., Any]
     """The function itself."""
+    origin: tuple[str, str] | None = None
+    """For a function from a file: (absolute path, attribute), so that process
+    workers can import the file themselves."""
 
 
 @dataclass(frozen=True)
@@ -90,19 +93,26 @@ def load_function(spec: str) -> LoadedFunction:
     target, sep, attr = spec.rpartition(":")
     if not sep or not target or not attr:
         raise InputError(f"expected MODULE:FUNC or path/to/file.py:FUNC, got {spec!r}")
+    origin = None
     if target.endswith(".py") or os.sep in target or "/" in target:
-        module, normalized = _import_file(Path(target))
+        module, path = _import_file(Path(target))
+        normalized, origin = f"file:{path}", (path, attr)
     else:
         module, normalized = _import_module(target), f"module:{target}"
+    obj = _attribute(module, attr, target)
+    if not callable(obj):
+        raise InputError(f"{spec} is not callable (it is a {type(obj).__name__})")
+    return LoadedFunction(spec=spec, normalized=f"{normalized}:{attr}", fn=obj, origin=origin)
+
+
+def _attribute(module: ModuleType, attr: str, where: str) -> Any:
     obj: Any = module
     for part in attr.split("."):
         try:
             obj = getattr(obj, part)
         except AttributeError:
-            raise InputError(f"{target} has no attribute {attr!r}") from None
-    if not callable(obj):
-        raise InputError(f"{spec} is not callable (it is a {type(obj).__name__})")
-    return LoadedFunction(spec=spec, normalized=f"{normalized}:{attr}", fn=obj)
+            raise InputError(f"{where} has no attribute {attr!r}") from None
+    return obj
 
 
 def _import_module(name: str) -> ModuleType:
@@ -114,11 +124,12 @@ def _import_module(name: str) -> ModuleType:
         if exc.name is not None and (name == exc.name or name.startswith(exc.name + ".")):
             raise InputError(f"no module named {name!r} (looked in {os.getcwd()} too)") from None
         raise InputError(f"importing {name!r} failed: {_one_line(exc)}") from None
-    except Exception as exc:  # noqa: BLE001 - any error while importing user code
+    except Exception as exc:  # any error while importing user code
         raise InputError(f"importing {name!r} failed: {_one_line(exc)}") from None
 
 
 def _import_file(path: Path) -> tuple[ModuleType, str]:
+    """Import a .py file under a private module name; returns it and its absolute path."""
     try:
         resolved = path.resolve(strict=True)
     except OSError as exc:
@@ -130,7 +141,7 @@ def _import_file(path: Path) -> tuple[ModuleType, str]:
     # installed module with the same stem.
     name = f"powerpool_userfile_{_identifier(resolved.stem)}_{digest}"
     if name in sys.modules:
-        return sys.modules[name], f"file:{resolved}"
+        return sys.modules[name], str(resolved)
     spec = importlib.util.spec_from_file_location(name, resolved)
     if spec is None or spec.loader is None:
         raise InputError(f"cannot import {path}: not a Python file")
@@ -142,12 +153,10 @@ def _import_file(path: Path) -> tuple[ModuleType, str]:
     sys.modules[name] = module
     try:
         spec.loader.exec_module(module)
-    except Exception as exc:  # noqa: BLE001 - any error while running user code
+    except Exception as exc:  # any error while running user code
         del sys.modules[name]
         raise InputError(f"importing {path} failed: {_one_line(exc)}") from None
-    # Process workers can't import this module by name: ship its functions by value.
-    cloudpickle.register_pickle_by_value(module)
-    return module, f"file:{resolved}"
+    return module, str(resolved)
 
 
 def _identifier(text: str) -> str:
@@ -165,21 +174,26 @@ def _one_line(exc: BaseException) -> str:
 class CallRecord:
     """Apply ``fn`` to one call and return the result encoded as JSON.
 
-    A module-level class so process workers can unpickle it. It pickles ``fn``
-    with cloudpickle itself, so a function from a ``file.py`` (registered to
-    travel by value) reaches workers whatever pickler the pool uses.
+    A module-level class so process workers can unpickle it. It decides
+    itself how ``fn`` travels: a function from a ``file.py`` as its path and
+    name, so each worker imports the file (by-value pickling would lose the
+    file name and source lines from tracebacks); anything else through
+    cloudpickle (by reference when importable, by value otherwise).
     """
 
-    __slots__ = ("fn",)
+    __slots__ = ("fn", "origin")
 
-    def __init__(self, fn: Callable[..., Any]) -> None:
+    def __init__(self, fn: Callable[..., Any], origin: tuple[str, str] | None = None) -> None:
         self.fn = fn
+        self.origin = origin
 
     def __call__(self, call: Call) -> str:
         args, kwargs = call
         return encode_result(self.fn(*args, **kwargs))
 
     def __reduce__(self) -> tuple[Any, ...]:
+        if self.origin is not None:
+            return (_rebuild_from_file, (type(self), *self.origin))
         return (_rebuild, (type(self), cloudpickle.dumps(self.fn)))
 
 
@@ -197,11 +211,16 @@ def _rebuild(cls: type[CallRecord], fn_bytes: bytes) -> CallRecord:
     return cls(cloudpickle.loads(fn_bytes))
 
 
-def call_record_for(fn: Callable[..., Any]) -> CallRecord:
-    """The right wrapper for ``fn``: async functions get an awaitable one."""
-    if inspect.iscoroutinefunction(fn):
-        return AsyncCallRecord(fn)
-    return CallRecord(fn)
+def _rebuild_from_file(cls: type[CallRecord], path: str, attr: str) -> CallRecord:
+    module, _ = _import_file(Path(path))  # once per worker: then it is in sys.modules
+    return cls(_attribute(module, attr, path), (path, attr))
+
+
+def call_record_for(function: LoadedFunction) -> CallRecord:
+    """The right wrapper for the function: async functions get an awaitable one."""
+    if inspect.iscoroutinefunction(function.fn):
+        return AsyncCallRecord(function.fn, function.origin)
+    return CallRecord(function.fn, function.origin)
 
 
 def encode_result(value: Any) -> str:
@@ -230,7 +249,7 @@ def open_input(path: str | None, *, seekable: bool) -> IO[bytes]:
         spool.seek(0)
         return spool
     try:
-        return open(path, "rb")  # noqa: SIM115 - returned to the caller, who closes it
+        return open(path, "rb")
     except OSError as exc:
         raise InputError(f"cannot read {path}: {exc.strerror or exc}") from None
 

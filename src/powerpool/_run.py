@@ -81,7 +81,11 @@ def is_retryable(exc: BaseException, options: RunOptions) -> bool:
 
 
 class Run:
-    """Iterates over the outcomes of one run; yields (index, value) pairs.
+    """Iterates over the results of one run, in blocks (lists) to keep per-item cost low.
+
+    Each block holds values, or ``(index, value)`` pairs when ``with_index``.
+    Callers flatten with ``itertools.chain.from_iterable``, which runs in C:
+    on trivial items the per-item cost of the core is what users pay.
 
     ``prefilled`` holds outcomes the caller already has for the first items
     (auto's profiling sample): they are reported in place, never recomputed.
@@ -92,9 +96,11 @@ class Run:
         *,
         backend: Any,
         fn: Callable[..., Any],
-        calls: Iterator[tuple[tuple[Any, ...], dict[str, Any]]],
+        source: Iterator[Any],
+        star: bool,
         options: RunOptions,
         ordered: bool,
+        with_index: bool,
         total: int | None,
         epoch: int,
         ledger: StatsLedger,
@@ -104,18 +110,18 @@ class Run:
     ) -> None:
         self._backend = backend
         self._fn = fn
+        self._source = source
+        self._star = star
         self._options = options
         self._ordered = ordered
+        self._with_index = with_index
         self._total = total
         self._epoch = epoch
         self._ledger = ledger
         self._new_chunk_id = new_chunk_id
         self._prefilled = list(prefilled)
-        start = len(self._prefilled)
-        self._input: Iterator[Item] = (
-            (index, args, kwargs) for index, (args, kwargs) in zip(itertools.count(start), calls)
-        )
-        remaining = None if total is None else max(0, total - start)
+        self._next_input = len(self._prefilled)
+        remaining = None if total is None else max(0, total - self._next_input)
         self._sizer = ChunkSizer(
             fixed=options.chunksize,
             target_s=backend.chunk_target_s,
@@ -128,6 +134,20 @@ class Run:
         # None in the inbox means "the pool cancelled this run" (see abort()).
         self._inbox: queue.SimpleQueue[ChunkResult | None] = queue.SimpleQueue()
         self._closed = False
+        # Iteration state (caller's thread only).
+        self._retry: deque[Item] = deque()
+        self._attempts: dict[int, int] = {}
+        self._losses: dict[int, int] = {}
+        # Ordered runs: finished but waiting for an earlier item. Whole chunks
+        # that succeeded wait as one block (start -> (stop, values)); items
+        # from failed or re-queued chunks wait one by one.
+        self._waiting: dict[int, Outcome] = {}
+        self._waiting_blocks: dict[int, tuple[int, list[Any]]] = {}
+        self._waiting_count = 0
+        self._ready: list[tuple[int, Outcome]] = []  # unordered: finished, not handed over
+        self._next_out = 0
+        self._block: list[Any] = []  # a ready-made block from the in-order fast path
+        self._progress: Progress | None = None
 
     def _claim(self) -> bool:
         return not self._closed
@@ -141,72 +161,35 @@ class Run:
         self._closed = True
         self._inbox.put(None)
 
-    def __iter__(self) -> Iterator[tuple[int, Any]]:
-        options = self._options
-        retry: deque[Item] = deque()
-        attempts: dict[int, int] = {}
-        losses: dict[int, int] = {}
-        waiting: dict[int, Outcome] = {}  # ordered: finished, not yet yielded
-        ready: deque[tuple[int, Outcome]] = deque()
-        next_index = 0
+    def __iter__(self) -> Iterator[list[Any]]:
         in_flight = 0
         input_done = False
-        progress = Progress(options.progress, total=self._total, desc=getattr(
-            self._fn, "__name__", "items"))
+        self._progress = Progress(
+            self._options.progress, total=self._total, desc=getattr(self._fn, "__name__", "items")
+        )
         self._ledger.begin(self._backend.name, self._backend.workers)
-
-        def settle(index: int, outcome: Outcome, item: Item | None) -> None:
-            ok, value = outcome
-            if not ok and item is not None:
-                if isinstance(value, ItemLost):
-                    losses[index] = losses.get(index, 0) + 1
-                    if losses[index] <= MAX_LOSSES:
-                        retry.append(item)
-                        return
-                    value = WorkerCrashedError(
-                        f"item {index} was lost {MAX_LOSSES + 1} times with crashing workers"
-                    )
-                elif attempts.get(index, 0) < options.retries and is_retryable(value, options):
-                    attempts[index] = attempts.get(index, 0) + 1
-                    self._ledger.items(retried=1)
-                    retry.append(item)
-                    return
-            if ok:
-                self._ledger.items(done=1)
-                progress.update(1)
-            else:
-                self._ledger.items(failed=1)
-                progress.update(0, failed=1)
-            if self._ordered:
-                waiting[index] = (ok, value)
-            else:
-                ready.append((index, (ok, value)))
-
         try:
             for item, outcome in self._prefilled:
-                settle(item[0], outcome, item)
+                self._settle(item, outcome)
             while True:
                 # Refill: retries first, then new input, while the window has room.
                 # When ordered, results waiting for an earlier item also count
                 # against the window, or one slow item would let memory grow.
                 while in_flight < self._window and (
-                    in_flight == 0 or len(waiting) <= self._window * self._sizer.next_size()
+                    in_flight == 0 or self._waiting_count <= self._window * self._sizer.next_size()
                 ):
-                    items = self._take(retry, input_done)
-                    if not items:
+                    chunk = self._take(input_done)
+                    if chunk is None:
                         input_done = True  # retries are taken first: only input is left
                         break
-                    self._submit(items)
+                    self._backend.submit(chunk)
                     in_flight += 1
-                # Hand over what is ready, in the order asked for.
-                if self._ordered:
-                    while next_index in waiting:
-                        yield from self._emit(next_index, waiting.pop(next_index))
-                        next_index += 1
-                else:
-                    while ready:
-                        yield from self._emit(*ready.popleft())
-                if in_flight == 0 and not retry and input_done:
+                block, error = self._handover()
+                if block:
+                    yield block
+                if error is not None:
+                    raise error
+                if in_flight == 0 and not self._retry and input_done:
                     return
                 if in_flight == 0:
                     continue
@@ -214,41 +197,136 @@ class Run:
                 if result is None:
                     raise CancelledError("the pool's work was cancelled")
                 in_flight -= 1
-                self._ledger.chunk(result.worker, result.busy_s)
-                self._sizer.observe(len(result.chunk.items), result.busy_s)
-                for item, outcome in zip(result.chunk.items, result.outcomes):
-                    settle(item[0], outcome, item)
+                self._absorb(result)
         finally:
             self.close()
-            progress.close()
+            self._progress.close()
             self._ledger.end()
 
-    def _take(self, retry: deque[Item], input_done: bool) -> list[Item]:
-        size = self._sizer.next_size()
-        items: list[Item] = []
-        while retry and len(items) < size:
-            items.append(retry.popleft())
-        if items or input_done:
-            return items
-        return list(itertools.islice(self._input, size))
+    # -- outcomes -------------------------------------------------------------
 
-    def _submit(self, items: list[Item]) -> None:
+    def _absorb(self, result: ChunkResult) -> None:
+        """Take one chunk's results; when all succeeded, no Python runs per item."""
+        self._ledger.chunk(result.worker, result.busy_s)
+        chunk = result.chunk
+        n = len(chunk)
+        self._sizer.observe(n, result.busy_s)
+        values = result.values
+        if values is None:
+            for item, outcome in zip(chunk.items, result.outcomes):
+                self._settle(item, outcome)
+            return
+        self._ledger.items(done=n)
+        assert self._progress is not None
+        self._progress.update(n)
+        indices = chunk.indices
+        if not self._ordered:
+            self._block.extend(zip(indices, values) if self._with_index else values)
+        elif isinstance(indices, range):
+            self._waiting_blocks[indices.start] = (indices.stop, values)
+            self._waiting_count += n
+        else:
+            self._waiting.update(zip(indices, [(True, value) for value in values]))
+            self._waiting_count += n
+
+    def _settle(self, item: Item, outcome: Outcome) -> None:
+        """Retry, re-queue or record one item's outcome."""
+        ok, value = outcome
+        index = item[0]
+        if not ok:
+            if isinstance(value, ItemLost):
+                self._losses[index] = self._losses.get(index, 0) + 1
+                if self._losses[index] <= MAX_LOSSES:
+                    self._retry.append(item)
+                    return
+                value = WorkerCrashedError(
+                    f"item {index} was lost {MAX_LOSSES + 1} times with crashing workers"
+                )
+            elif self._attempts.get(index, 0) < self._options.retries and is_retryable(
+                value, self._options
+            ):
+                self._attempts[index] = self._attempts.get(index, 0) + 1
+                self._ledger.items(retried=1)
+                self._retry.append(item)
+                return
+        assert self._progress is not None
+        if ok:
+            self._ledger.items(done=1)
+            self._progress.update(1)
+        else:
+            self._ledger.items(failed=1)
+            self._progress.update(0, failed=1)
+        if self._ordered:
+            self._waiting[index] = (ok, value)
+            self._waiting_count += 1
+        else:
+            self._ready.append((index, (ok, value)))
+
+    def _handover(self) -> tuple[list[Any], BaseException | None]:
+        """The results the caller may have now (one block), and an error to raise after it."""
+        block, self._block = self._block, []
+        with_index, policy = self._with_index, self._options.errors
+        if not self._ordered:
+            pairs, self._ready = self._ready, []
+        else:
+            pairs = []
+            waiting, blocks, index = self._waiting, self._waiting_blocks, self._next_out
+            while True:
+                if index in blocks:
+                    # A whole chunk in line: no per-item work unless indices are wanted.
+                    stop, values = blocks.pop(index)
+                    if pairs:
+                        error = self._append(block, pairs)
+                        pairs = []
+                        if error is not None:
+                            return block, error
+                    block.extend(zip(range(index, stop), values) if with_index else values)
+                    self._waiting_count -= stop - index
+                    index = stop
+                elif index in waiting:
+                    pairs.append((index, waiting.pop(index)))
+                    self._waiting_count -= 1
+                    index += 1
+                else:
+                    break
+            self._next_out = index
+        return block, self._append(block, pairs)
+
+    def _append(
+        self, block: list[Any], pairs: list[tuple[int, Outcome]]
+    ) -> BaseException | None:
+        """Add per-item outcomes to ``block`` under the errors policy; the error to raise, if any."""
+        with_index, policy = self._with_index, self._options.errors
+        for index, (ok, value) in pairs:
+            if ok or policy == "return":
+                block.append((index, value) if with_index else value)
+            elif policy == "raise":
+                return value  # results before the failure still reach the caller
+        return None
+
+    # -- input ----------------------------------------------------------------
+
+    def _take(self, input_done: bool) -> Chunk | None:
+        """The next chunk: re-queued items first, then fresh input; None when both are out."""
+        size = self._sizer.next_size()
+        retry = self._retry
         chunk = Chunk(
-            id=self._new_chunk_id(),
-            fn=self._fn,
-            items=items,
+            self._new_chunk_id(),
+            self._fn,
             timeout_s=self._options.timeout_s,
             epoch=self._epoch,
             claim=self._claim,
             on_done=self._inbox.put,
+            star=self._star,
         )
-        self._backend.submit(chunk)
-
-    def _emit(self, index: int, outcome: Outcome) -> Iterator[tuple[int, Any]]:
-        ok, value = outcome
-        if ok:
-            yield index, value
-        elif self._options.errors == "raise":
-            raise value
-        elif self._options.errors == "return":
-            yield index, value
+        if retry:
+            chunk.items = [retry.popleft() for _ in range(min(size, len(retry)))]
+            return chunk
+        if input_done:
+            return None
+        chunk.args = list(itertools.islice(self._source, size))  # no Python work per item
+        if not chunk.args:
+            return None
+        chunk.indices = range(self._next_input, self._next_input + len(chunk.args))
+        self._next_input = chunk.indices.stop
+        return chunk

@@ -20,6 +20,7 @@ Failures are not journaled: running the same command again retries them.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 import time
@@ -102,11 +103,11 @@ class RunSummary:
     """Backend that ran the items (what auto chose, if auto)."""
     workers: int
     """Workers of that backend."""
-    plan: str
-    """The first line of auto's plan, or ""."""
+    auto: str
+    """With ``--backend auto``: what it measured (e.g. ``cpu-gil work, 55 ms per item``)."""
 
 
-class Interrupted(Exception):  # noqa: N818 - a control-flow signal, named after what happened
+class Interrupted(Exception):
     """Ctrl-C stopped the run; ``journaled`` counts the results kept in the checkpoint."""
 
     def __init__(self, journaled: int | None) -> None:
@@ -152,10 +153,8 @@ class _Sink:
 
     def abandon(self, *, keep: bool) -> None:
         """The run stopped early: keep ``PATH.partial`` (if ``keep``) for the user to look at."""
-        try:
+        with contextlib.suppress(OSError, ValueError):  # a closed or broken stdout
             self._stream.flush()
-        except (OSError, ValueError):
-            pass
         if self.path is not None:
             self._stream.close()
             if not keep:
@@ -283,7 +282,8 @@ def execute_run(settings: RunSettings) -> RunSummary:
             journal.close()
         if stream is not sys.stdin.buffer:
             stream.close()
-    plan_line = str(plan).strip().splitlines()[0] if plan is not None else ""
+    from ._profcmd import describe_auto
+
     return RunSummary(
         total=total,
         done=done,
@@ -292,7 +292,7 @@ def execute_run(settings: RunSettings) -> RunSummary:
         wall_s=time.perf_counter() - start,
         backend=stats.backend or (plan.backend if plan is not None else settings.backend),
         workers=stats.workers or (plan.workers if plan is not None else 0),
-        plan=plan_line,
+        auto=describe_auto(plan) if plan is not None else "",
     )
 
 
@@ -303,7 +303,7 @@ def _drive(
     journal: Journal | None,
     total: int | None,
 ) -> tuple[int, int, int]:
-    """Feed the pool, merge old and new results, write everything; returns (done, resumed, failed)."""
+    """Feed the pool, merge old and new results, write them; returns (done, resumed, failed)."""
     done_before = journal.done_indices() if journal is not None else set()
     old: Iterator[tuple[int, str]] = iter(())
     if journal is not None:
@@ -316,7 +316,7 @@ def _drive(
     done = failed = resumed = 0
     keep_partial = journal is None
     try:
-        fn = call_record_for(settings.function.fn)
+        fn = call_record_for(settings.function)
         if settings.unordered:
             for index, value in old:
                 out.write(_result_line(index, value))
@@ -398,7 +398,7 @@ def _first_line(text: str) -> str:
 
 
 def _note(message: str) -> None:
-    print(f"powerpool: {message}", file=sys.stderr)  # noqa: T201 - the CLI's voice
+    print(f"powerpool: {message}", file=sys.stderr)
 
 
 def format_summary(summary: RunSummary, settings: RunSettings) -> str:
@@ -411,7 +411,7 @@ def format_summary(summary: RunSummary, settings: RunSettings) -> str:
         parts.append(f"{summary.failed} failed{where}")
     parts.append(f"{summary.wall_s:.2f} s")
     backend = f"{summary.backend} x{summary.workers}" if summary.workers else summary.backend
-    if settings.backend == "auto" and summary.plan:
-        backend += f" (auto: {summary.plan})"
+    if settings.backend == "auto" and summary.auto:
+        backend += f" (auto measured {summary.auto})"
     parts.append(backend)
     return "powerpool: " + ", ".join(parts)

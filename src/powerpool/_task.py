@@ -9,10 +9,9 @@ Backends never retry, reorder or count: that is the core's job, written once.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from typing import Any
 
-__all__ = ["Chunk", "ChunkResult", "Item", "ItemLost", "Outcome"]
+__all__ = ["NO_KWARGS", "Chunk", "ChunkResult", "Item", "ItemLost", "Outcome"]
 
 Item = tuple[int, tuple[Any, ...], dict[str, Any]]
 """One call: (index in the caller's input, positional args, keyword args)."""
@@ -32,38 +31,138 @@ def _always() -> bool:
     return True
 
 
-@dataclass(eq=False)
+NO_KWARGS: dict[str, Any] = {}
+"""Shared empty keyword arguments (never mutated)."""
+
+
 class Chunk:
-    """A batch of calls of one function, sent to one worker in one message."""
+    """A batch of calls of one function, sent to one worker in one message.
 
-    id: int
-    """Unique within the pool; used by backends' ledgers."""
-    fn: Callable[..., Any]
-    """The function to call for every item."""
-    items: list[Item]
-    """The calls, in order."""
-    timeout_s: float | None = None
-    """Per-item time limit in seconds, or None for none."""
-    epoch: int = 0
-    """Cancel epoch at submission; ``should_stop()`` turns true once the pool's
-    cancelled epoch reaches it."""
-    claim: Callable[[], bool] = field(default=_always)
-    """Called by the backend just before it starts the chunk; False means the
-    chunk was cancelled meanwhile and must be dropped without a result."""
-    on_done: Callable[[ChunkResult], None] | None = None
-    """Where the pool core wants this chunk's result; backends call the
-    ``deliver`` they were given, which routes here."""
+    Stored as columns: ``args`` (one tuple per call, or, when ``star`` is
+    False, the single bare argument of each call), ``indices`` (a ``range``
+    for fresh input, a list for re-queued items) and ``kwargs`` (None when no
+    call has any). Fresh chunks are cut from the input with ``islice``, so the
+    core does no Python work per item, and ``map(fn, xs)`` never even wraps
+    each x in a tuple (allocating, tracking and pickling a million 1-tuples is
+    most of the cost of a pool over trivial items). ``items`` builds per-item
+    tuples only for the slow paths (errors, retries, timeouts).
+    """
+
+    __slots__ = (
+        "args", "claim", "epoch", "fn", "id", "indices", "kwargs", "on_done", "star", "timeout_s",
+    )
+
+    def __init__(
+        self,
+        id: int,  # noqa: A002 - the natural name; shadows nothing used here
+        fn: Callable[..., Any],
+        items: list[Item] | None = None,
+        timeout_s: float | None = None,
+        epoch: int = 0,
+        claim: Callable[[], bool] = _always,
+        on_done: Callable[[ChunkResult], None] | None = None,
+        *,
+        args: list[Any] | None = None,
+        start: int = 0,
+        star: bool = True,
+    ) -> None:
+        self.id = id
+        """Unique within the pool; used by backends' ledgers."""
+        self.fn = fn
+        """The function to call for every item."""
+        self.timeout_s = timeout_s
+        """Per-item time limit in seconds, or None for none."""
+        self.epoch = epoch
+        """Cancel epoch at submission; ``should_stop()`` turns true once the
+        pool's cancelled epoch reaches it."""
+        self.claim = claim
+        """Called by the backend just before it starts the chunk; False means the
+        chunk was cancelled meanwhile and must be dropped without a result."""
+        self.on_done = on_done
+        """Where the pool core wants this chunk's result; backends call the
+        ``deliver`` they were given, which routes here."""
+        self.indices: range | list[int]
+        """Input index of each call."""
+        self.args: list[Any]
+        """Positional arguments of each call: a tuple, or the bare argument if not ``star``."""
+        self.star = star
+        """Whether ``args`` holds argument tuples (True) or single bare arguments."""
+        self.kwargs: list[dict[str, Any]] | None
+        """Keyword arguments of each call, or None when every call has none."""
+        if items is not None:
+            self.items = items
+        else:
+            self.args = args or []
+            self.indices = range(start, start + len(self.args))
+            self.kwargs = None
+
+    @property
+    def items(self) -> list[Item]:
+        """The calls as (index, args, kwargs) tuples (built on demand)."""
+        kwargs = self.kwargs or [NO_KWARGS] * len(self.args)
+        args = self.args if self.star else [(arg,) for arg in self.args]
+        return list(zip(self.indices, args, kwargs))
+
+    @items.setter
+    def items(self, items: list[Item]) -> None:
+        self.indices = [index for index, _, _ in items]
+        self.args = [args for _, args, _ in items]
+        self.star = True
+        kwargs = [kw for _, _, kw in items]
+        self.kwargs = kwargs if any(kwargs) else None
+
+    def __len__(self) -> int:
+        return len(self.args)
 
 
-@dataclass(eq=False)
 class ChunkResult:
-    """What a backend reports for a finished (or failed) chunk."""
+    """What a backend reports for a finished (or failed) chunk.
 
-    chunk: Chunk
-    """The chunk this result belongs to."""
-    outcomes: list[Outcome]
-    """One per item of ``chunk.items``, same order."""
-    worker: str
-    """Name of the worker that ran it (for statistics)."""
-    busy_s: float
-    """Seconds the worker spent computing the chunk (excludes queueing and IPC)."""
+    A backend gives either ``outcomes`` (one ``(ok, value)`` per item) or, on
+    the hot path where every item succeeded, just ``values``; the process
+    backend may give ``decode``, a function producing either, so that
+    unpickling happens in the thread that consumes the results rather than in
+    its dispatcher (two threads contending for the GIL is what makes
+    pipelines of trivial items slow).
+    """
+
+    __slots__ = ("_decode", "_outcomes", "_values", "busy_s", "chunk", "worker")
+
+    def __init__(
+        self,
+        chunk: Chunk,
+        outcomes: list[Outcome] | None = None,
+        worker: str = "",
+        busy_s: float = 0.0,
+        *,
+        values: list[Any] | None = None,
+        decode: Callable[[], tuple[list[Outcome] | None, list[Any] | None]] | None = None,
+    ) -> None:
+        self.chunk = chunk
+        """The chunk this result belongs to."""
+        self.worker = worker
+        """Name of the worker that ran it (for statistics)."""
+        self.busy_s = busy_s
+        """Seconds the worker spent computing the chunk (excludes queueing and IPC)."""
+        self._outcomes = outcomes
+        self._values = values
+        self._decode = decode
+
+    def _resolve(self) -> None:
+        if self._decode is not None:
+            self._outcomes, self._values = self._decode()
+            self._decode = None
+
+    @property
+    def values(self) -> list[Any] | None:
+        """The results, in item order, if every item succeeded; else None."""
+        self._resolve()
+        return self._values
+
+    @property
+    def outcomes(self) -> list[Outcome]:
+        """One ``(ok, value)`` per item of ``chunk.items``, same order."""
+        self._resolve()
+        if self._outcomes is None:
+            self._outcomes = [(True, value) for value in self._values or ()]
+        return self._outcomes

@@ -117,14 +117,14 @@ class AsyncioBackend:
         try:
             if self._init_error is not None:
                 error = InitializerError.wrap(self._init_error)
-                outcomes: list[Outcome] = [(False, error)] * len(chunk.items)
+                outcomes: list[Outcome] = [(False, error)] * len(chunk)
             else:
                 token = StopToken(self._flag, chunk.epoch)
                 outcomes = list(
                     await asyncio.gather(*(self._run_item(chunk, item, token) for item in chunk.items))
                 )
         except asyncio.CancelledError:
-            outcomes = [(False, CancelledError())] * len(chunk.items)
+            outcomes = [(False, CancelledError())] * len(chunk)
         finally:
             self._tasks.pop(chunk, None)
             if self._closed and not self._tasks:

@@ -12,10 +12,10 @@ flight, so this module only maps chunks onto cluster futures and back::
                                                                          per worker, then
                                                                          every item; returns
                                                                          pickled outcomes
-    deliver(ChunkResult) ◄─ results thread ◄─ queue ◄─ done callback ◄──┘
-                            (fut.result(),            (only enqueues:
-                             unpickle, rebuild         never blocks the
-                             remote tracebacks)        client's threads)
+    deliver(ChunkResult) ◄─ results thread ◄─ as_completed ◄─────────────┘
+                            (unpickle, rebuild   (results fetched on the
+                             remote tracebacks)   client's event loop,
+                                                  without blocking it)
 
 Why the items and outcomes travel as bytes we pickle ourselves: an
 unpicklable argument, result or exception is then caught here, per item, and
@@ -52,7 +52,6 @@ import itertools
 import logging
 import os
 import pickle
-import queue
 import re
 import threading
 import time
@@ -197,14 +196,21 @@ class DaskBackend:
             self._close_owned()
             raise
 
+        # Invariant: _lock guards _state, _ledger, _delivering and _stopping;
+        # a future is in the ledger exactly while it is in _done (added together).
         self._lock = threading.Lock()
-        self._idle = threading.Condition(self._lock)
+        self._changed = threading.Condition(self._lock)
         self._state = _State.RUNNING
         self._ledger: dict[str, _InFlight] = {}
-        self._delivering = 0  # chunks popped from the ledger, not yet delivered
+        self._delivering = 0  # chunks taken from the ledger, not yet delivered
+        self._stopping = False
         self._fn_lock = threading.Lock()  # held while scattering: blocks only new functions
         self._fns: list[tuple[Callable[..., Any], _Future]] = []
-        self._results: queue.SimpleQueue[_Future | ChunkResult | None] = queue.SimpleQueue()
+        # as_completed gathers each result on the client's event loop as its
+        # task finishes (no thread of dask's own blocks, none is started) and
+        # hands (future, result) pairs to our results thread.
+        as_completed: Any = distributed.as_completed  # unannotated in distributed
+        self._done = as_completed(loop=self._client.loop, with_results=True, raise_errors=False)
         self._thread = threading.Thread(
             target=self._results_loop, name=f"powerpool-dask-results-{self._token}", daemon=True
         )
@@ -221,13 +227,15 @@ class DaskBackend:
         try:
             fn_box = self._ship(chunk.fn)
         except SerializationError as exc:
+            # Delivered right here, as the serial backend does: the core allows
+            # deliver() from inside submit().
             message, cause = str(exc), exc.__cause__
-            self._results.put(_all_failed(chunk, lambda: _serialization_error(message, cause)))
+            self._safe_deliver(_all_failed(chunk, lambda: _serialization_error(message, cause)))
             return
         blob, sent, prefailed = _pack_items(chunk)
         if not sent:
             outcomes: list[Outcome] = [(False, prefailed[i]) for i in range(len(chunk.items))]
-            self._results.put(ChunkResult(chunk, outcomes, worker="", busy_s=0.0))
+            self._safe_deliver(ChunkResult(chunk, outcomes, worker="", busy_s=0.0))
             return
         key = f"powerpool-{_task_name(chunk.fn)}-{self._token}-{next(self._seq)}"
         try:
@@ -244,15 +252,15 @@ class DaskBackend:
                 retries=0,  # the core retries items; dask re-runs only on worker loss
             )
         except Exception as exc:  # the client is closed or lost its scheduler
-            self._results.put(_all_failed(chunk, functools.partial(_same, exc)))
+            self._safe_deliver(_all_failed(chunk, functools.partial(_same, exc)))
             return
         with self._lock:
             if not self._running():  # shut down while we were submitting
                 future.cancel()
                 raise PoolClosedError("the dask backend was shut down")
             self._ledger[key] = _InFlight(chunk, future, sent, prefailed, fn_box)
-        # Runs on dask's callback thread; it only enqueues, so it never blocks it.
-        future.add_done_callback(self._results.put)
+            self._done.add(future)  # non-blocking: schedules a watcher on the event loop
+            self._changed.notify_all()
 
     def cancel(self, epoch: int) -> None:
         """Cancel the cluster futures of every chunk of epochs <= ``epoch``."""
@@ -291,16 +299,18 @@ class DaskBackend:
         on_results_thread = threading.current_thread() is self._thread
         if not on_results_thread:
             with self._lock:
-                self._idle.wait_for(
+                self._changed.wait_for(
                     lambda: not self._ledger and not self._delivering,
                     timeout=None if drain else _CANCEL_GRACE_S,
                 )
         with self._lock:
             leftovers = list(self._ledger.values())
             self._ledger.clear()
+            self._stopping = True
+            self._changed.notify_all()
+        self._done.clear()  # the results thread's wait on it ends within 0.1 s
         for entry in leftovers:
             self._safe_deliver(_all_failed(entry.chunk, _cancelled_error))
-        self._results.put(None)
         if not on_results_thread:
             self._thread.join()
         with self._fn_lock:
@@ -335,45 +345,47 @@ class DaskBackend:
     def _results_loop(self) -> None:
         """Turn finished futures into ChunkResults, off dask's threads."""
         while True:
-            item = self._results.get()
-            if item is None:
-                return
-            if isinstance(item, ChunkResult):
-                self._safe_deliver(item)
-                continue
             with self._lock:
-                entry = self._ledger.pop(str(item.key), None)
-                if entry is None:  # shutdown() already reported it
-                    continue
-                self._delivering += 1
-            try:
-                self._safe_deliver(self._collect(entry))
-            finally:
+                self._changed.wait_for(lambda: bool(self._ledger) or self._stopping)
+                if self._stopping:
+                    return
+            # Ends when every future added so far has been handed out.
+            for future, value in self._done:
                 with self._lock:
-                    self._delivering -= 1
-                    if not self._ledger and not self._delivering:
-                        self._idle.notify_all()
+                    entry = self._ledger.pop(str(future.key), None)
+                    if entry is None:  # shutdown() already reported it
+                        continue
+                    self._delivering += 1
+                try:
+                    self._safe_deliver(self._collect(entry, future.status, value))
+                finally:
+                    with self._lock:
+                        self._delivering -= 1
+                        self._changed.notify_all()
 
-    def _collect(self, entry: _InFlight) -> ChunkResult:
+    def _collect(self, entry: _InFlight, status: str, value: Any) -> ChunkResult:
+        """Build the ChunkResult from what as_completed gathered for ``entry``."""
         chunk = entry.chunk
-        try:
-            where, busy_s, blob = entry.future.result()
-        except CancelledError as exc:
+        if status == "cancelled" or isinstance(value, CancelledError):
             if entry.cancelled:
                 return _all_failed(chunk, _cancelled_error)
             # Not ours: the scheduler forgot the task (e.g. the client lost it).
-            return self._fail_sent(entry, functools.partial(_lost_error, exc))
-        except self._killed_worker as exc:
-            return self._fail_sent(entry, functools.partial(_killed_error, exc))
-        except Exception as exc:  # the task itself failed outside any item
+            return self._fail_sent(entry, functools.partial(_lost_error, value))
+        if status == "error":
+            _type, exc, tb = value  # what as_completed gives for a failed task
+            exc = exc.with_traceback(tb)
+            if isinstance(exc, self._killed_worker):
+                return self._fail_sent(entry, functools.partial(_killed_error, exc))
+            # The task itself failed outside any item (we catch those).
             exc.__cause__ = RemoteTraceback(_format(exc))
             return self._fail_sent(entry, functools.partial(_same, exc))
+        where, busy_s, blob = value
         try:
             sent_outcomes: list[tuple[bool, Any]] = pickle.loads(blob)
         except Exception as exc:
             err = SerializationError(f"the results of this chunk could not be unpickled: {exc}")
             err.__cause__ = exc
-            return self._fail_sent(entry, lambda: err)
+            return self._fail_sent(entry, functools.partial(_same, err))
         outcomes = _merge(entry, [_rebuild(o) for o in sent_outcomes])
         return ChunkResult(chunk, outcomes, worker=where, busy_s=busy_s)
 
@@ -444,8 +456,9 @@ def _connect(
         "n_workers": max(1, workers),
         "threads_per_worker": 1,  # the pool's workers are processes, like backend="processes"
         "processes": True,
-        # No dashboard by default: a second pool would find :8787 taken and warn.
-        "dashboard_address": None,
+        # A free port, not :8787: a second cluster would find 8787 taken and
+        # warn (None does not help: the scheduler's HTTP server still takes 8787).
+        "dashboard_address": ":0",
     }
     if security is not None:
         kwargs["security"] = security

@@ -47,7 +47,7 @@ from .._errors import (
 from .._system import usable_cores
 from .._task import Chunk, ChunkResult, ItemLost, Outcome
 from ._base import BackendConfig, Deliver
-from ._worker import WORKER_FN_CACHE, worker_main
+from ._worker import BARE, KEYWORDS, STAR, WORKER_FN_CACHE, worker_main
 
 __all__ = ["ProcessBackend"]
 
@@ -137,7 +137,6 @@ class _Pending:
 
     chunk: Chunk
     payload: bytes
-    has_kwargs: bool
 
 
 class ProcessBackend:
@@ -182,13 +181,8 @@ class ProcessBackend:
     # -- protocol (any thread) --------------------------------------------------
 
     def submit(self, chunk: Chunk) -> None:
-        has_kwargs = any(kwargs for _, _, kwargs in chunk.items)
         try:
-            payload = _dumps(
-                [(args, kwargs) for _, args, kwargs in chunk.items]
-                if has_kwargs
-                else [args for _, args, _ in chunk.items]
-            )
+            payload = _dumps(list(zip(chunk.args, chunk.kwargs)) if chunk.kwargs else chunk.args)
         except Exception:  # noqa: BLE001 - isolate the unpicklable item(s) below
             self._submit_isolating(chunk)
             return
@@ -197,7 +191,7 @@ class ProcessBackend:
                 closed = True
             else:
                 closed = False
-                self._pending.append(_Pending(chunk, payload, has_kwargs))
+                self._pending.append(_Pending(chunk, payload))
         if closed:
             self._deliver(_all_failed(chunk, CancelledError("the pool was shut down"), "parent"))
             return
@@ -265,7 +259,7 @@ class ProcessBackend:
         parent_end, child_end = self._context.Pipe(duplex=True)
         self._status[2 * slot] = 0
         self._status[2 * slot + 1] = 0.0
-        process = self._context.Process(
+        process: BaseProcess = self._context.Process(  # type: ignore[attr-defined]
             target=worker_main,
             args=(child_end, slot, self._status, self._cancel_flag, self._init_blob,
                   self._native_threads),
@@ -352,7 +346,9 @@ class ProcessBackend:
             fn_id, blob = self._function(chunk.fn)
             first = worker.remember(fn_id)
             header = pickle.dumps(
-                (chunk.id, fn_id, blob if first else None, chunk.epoch, pending.has_kwargs), _PICKLE
+                (chunk.id, fn_id, blob if first else None, chunk.epoch, _calling_convention(chunk),
+                 chunk.timeout_s is not None),
+                _PICKLE,
             )
             worker.chunk = chunk
             worker.sent_at = time.monotonic()
@@ -364,32 +360,27 @@ class ProcessBackend:
 
     def _receive(self, worker: _Worker) -> None:
         try:
-            message = pickle.loads(worker.conn.recv_bytes())
+            header = pickle.loads(worker.conn.recv_bytes())
+            if header[0] != "init-error":
+                body = worker.conn.recv_bytes()
         except (EOFError, OSError):
             return  # died; handled by its sentinel
-        except Exception as exc:  # noqa: BLE001 - a result that won't unpickle here
-            chunk, worker.chunk = worker.chunk, None
-            if chunk is not None:
-                error = SerializationError(f"a result could not be unpickled: {exc!r}")
-                self._deliver(_all_failed(chunk, error, worker.name))
-            return
-        if message[0] == "init-error":
-            cause = message[1]
+        chunk, worker.chunk = worker.chunk, None
+        if header[0] == "init-error":
+            cause = header[1]
             self._broken = lambda: InitializerError.wrap(cause)
-            chunk, worker.chunk = worker.chunk, None
             if chunk is not None:
                 self._deliver(_all_failed(chunk, self._broken(), worker.name))
             return
-        _, chunk_id, busy_s, outcomes = message
-        chunk, worker.chunk = worker.chunk, None
-        if chunk is not None and chunk.id == chunk_id:
-            self._deliver(ChunkResult(chunk, outcomes, worker.name, busy_s))
+        if chunk is None or chunk.id != header[0]:
+            return
+        self._deliver(ChunkResult(chunk, None, worker.name, header[1], decode=_decoder(body, len(chunk))))
 
     def _on_death(self, worker: _Worker) -> None:
         chunk, worker.chunk = worker.chunk, None
         if chunk is not None:
             if self._broken is not None:
-                outcomes = [(False, self._broken())] * len(chunk.items)
+                outcomes = [(False, self._broken())] * len(chunk)
             else:
                 position = int(self._status[2 * worker.slot])
                 error = WorkerCrashedError.from_exitcode(
@@ -400,12 +391,12 @@ class ProcessBackend:
         self._replace(worker)
 
     def _next_deadline(self, busy: list[_Worker]) -> float | None:
-        deadlines = []
+        deadlines: list[float] = []
         for worker in busy:
             assert worker.chunk is not None
             if worker.chunk.timeout_s is None:
                 continue
-            started = max(self._status[2 * worker.slot + 1], worker.sent_at)
+            started = max(float(self._status[2 * worker.slot + 1]), worker.sent_at)
             deadlines.append(started + worker.chunk.timeout_s)
         if not deadlines:
             return None
@@ -423,7 +414,7 @@ class ProcessBackend:
             worker.chunk = None
             worker.process.kill()
             error = ItemTimeoutError(
-                f"item {chunk.items[position][0]} ran longer than its {chunk.timeout_s:g} s "
+                f"item {chunk.indices[position]} ran longer than its {chunk.timeout_s:g} s "
                 f"timeout; its worker process {worker.process.pid} was killed and replaced"
             )
             self._deliver(ChunkResult(chunk, _blame(chunk, position, error), worker.name,
@@ -475,11 +466,34 @@ def _blame(chunk: Chunk, position: int, error: BaseException) -> list[Outcome]:
     after it never ran: both are re-queued (ItemLost). Position -1 means the
     worker died before any item started: nobody is blamed.
     """
-    outcomes: list[Outcome] = [(False, ItemLost())] * len(chunk.items)
-    if 0 <= position < len(chunk.items):
+    outcomes: list[Outcome] = [(False, ItemLost())] * len(chunk)
+    if 0 <= position < len(chunk):
         outcomes[position] = (False, error)
     return outcomes
 
 
+def _calling_convention(chunk: Chunk) -> int:
+    """How the worker calls fn with each payload entry (see _worker.BARE/STAR/KEYWORDS)."""
+    if chunk.kwargs is not None:
+        return KEYWORDS
+    return STAR if chunk.star else BARE
+
+
+def _decoder(
+    body: bytes, n_items: int
+) -> Callable[[], tuple[list[Outcome] | None, list[Any] | None]]:
+    """Unpickle a worker's results later, in the consumer's thread (see ChunkResult)."""
+
+    def decode() -> tuple[list[Outcome] | None, list[Any] | None]:
+        try:
+            kind, results = pickle.loads(body)
+        except Exception as exc:  # noqa: BLE001 - e.g. a result class the parent can't import
+            error = SerializationError(f"a result could not be unpickled here: {exc!r}")
+            return [(False, error)] * n_items, None
+        return (None, results) if kind == "values" else (results, None)
+
+    return decode
+
+
 def _all_failed(chunk: Chunk, error: BaseException, worker: str) -> ChunkResult:
-    return ChunkResult(chunk, [(False, error)] * len(chunk.items), worker, 0.0)
+    return ChunkResult(chunk, [(False, error)] * len(chunk), worker, 0.0)

@@ -39,11 +39,11 @@ class SerialBackend:
             return
         if self._init_error is not None:
             error = InitializerError.wrap(self._init_error)
-            outcomes: list[Outcome] = [(False, error)] * len(chunk.items)
+            outcomes: list[Outcome] = [(False, error)] * len(chunk)
             self._deliver(ChunkResult(chunk, outcomes, "serial", 0.0))
             return
         started = time.perf_counter()
-        outcomes = run_items(chunk.fn, chunk.items, StopToken(self._flag, chunk.epoch))
+        outcomes = run_items(chunk.fn, chunk, StopToken(self._flag, chunk.epoch))
         self._deliver(ChunkResult(chunk, outcomes, "serial", time.perf_counter() - started))
 
     def cancel(self, epoch: int) -> None:

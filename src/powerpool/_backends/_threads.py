@@ -131,7 +131,7 @@ class ThreadBackend:
                 continue
             if self._init_error is not None:
                 error = InitializerError.wrap(self._init_error)
-                self._deliver(ChunkResult(chunk, [(False, error)] * len(chunk.items), me.name, 0.0))
+                self._deliver(ChunkResult(chunk, [(False, error)] * len(chunk), me.name, 0.0))
                 continue
             if not self._run(me, chunk):
                 return  # abandoned after a timeout: a replacement already runs
@@ -140,7 +140,7 @@ class ThreadBackend:
         token = StopToken(self._flag, chunk.epoch)
         started = time.perf_counter()
         if chunk.timeout_s is None:
-            outcomes = run_items(chunk.fn, chunk.items, token)
+            outcomes = run_items(chunk.fn, chunk, token)
         else:
             record = _Running(chunk, token)
             with self._lock:
@@ -151,7 +151,7 @@ class ThreadBackend:
                 with self._lock:
                     record.position, record.started = position, time.monotonic()
 
-            outcomes = run_items(chunk.fn, chunk.items, token, mark, record.outcomes)
+            outcomes = run_items(chunk.fn, chunk, token, mark, record.outcomes)
             with self._lock:
                 del self._running[me]
                 if record.abandoned:
@@ -196,11 +196,11 @@ class ThreadBackend:
         # the worker appends item i's outcome before it marks item i+1); items
         # after it never started and are re-queued by the core (ItemLost).
         late = ItemTimeoutError(
-            f"item {chunk.items[record.position][0]} ran longer than its "
+            f"item {chunk.indices[record.position]} ran longer than its "
             f"{chunk.timeout_s:g} s timeout; its thread was abandoned"
         )
         done = record.outcomes[: record.position]
-        lost: list[Outcome] = [(False, ItemLost())] * (len(chunk.items) - record.position - 1)
+        lost: list[Outcome] = [(False, ItemLost())] * (len(chunk) - record.position - 1)
         outcomes = [*done, (False, late), *lost]
         self._deliver(ChunkResult(chunk, outcomes, thread.name, float(chunk.timeout_s or 0.0)))
 

@@ -1,0 +1,490 @@
+"""From a measured :class:`~powerpool._profile.Profile` to a backend, a worker
+count and a chunk size, with the reasons in plain words.
+
+:func:`plan_from_profile` is a pure function (no I/O, no clock) so that
+``backend="auto"`` can call it on every run and tests can feed it made-up
+profiles. Its cost model is Amdahl's law with the pools' overheads as the
+serial part::
+
+    serial      = n * t                         t: wall seconds per item
+    processes   = start + n * (ipc + pickling)  +  rounds * chunk * t
+    threads     = threads * start_one + n * handoff + n * t * g  +  rounds * chunk * t * (1 - g)
+    io threads  = threads * start_one + n * handoff + max(n * cpu, rounds * t)
+    asyncio     = start + n * task + max(n * cpu, rounds * t)
+
+where ``g`` is the fraction of the work that holds the GIL (it runs one thread
+at a time) and ``rounds * chunk`` is how many items the busiest worker runs.
+The backend with the smallest estimate wins, threads over processes when
+they are within ``PREFER_THREADS_WITHIN``, and serial unless the winner is at
+least ``MIN_GAIN`` times faster: a loop has no start-up, no pickling and the
+plainest tracebacks.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import os
+from collections.abc import Callable, Iterable, Iterator, Sized
+from dataclasses import dataclass
+from itertools import islice
+from typing import Any
+
+from ._profile import Call, Profile, Workload, format_bytes, format_seconds, profile_calls
+
+__all__ = ["Plan", "cpu_count", "plan", "plan_from_profile"]
+
+PROCESS_START_S = 0.05
+"""Starting a process pool: fork takes ~10 ms, spawn/forkserver plus imports
+~100 ms; 50 ms keeps short runs serial without scaring off long ones."""
+PROCESS_ITEM_S = 10e-6
+"""Parent-side cost per item of chunked IPC, pickling excluded (the engine's target)."""
+PIPE_BYTES_PER_S = 1e9
+"""Copy rate through a pipe; pickled arguments and results cross it once each."""
+THREAD_START_S = 1e-4
+"""Starting one thread (~0.1 ms including the hand-shake)."""
+THREAD_CHUNK_S = 20e-6
+"""Handing one chunk to a thread and its result back (queue, future, wake-ups)."""
+THREAD_ITEM_S = 1e-6
+"""Per item inside a chunk (the call loop and outcome bookkeeping)."""
+ASYNC_START_S = 1e-3
+"""Starting an event loop (or reaching the running one) for an asyncio run."""
+ASYNC_ITEM_S = 30e-6
+"""Creating, scheduling and collecting one task on the event loop."""
+MAX_ASYNC_CONCURRENCY = 1000
+"""Coroutines in flight at once: enough to hide network latency, few enough
+not to exhaust file descriptors or overwhelm the server being called."""
+TARGET_CHUNK_S = 0.02
+"""Work per chunk: long enough that ~30 us of per-chunk cost is < 0.2%, short
+enough that progress, cancellation and load balancing stay responsive."""
+MIN_CHUNKS_PER_WORKER = 4
+"""At least this many chunks per worker, so a slow chunk does not leave the
+other workers idle at the end (the tail is at most 1/4 of a worker's share)."""
+SERIAL_MAX_CHUNK = 100_000
+"""Chunk cap for serial runs (chunks there only pace progress and statistics)."""
+MIN_GAIN = 1.1
+"""Parallel plans must be estimated this much faster than a loop to be chosen."""
+PREFER_THREADS_WITHIN = 1.1
+"""Threads win over processes when within this factor: they share memory, start
+at once and need no pickling, so their estimate is the more reliable one."""
+IO_WORKER_TIE = 1.03
+"""The fewest I/O threads whose estimate is within this factor of the best."""
+WORKER_BASE_BYTES = 40 * 2**20
+"""Resident memory of a fresh worker process before its first item."""
+DASK_MIN_WORK_PER_CORE_S = 60.0
+"""With a cluster address, scale out when the local cores face more than this
+much work each: a minute amortizes the cluster's ~1 s set-up and ~1 ms per task."""
+DASK_CHUNK_S = 1.0
+"""Work per dask task, to amortize the scheduler's ~1 ms per task."""
+
+
+@dataclass(frozen=True)
+class Plan:
+    """How to run a function over the items, and why."""
+
+    backend: str
+    """``"serial"``, ``"threads"``, ``"asyncio"``, ``"processes"`` or ``"dask"``."""
+    workers: int
+    """Threads, processes or concurrent coroutines to use (1 for serial; 0 for
+    dask: as many as the cluster has). With an unknown number of items this is
+    an upper bound: start them lazily."""
+    chunksize: int
+    """Items sent to a worker in one message."""
+    expected_speedup: float
+    """Estimated serial time / parallel time (start-up included when the number
+    of items is known; the long-run rate when it is not)."""
+    reasons: tuple[str, ...]
+    """Why this backend, worker count and chunk size, in plain words."""
+    profile: Profile | None
+    """The measurements the plan rests on."""
+    native_threads: int | None = None
+    """Cap on BLAS/OpenMP threads per worker (None: leave it to the backend)."""
+    basis: str = ""
+    """The estimate behind ``expected_speedup``, with its numbers."""
+    n_items: int | None = None
+    """Number of items planned for (None: unknown, an iterator)."""
+    cores: int = 1
+    """Usable cores the plan assumed."""
+    expected_s: float | None = None
+    """Estimated wall seconds of the whole run (None when ``n_items`` is unknown)."""
+
+    def __str__(self) -> str:
+        if self.backend == "serial":
+            head = f"plan: serial, chunksize {self.chunksize}"
+        else:
+            who = "cluster workers" if self.workers == 0 else f"{self.workers} workers"
+            head = (f"plan: {self.backend} with {who}, chunksize {self.chunksize}, "
+                    f"expected speed-up {self.expected_speedup:.1f}x")
+        if self.native_threads is not None:
+            head += f", {self.native_threads} native thread(s) per worker"
+        lines = [head]
+        if self.profile is not None:
+            p = self.profile
+            lines.append(f"  measured: {p.workload.value}, {format_seconds(p.wall_per_item_s)} "
+                         f"per item over {p.items} items")
+        lines.extend(f"  - {reason}" for reason in self.reasons)
+        if self.basis:
+            lines.append(f"  basis: {self.basis}")
+        return "\n".join(lines)
+
+
+@dataclass(frozen=True)
+class _Estimate:
+    backend: str
+    workers: int
+    chunksize: int
+    per_item_s: float  # estimated wall seconds of the run divided by the number of items
+    basis: str
+
+
+def plan_from_profile(  # noqa: PLR0911 - one early return per workload, each explained
+        profile: Profile, n_items: int | None, *, cores: int | None = None,
+                      address: str | None = None, max_io_workers: int = 512,
+                      memory_bytes: int | None = None) -> Plan:
+    """Plan a run of ``n_items`` items (None: unknown) from a measured profile.
+
+    ``cores`` defaults to :func:`cpu_count`. ``address`` (a dask scheduler)
+    allows scaling out. ``memory_bytes`` (memory available, e.g. psutil's
+    ``virtual_memory().available``) caps the workers when items grew memory.
+    Pure: reads no clock, no file, no environment (except the default cores).
+    """
+    cores = max(1, cores if cores is not None else cpu_count())
+    n = n_items if n_items is None else max(0, n_items)
+    p = profile
+    w = max(p.wall_per_item_s, 1e-9)
+    reasons: list[str] = []
+    native_threads: int | None = None
+
+    def done(est: _Estimate, *extra: str) -> Plan:
+        speedup = w / est.per_item_s if est.per_item_s > 0 else 1.0
+        if est.backend == "serial":
+            speedup = 1.0
+        return Plan(backend=est.backend, workers=est.workers, chunksize=est.chunksize,
+                    expected_speedup=round(speedup, 2), reasons=(*reasons, *extra), profile=p,
+                    native_threads=native_threads if est.backend != "serial" else None,
+                    basis=est.basis, n_items=n, cores=cores,
+                    expected_s=est.per_item_s * n if n is not None else None)
+
+    serial = _Estimate("serial", 1, _serial_chunksize(n, w), w,
+                       f"serial {_times(n, w)}" if n is not None
+                       else f"serial {format_seconds(w)} per item")
+    if n is None:
+        reasons.append("the number of items is unknown (an iterator): estimates are the "
+                       "long-run rate, start-up costs amortized")
+    if p.items == 0 or n == 0:
+        return done(serial, "nothing to measure or run: serial")
+    if p.workload is Workload.ASYNC:
+        return done(_asyncio(p, n, w), *_async_reasons(p, n))
+    if p.workload is Workload.TINY:
+        return done(serial, f"each item takes {format_seconds(w)}, less than any pool spends "
+                            f"handing an item out (~10-20 us): a plain loop is fastest")
+    if n == 1:
+        return done(serial, "a single item: nothing to run in parallel")
+
+    mem_cap = _memory_cap(p, memory_bytes)
+    if p.workload is Workload.IO:
+        est = _io_threads(p, n, cores, w, min(max_io_workers, mem_cap or max_io_workers))
+        reasons.append(f"the items mostly wait (CPU {p.cpu_ratio:.0%} of wall time): threads "
+                       f"overlap the waiting; {est.workers} threads cover the "
+                       f"{format_seconds(w)} wait while the CPU part (one thread at a time "
+                       f"under the GIL) stays below one core")
+        return _finish(done, serial, est, reasons)
+
+    # CPU-bound: threads and (if everything pickles) processes compete.
+    single = w
+    if p.uses_native_threads:
+        single = max(w, p.cpu_per_item_s)  # cost of one item with its native pool capped at 1
+        native_threads = 1
+        reasons.append(f"each item already keeps {p.cpu_ratio:.1f} cores busy through native "
+                       f"threads; in parallel, each worker gets 1 native thread (no "
+                       f"oversubscription), so one item costs ~{format_seconds(single)}")
+    if p.workload is Workload.CPU_GIL:
+        gil = 0.0 if p.gil_disabled else (p.gil_held_fraction if p.gil_measured else 1.0)
+        if p.gil_disabled:
+            reasons.append("the items compute in Python, and this interpreter runs without "
+                           "the GIL: threads run them in parallel with no pickling")
+        else:
+            held = (f"the heartbeat measured the GIL held {gil:.0%} of the time"
+                    if p.gil_measured else "GIL holding assumed (items too short to measure)")
+            reasons.append(f"the items compute in Python ({held}): threads would take turns, "
+                           f"processes run them in parallel")
+    else:
+        gil = p.gil_held_fraction if p.gil_measured else 0.0
+        reasons.append("the items compute in native code that releases the GIL: threads run "
+                       "them in parallel, with no start-up and no pickling")
+    workers_cap = min(cores, mem_cap) if mem_cap else cores
+    if mem_cap is not None and mem_cap < cores:
+        reasons.append(f"each item grew memory by {format_bytes(p.rss_growth_bytes)}: "
+                       f"{mem_cap} workers fit in {format_bytes(memory_bytes or 0)}")
+    threads = _cpu_threads(p, n, workers_cap, single, gil)
+    candidates = [threads]
+    if p.unpicklable:
+        reasons.append(f"no processes: {p.unpicklable}")
+    else:
+        candidates.append(_processes(p, n, workers_cap, single))
+    best = min(candidates, key=lambda e: e.per_item_s)
+    if (best.backend == "processes"
+            and threads.per_item_s <= best.per_item_s * PREFER_THREADS_WITHIN):
+        best = threads
+    if best.backend == "processes" and p.arg_pickle_bytes + p.result_pickle_bytes > 0:
+        reasons.append(f"processes pay {format_seconds(PROCESS_START_S)} to start and "
+                       f"{format_seconds(_ipc_s(p))} per item to send arguments "
+                       f"({format_bytes(p.arg_pickle_bytes)}) and results "
+                       f"({format_bytes(p.result_pickle_bytes)})")
+    if best.backend != "serial" and best.chunksize > 1:
+        reasons.append(f"chunksize {best.chunksize}: about {format_seconds(TARGET_CHUNK_S)} of "
+                       f"work per message, with at least {MIN_CHUNKS_PER_WORKER} chunks per "
+                       f"worker when the count allows, so the last chunks balance out")
+    if best.workers > 1:
+        reasons.append(f"{best.workers} workers: one per usable core ({cores})"
+                       if best.workers == workers_cap else
+                       f"{best.workers} workers: one per item")
+    scale_out = _dask(p, n, cores, single, address)
+    if scale_out is not None:
+        reasons.append(f"about {format_seconds(single * (n or 0) / cores)} of work per local "
+                       f"core, and a cluster at {address}: scale out (the cluster's cores add "
+                       f"to the estimate below, which is for this machine)")
+        return done(_Estimate("dask", 0, scale_out.chunksize, best.per_item_s,
+                              f"{serial.basis}; on this machine alone: {best.basis}"))
+    return _finish(done, serial, best, reasons)
+
+
+def _finish(done: Callable[..., Plan], serial: _Estimate, best: _Estimate,
+            reasons: list[str]) -> Plan:
+    gain = serial.per_item_s / best.per_item_s if best.per_item_s > 0 else 1.0
+    if gain < MIN_GAIN:
+        return done(_Estimate("serial", 1, serial.chunksize, serial.per_item_s,
+                              f"{serial.basis}; {best.basis}"),
+                    f"{best.backend} would be {gain:.2f}x serial speed here (start-up and "
+                    f"per-item overheads eat the gain): serial")
+    return done(_Estimate(best.backend, best.workers, best.chunksize, best.per_item_s,
+                          f"{serial.basis}; {best.basis}; speed-up {gain:.2f}x"))
+
+
+# --------------------------------------------------------------------------- estimates
+
+
+def _share(n: int | None, chunksize: int, workers: int) -> float:
+    """Items the busiest worker runs, divided by n (1/workers when n is unknown)."""
+    if n is None:
+        return 1.0 / workers
+    chunks = math.ceil(n / chunksize)
+    return math.ceil(chunks / workers) * chunksize / n
+
+
+def _chunksize(n: int | None, workers: int, t: float) -> int:
+    size = max(1, math.ceil(TARGET_CHUNK_S / t))
+    if n is not None:
+        size = min(size, max(1, n // (MIN_CHUNKS_PER_WORKER * workers)))
+    return size
+
+
+def _serial_chunksize(n: int | None, t: float) -> int:
+    size = min(SERIAL_MAX_CHUNK, max(1, math.ceil(TARGET_CHUNK_S / t)))
+    return min(size, n) if n else size
+
+
+def _ipc_s(p: Profile) -> float:
+    return (PROCESS_ITEM_S + p.pickle_per_item_s
+            + (p.arg_pickle_bytes + p.result_pickle_bytes) / PIPE_BYTES_PER_S)
+
+
+def _times(n: int | None, t: float) -> str:
+    if n is None:
+        return f"{format_seconds(t)} per item"
+    return f"{n} x {format_seconds(t)} = {format_seconds(n * t)}"
+
+
+def _processes(p: Profile, n: int | None, cores: int, t: float) -> _Estimate:
+    workers = min(cores, n) if n is not None else cores
+    chunksize = _chunksize(n, workers, t)
+    start = PROCESS_START_S + workers * p.fn_pickle_bytes / PIPE_BYTES_PER_S
+    ipc = _ipc_s(p)
+    share = _share(n, chunksize, workers)
+    per_item = (start / n if n else 0.0) + ipc + t * share
+    basis = (f"processes {format_seconds(start)} start + {_times(n, ipc)} to send + "
+             f"{_times(n, t)} / {workers} workers")
+    if n is not None:
+        basis += f" = {format_seconds(per_item * n)}"
+    return _Estimate("processes", workers, chunksize, per_item, basis)
+
+
+def _cpu_threads(p: Profile, n: int | None, cores: int, t: float, gil: float) -> _Estimate:
+    workers = min(cores, n) if n is not None else cores
+    chunksize = _chunksize(n, workers, t)
+    start = workers * THREAD_START_S
+    handoff = THREAD_CHUNK_S / chunksize + THREAD_ITEM_S
+    per_item = ((start / n if n else 0.0) + handoff + t * gil
+                + t * (1 - gil) * _share(n, chunksize, workers))
+    basis = (f"threads {format_seconds(start)} start + {_times(n, handoff)} hand-off + "
+             f"{gil:.0%} of the work one at a time under the GIL, the rest / {workers} workers")
+    if n is not None:
+        basis += f" = {format_seconds(per_item * n)}"
+    return _Estimate("threads", workers, chunksize, per_item, basis)
+
+
+def _io_threads(p: Profile, n: int | None, cores: int, t: float, cap: int) -> _Estimate:
+    cpu = min(p.cpu_per_item_s, t)  # the CPU part, conservatively all under the GIL
+    saturate = math.ceil(cores * t / max(cpu, 1e-6))  # more threads only queue for the CPU
+    cap = max(1, min(cap, saturate, n if n is not None else cap))
+    handoff = THREAD_CHUNK_S + THREAD_ITEM_S
+
+    def per_item(workers: int) -> float:
+        rounds = math.ceil(n / workers) / n if n is not None else 1.0 / workers
+        start = workers * THREAD_START_S / n if n is not None else 0.0
+        return start + handoff + max(cpu, t * rounds)
+
+    best = cap
+    if n is not None:
+        # Each thread count is tried at the point where the number of rounds
+        # changes; the fewest threads within IO_WORKER_TIE of the best win.
+        first_rounds = math.ceil(n / cap)
+        options = sorted({math.ceil(n / k) for k in range(first_rounds, first_rounds + 64)})
+        fastest = min(per_item(k) for k in options)
+        best = min(k for k in options if per_item(k) <= fastest * IO_WORKER_TIE)
+    cost = per_item(best)
+    basis = (f"threads {_times(n, handoff)} hand-off + the larger of the CPU part "
+             f"({_times(n, cpu)}) and the waiting in {best} parallel lanes")
+    if n is not None:
+        basis += f" = {format_seconds(cost * n)}"
+    return _Estimate("threads", best, 1, cost, basis)
+
+
+def _asyncio(p: Profile, n: int | None, t: float) -> _Estimate:
+    workers = min(n, MAX_ASYNC_CONCURRENCY) if n is not None else MAX_ASYNC_CONCURRENCY
+    cpu = min(p.thread_cpu_per_item_s, t)
+    rounds = math.ceil(n / workers) / n if n is not None else 1.0 / workers
+    per_item = (ASYNC_START_S / n if n else 0.0) + ASYNC_ITEM_S + max(cpu, t * rounds)
+    basis = (f"asyncio {_times(n, ASYNC_ITEM_S)} scheduling + the larger of the CPU part "
+             f"({_times(n, cpu)}) and the waiting with {workers} in flight")
+    return _Estimate("asyncio", workers, 1, per_item, basis)
+
+
+def _async_reasons(p: Profile, n: int | None) -> tuple[str, ...]:
+    workers = min(n, MAX_ASYNC_CONCURRENCY) if n is not None else MAX_ASYNC_CONCURRENCY
+    out = [f"coroutine function: an event loop runs up to {workers} coroutines at once "
+           f"(cap {MAX_ASYNC_CONCURRENCY}, to spare file descriptors and servers)"]
+    if p.thread_cpu_per_item_s >= 0.5 * p.wall_per_item_s:
+        out.append("but the coroutines mostly compute: an event loop overlaps only waiting, "
+                   "so expect little gain; a plain function could use processes")
+    return tuple(out)
+
+
+def _dask(p: Profile, n: int | None, cores: int, t: float, address: str | None) -> _Estimate | None:
+    if address is None or n is None or p.unpicklable:
+        return None
+    if t * n / cores <= DASK_MIN_WORK_PER_CORE_S:
+        return None
+    chunksize = max(1, min(math.ceil(DASK_CHUNK_S / t), n // 100))
+    return _Estimate("dask", 0, chunksize, 0.0, "")
+
+
+def _memory_cap(p: Profile, memory_bytes: int | None) -> int | None:
+    if memory_bytes is None or p.rss_growth_bytes <= 0:
+        return None
+    return max(1, memory_bytes // (p.rss_growth_bytes + WORKER_BASE_BYTES))
+
+
+# --------------------------------------------------------------------------- cores and plan()
+
+
+def cpu_count() -> int:
+    """Cores this process may use: its CPU affinity, capped by a cgroup CPU quota."""
+    count = _affinity_count()
+    quota = _cgroup_quota()
+    if quota is not None:
+        count = min(count, quota)
+    return max(1, count)
+
+
+def _affinity_count() -> int:
+    process_cpu_count = getattr(os, "process_cpu_count", None)  # 3.13+
+    if process_cpu_count is not None:
+        return int(process_cpu_count() or 1)
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
+
+
+@functools.lru_cache(maxsize=1)
+def _cgroup_quota() -> int | None:
+    """CPU quota of this process's cgroup (v2 ``cpu.max``, v1 CFS), rounded up; cached."""
+    try:
+        with open("/proc/self/cgroup") as f:
+            lines = f.read().splitlines()
+    except OSError:
+        return None
+    for line in lines:
+        parts = line.split(":", 2)
+        if len(parts) != 3:
+            continue
+        _, controllers, path = parts
+        if controllers == "":  # cgroup v2
+            for base in (f"/sys/fs/cgroup{path}", "/sys/fs/cgroup"):
+                text = _read(os.path.join(base, "cpu.max"))
+                if text is not None:
+                    return _parse_cpu_max(text)
+        elif "cpu" in controllers.split(","):  # cgroup v1
+            for base in (f"/sys/fs/cgroup/{controllers}{path}", f"/sys/fs/cgroup/{controllers}",
+                         "/sys/fs/cgroup/cpu"):
+                quota = _read(os.path.join(base, "cpu.cfs_quota_us"))
+                period = _read(os.path.join(base, "cpu.cfs_period_us"))
+                if quota is not None and period is not None:
+                    return _parse_cfs(quota, period)
+    return None
+
+
+def _read(path: str) -> str | None:
+    try:
+        with open(path) as f:
+            return f.read()
+    except OSError:
+        return None
+
+
+def _parse_cpu_max(text: str) -> int | None:
+    """``"max 100000"`` -> None; ``"150000 100000"`` -> 2."""
+    fields = text.split()
+    if len(fields) != 2 or fields[0] == "max":
+        return None
+    return _quota(fields[0], fields[1])
+
+
+def _parse_cfs(quota: str, period: str) -> int | None:
+    """cgroup v1: quota ``-1`` means no limit."""
+    return _quota(quota.strip(), period.strip())
+
+
+def _quota(quota: str, period: str) -> int | None:
+    try:
+        q, per = int(quota), int(period)
+    except ValueError:
+        return None
+    if q <= 0 or per <= 0:
+        return None
+    return max(1, math.ceil(q / per))
+
+
+def plan(fn: Callable[..., Any], items: Iterable[Any], *, sample: int = 8,
+         address: str | None = None, star: bool = False) -> Plan:
+    """Profile ``fn`` on the first ``sample`` items and plan a run over all of them.
+
+    ``items`` may be a list (its length is used) or an iterator (only the
+    sampled items are consumed from it, and they are then spent). Each item
+    is one argument (``star=True``: a tuple of arguments).
+    """
+    n = len(items) if isinstance(items, Sized) else None
+    head = islice(iter(items), sample)
+    calls: Iterator[Call] = ((tuple(x), {}) if star else ((x,), {}) for x in head)
+    prof, _ = profile_calls(fn, calls, max_items=max(1, sample), max_seconds=0.5,
+                            stop_early=False, thorough=True)
+    return plan_from_profile(prof, n, address=address, memory_bytes=_available_memory())
+
+
+def _available_memory() -> int | None:
+    try:
+        import psutil
+
+        return int(psutil.virtual_memory().available)
+    except Exception:  # psutil missing or unsupported platform: no memory cap
+        return None

@@ -1,0 +1,58 @@
+"""``powerpool profile``: measure a sample of the real work, then show auto's plan for all of it.
+
+The measuring and planning are the library's (``_profile``, ``_plan``); this
+module only feeds them the command line's records and lays out the answer.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any
+
+from ._records import Call
+
+if TYPE_CHECKING:
+    from ._plan import Plan
+
+__all__ = ["describe_auto", "profile_and_plan"]
+
+
+def describe_auto(plan: Plan) -> str:
+    """What auto measured, in a few words: ``cpu-gil work, 55 ms per item, GIL held 98%``."""
+    from ._profile import format_seconds
+
+    prof = plan.profile
+    if prof is None:
+        return "nothing measured"
+    words = [f"{prof.workload.value} work", f"{format_seconds(prof.wall_per_item_s)} per item"]
+    if prof.gil_measured:
+        words.append(f"GIL held {prof.gil_held_fraction:.0%}")
+    return ", ".join(words)
+
+
+def profile_and_plan(
+    fn: Callable[..., Any],
+    calls: Sequence[Call],
+    *,
+    n_items: int,
+    max_items: int,
+    max_seconds: float,
+    hotspots: bool,
+) -> str:
+    """Profile ``fn`` on up to ``max_items`` of ``calls``; plan a run of ``n_items``; as text."""
+    from ._plan import plan_from_profile
+    from ._profile import profile_calls
+
+    # The user's function itself, not the CLI's JSON-encoding wrapper, so the
+    # hot spots, the pickled sizes and the function's name are the user's.
+    prof, _ = profile_calls(
+        fn,
+        ((tuple(args), kwargs) for args, kwargs in calls),
+        max_items=max_items,
+        max_seconds=max_seconds,
+        hotspots=hotspots,
+        stop_early=False,
+        thorough=True,
+    )
+    plan = plan_from_profile(prof, n_items)
+    return f"{prof}\n\nplan for all {n_items} items:\n{plan}"

@@ -1,0 +1,245 @@
+"""Functions that process workers run in the fault and engine tests.
+
+They live in a module of their own (not in a test module) so that a worker
+started by forkserver or spawn imports them by name without importing pytest
+test modules; ``tests/`` is on ``sys.path`` under pytest, and the fork server
+inherits that path.
+
+Every faulty function misbehaves only for :data:`BAD` (or for a path it is
+given), so one map shows both the failed item and the healthy ones.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import signal
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import powerpool
+
+BAD = 3
+"""The input on which the faulty functions below misbehave."""
+
+LONG_S = 60.0
+"""How long "hanging" items sleep: far past any test's patience, so only a
+kill, a timeout or a cancel can end them (their tests have lower timeouts)."""
+
+
+def square(x: int) -> int:
+    return x * x
+
+
+def pid_of(_: object) -> int:
+    """The worker's pid (which process ran the item)."""
+    return os.getpid()
+
+
+def pid_after(seconds: float) -> int:
+    """The worker's pid, after holding the worker for a while."""
+    time.sleep(seconds)
+    return os.getpid()
+
+
+# -- crashes -----------------------------------------------------------------
+
+
+def segfault_by_signal(x: int) -> int:
+    if x == BAD:
+        os.kill(os.getpid(), signal.SIGSEGV)
+        time.sleep(LONG_S)  # the signal is delivered before this returns
+    return x * x
+
+
+def segfault_by_null_read(x: int) -> int:
+    if x == BAD:
+        ctypes.string_at(0)  # reads address 0: a real SIGSEGV in native code
+    return x * x
+
+
+def exit_3(x: int) -> int:
+    if x == BAD:
+        os._exit(3)
+    return x * x
+
+
+def sigkill_self(x: int) -> int:
+    if x == BAD:
+        os.kill(os.getpid(), signal.SIGKILL)
+        time.sleep(LONG_S)
+    return x * x
+
+
+def hang(x: int) -> int:
+    if x == BAD:
+        time.sleep(LONG_S)
+    return x * x
+
+
+def pid_then_hang(path: str, x: int) -> int:
+    """For BAD: write the worker's pid to ``path`` (atomically), then hang."""
+    if x == BAD:
+        tmp = f"{path}.tmp"
+        Path(tmp).write_text(str(os.getpid()))
+        os.replace(tmp, path)
+        time.sleep(LONG_S)
+    return x * x
+
+
+def started_then_hang(directory: str, x: int) -> int:
+    """Mark ``directory/started-<x>`` (so the test knows it runs), then hang."""
+    Path(directory, f"started-{x}").touch()
+    time.sleep(LONG_S)
+    return x
+
+
+def started_then_sleep(directory: str, seconds: float) -> float:
+    Path(directory, "started").touch()
+    time.sleep(seconds)
+    return seconds
+
+
+# -- errors that do not survive pickling --------------------------------------
+
+
+class CustomError(Exception):
+    pass
+
+
+def raise_custom(x: int) -> int:
+    if x == BAD:
+        raise CustomError(f"bad input {x}")
+    return x * x
+
+
+class LockedError(Exception):
+    """An exception holding a lock: pickling it fails in the worker."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.lock = threading.Lock()
+
+
+class LambdaError(Exception):
+    """An exception holding a lambda: plain pickle cannot store it."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.callback = lambda: message
+
+
+class TwoArgError(Exception):
+    """Pickles fine, but unpickling calls ``TwoArgError(message)``: TypeError."""
+
+    def __init__(self, code: int, detail: str) -> None:
+        super().__init__(f"code {code}: {detail}")
+        self.code = code
+
+
+def raise_locked(x: int) -> int:
+    if x == BAD:
+        raise LockedError(f"bad input {x}")
+    return x * x
+
+
+def raise_lambda_holder(x: int) -> int:
+    if x == BAD:
+        raise LambdaError(f"bad input {x}")
+    return x * x
+
+
+def raise_two_arg(x: int) -> int:
+    if x == BAD:
+        raise TwoArgError(7, f"bad input {x}")
+    return x * x
+
+
+def return_lock(x: int) -> Any:
+    if x == BAD:
+        return threading.Lock()
+    return x * x
+
+
+def identity(x: Any) -> Any:
+    return x
+
+
+def call_it(f: Any) -> Any:
+    """Call the argument (a lambda shipped by cloudpickle)."""
+    return f()
+
+
+# -- initializers ------------------------------------------------------------
+
+_state: dict[str, Any] = {}
+
+
+def failing_initializer() -> None:
+    raise CustomError("initializer failed on purpose")
+
+
+def recording_initializer(directory: str, value: str) -> None:
+    """Set per-worker state, and leave one file per call so tests can count calls."""
+    _state["value"] = value
+    _state["calls"] = _state.get("calls", 0) + 1
+    Path(directory, f"init-{os.getpid()}-{time.monotonic_ns()}").touch()
+
+
+def read_state(_: object) -> tuple[Any, int, int]:
+    return _state.get("value"), _state.get("calls", 0), os.getpid()
+
+
+# -- retries -----------------------------------------------------------------
+
+
+def flaky(directory: str, x: int) -> int:
+    """For BAD: crash the worker the first time (no marker yet), succeed after."""
+    if x == BAD:
+        marker = Path(directory, "crashed-once")
+        if not marker.exists():
+            marker.touch()
+            os._exit(1)
+    return x * x
+
+
+def record_then_exit(directory: str, x: int) -> int:
+    """Leave a file per run of ``x`` (to count runs); always crash the worker on BAD."""
+    Path(directory, f"run-{x}-{time.monotonic_ns()}").touch()
+    if x == BAD:
+        os._exit(1)
+    return x * x
+
+
+# -- engine behaviour ------------------------------------------------------------
+
+
+def len_plus(blob: bytes, x: int) -> int:
+    return len(blob) + x
+
+
+def native_threads(_: object) -> tuple[str, list[int]]:
+    """OMP_NUM_THREADS as the worker sees it, and the BLAS pools' sizes."""
+    import numpy  # noqa: F401 - loads the BLAS whose pool threadpoolctl reports
+    from threadpoolctl import threadpool_info
+
+    return os.environ["OMP_NUM_THREADS"], [
+        info["num_threads"] for info in threadpool_info() if info["user_api"] == "blas"
+    ]
+
+
+def poll_until_stopped(directory: str) -> float:
+    """Poll should_stop(); return how long it took to turn true (-1 if it never did)."""
+    Path(directory, "started").touch()
+    start = time.monotonic()
+    while time.monotonic() - start < LONG_S / 3:
+        if powerpool.should_stop():
+            return time.monotonic() - start
+        time.sleep(0.01)
+    return -1.0
+
+
+def stop_requested(_: object) -> bool:
+    return powerpool.should_stop()

@@ -1,0 +1,542 @@
+"""The dask backend against a real scheduler and real worker processes.
+
+Most tests drive :class:`DaskBackend` through the backend protocol (submit
+chunks, collect ChunkResults), the way the pool core does. Functions the
+workers run are defined at module level here: the workers import this module
+by name (the cluster fixture puts ``tests/`` on their ``PYTHONPATH``).
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import pickle
+import queue
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from concurrent.futures import CancelledError
+from itertools import count, islice
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from powerpool._backends import load
+from powerpool._backends._base import BackendConfig
+from powerpool._errors import (
+    BackendUnavailableError,
+    InitializerError,
+    PoolClosedError,
+    RemoteTraceback,
+    SerializationError,
+    WorkerCrashedError,
+)
+from powerpool._stop import should_stop
+from powerpool._task import Chunk, ChunkResult
+
+distributed = pytest.importorskip("distributed")
+dask = pytest.importorskip("dask")
+
+from dask_cluster import DaskTestCluster, wait_until  # noqa: E402
+from powerpool._backends._dask import INSTALL_HINT, DaskBackend  # noqa: E402
+
+pytestmark = pytest.mark.timeout(60)
+
+RESULT_TIMEOUT_S = 30.0
+"""Bound on waiting for any one chunk: generous for a shared 2-core machine."""
+
+
+# -- functions the workers run -------------------------------------------------
+
+
+def square(x: int) -> int:
+    return x * x
+
+
+def add(x: int, y: int = 0) -> int:
+    return x + y
+
+
+class CustomError(Exception):
+    pass
+
+
+def fail_on_odd(x: int) -> int:
+    if x % 2:
+        raise CustomError(f"odd input {x}")
+    return x
+
+
+def sleep_polling(seconds: float) -> str:
+    """Sleep, but return early once the pool cancels this work."""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if should_stop():
+            return "stopped"
+        time.sleep(0.01)
+    return "done"
+
+
+def mark_and_sleep(item: int, marks: str, seconds: float) -> tuple[int, int]:
+    """Leave a file saying which process started ``item``, then sleep."""
+    Path(marks, f"{item}-{os.getpid()}").touch()
+    time.sleep(seconds)
+    return item, os.getpid()
+
+
+def exit_worker(_x: int) -> None:
+    os._exit(13)
+
+
+_INIT_TAGS: list[str] = []
+
+
+def record_init(tag: str) -> None:
+    _INIT_TAGS.append(tag)
+
+
+def init_count(tag: str) -> tuple[int, int]:
+    return os.getpid(), _INIT_TAGS.count(tag)
+
+
+def failing_init() -> None:
+    raise RuntimeError("no model file")
+
+
+_LOADS: dict[str, int] = {}
+
+
+class CountsLoads:
+    """Counts how many times this process unpickled a copy with this tag."""
+
+    def __init__(self, tag: str, payload: bytes) -> None:
+        self.tag = tag
+        self.payload = payload
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        _LOADS[self.tag] = _LOADS.get(self.tag, 0) + 1
+
+
+def loads_of(big: CountsLoads, _x: int) -> tuple[int, int, int]:
+    return os.getpid(), _LOADS[big.tag], len(big.payload)
+
+
+class HoldsLock(Exception):
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.lock = threading.Lock()
+
+
+class BadInit(Exception):
+    def __init__(self, a: int, b: int) -> None:  # unpickling calls BadInit(message): TypeError
+        super().__init__(f"{a}+{b}")
+
+
+def misbehave(x: Any) -> Any:
+    """Return ``x``, except for the one input that asks for trouble."""
+    if x == "result":
+        return threading.Lock()
+    if x == "exception":
+        raise HoldsLock("cannot travel")
+    if x == "bad-init":
+        raise BadInit(1, 2)
+    return x
+
+
+_LOCK = threading.Lock()
+holds_a_lock = functools.partial(add, y=_LOCK)  # a function value that cannot be pickled
+
+
+# -- driving the backend through its protocol ----------------------------------
+
+
+class Collector:
+    """The ``deliver`` callback: a queue of ChunkResults."""
+
+    def __init__(self) -> None:
+        self.results: queue.SimpleQueue[ChunkResult] = queue.SimpleQueue()
+
+    def __call__(self, result: ChunkResult) -> None:
+        self.results.put(result)
+
+    def take(self, n: int) -> list[ChunkResult]:
+        return [self.results.get(timeout=RESULT_TIMEOUT_S) for _ in range(n)]
+
+
+_ids = count()
+
+
+def chunk_of(fn: Callable[..., Any], xs: list[Any], *, epoch: int = 0, start: int = 0) -> Chunk:
+    return Chunk(next(_ids), fn, [(start + i, (x,), {}) for i, x in enumerate(xs)], epoch=epoch)
+
+
+def by_index(results: list[ChunkResult]) -> dict[int, tuple[bool, Any]]:
+    out: dict[int, tuple[bool, Any]] = {}
+    for result in results:
+        for (index, _args, _kwargs), outcome in zip(
+            result.chunk.items, result.outcomes, strict=True
+        ):
+            out[index] = outcome
+    return out
+
+
+@pytest.fixture
+def make_backend() -> Iterator[Callable[..., tuple[DaskBackend, Collector]]]:
+    """Build DaskBackends; each is shut down at teardown."""
+    made: list[DaskBackend] = []
+
+    def make(**config: Any) -> tuple[DaskBackend, Collector]:
+        collector = Collector()
+        config.setdefault("workers", 2)
+        backend = DaskBackend(BackendConfig(**config), collector)
+        made.append(backend)
+        return backend, collector
+
+    yield make
+    for backend in made:
+        backend.shutdown(wait=False)
+
+
+@pytest.fixture
+def on_cluster(
+    dask_cluster: DaskTestCluster, make_backend: Callable[..., tuple[DaskBackend, Collector]]
+) -> Callable[..., tuple[DaskBackend, Collector]]:
+    """Like make_backend, connected to the session cluster by address."""
+
+    def make(**config: Any) -> tuple[DaskBackend, Collector]:
+        options = {"address": dask_cluster.address, **config.pop("options", {})}
+        return make_backend(options=options, **config)
+
+    return make
+
+
+# -- tests -----------------------------------------------------------------------
+
+
+def test_registry_loads_the_dask_backend() -> None:
+    assert load("dask") is DaskBackend
+    assert DaskBackend.name == "dask"
+    assert 0.1 <= DaskBackend.chunk_target_s <= 1.0
+    assert DaskBackend.supports_timeout is False
+
+
+def test_map_by_address_equals_serial(on_cluster: Any) -> None:
+    backend, collector = on_cluster()
+    assert backend.workers == 2  # two single-threaded workers
+    xs = list(range(300))
+    chunks = [chunk_of(square, xs[i : i + 25], start=i) for i in range(0, len(xs), 25)]
+    for chunk in chunks:
+        backend.submit(chunk)
+    results = collector.take(len(chunks))
+    assert {r.chunk.id for r in results} == {c.id for c in chunks}
+    outcomes = by_index(results)
+    assert [outcomes[i] for i in range(len(xs))] == [(True, square(x)) for x in xs]
+    assert all(r.worker.startswith("tcp://127.0.0.1:") and r.busy_s >= 0 for r in results)
+
+
+def test_identical_chunks_are_not_merged(on_cluster: Any) -> None:
+    backend, collector = on_cluster()
+    twins = [Chunk(next(_ids), add, [(0, (1,), {"y": 2})]) for _ in range(3)]
+    for chunk in twins:
+        backend.submit(chunk)
+    results = collector.take(3)
+    assert sorted(r.chunk.id for r in results) == sorted(c.id for c in twins)
+    assert all(r.outcomes == [(True, 3)] for r in results)
+
+
+def test_scheduler_file_and_borrowed_client(
+    dask_cluster: DaskTestCluster, make_backend: Any
+) -> None:
+    backend, collector = make_backend(options={"scheduler_file": dask_cluster.scheduler_file})
+    backend.submit(chunk_of(square, [3]))
+    assert collector.take(1)[0].outcomes == [(True, 9)]
+
+    client = distributed.Client(dask_cluster.address, set_as_default=False)
+    try:
+        backend, collector = make_backend(options={"client": client})
+        backend.submit(chunk_of(square, [4]))
+        assert collector.take(1)[0].outcomes == [(True, 16)]
+        backend.shutdown()
+        assert client.status == "running"  # powerpool never closes a client it was given
+        assert client.submit(square, 5).result(timeout=RESULT_TIMEOUT_S) == 25
+    finally:
+        client.close()
+
+
+def test_security_option_passes_through(dask_cluster: DaskTestCluster, make_backend: Any) -> None:
+    # No TLS on the test cluster: a default Security() shows the option
+    # reaches Client without changing how it connects.
+    security = distributed.Security()
+    backend, collector = make_backend(
+        options={"address": dask_cluster.address, "security": security}
+    )
+    assert backend._client.security is security
+    backend.submit(chunk_of(square, [2]))
+    assert collector.take(1)[0].outcomes == [(True, 4)]
+
+
+def test_streaming_from_an_iterator_keeps_a_bounded_window(on_cluster: Any) -> None:
+    backend, collector = on_cluster()
+    window, per_chunk, wanted = 3, 10, 200
+    pulled = 0
+
+    def endless() -> Iterator[int]:
+        nonlocal pulled
+        for x in count():
+            pulled += 1
+            yield x
+
+    source = endless()
+    in_flight = done = most_in_flight = 0
+    got: dict[int, tuple[bool, Any]] = {}
+    start = 0
+    while done < wanted // per_chunk:
+        while in_flight < window and start < wanted:
+            xs = list(islice(source, per_chunk))
+            backend.submit(chunk_of(square, xs, start=start))
+            start += per_chunk
+            in_flight += 1
+            most_in_flight = max(most_in_flight, in_flight)
+        got.update(by_index(collector.take(1)))
+        in_flight -= 1
+        done += 1
+    assert most_in_flight <= window
+    assert pulled <= wanted + 1  # nothing read ahead beyond what was submitted
+    assert [got[i] for i in range(wanted)] == [(True, x * x) for x in range(wanted)]
+
+
+def test_errors_keep_type_and_remote_traceback(on_cluster: Any) -> None:
+    backend, collector = on_cluster()
+    backend.submit(chunk_of(fail_on_odd, [0, 1, 2, 3]))
+    (result,) = collector.take(1)
+    assert [ok for ok, _ in result.outcomes] == [True, False, True, False]
+    err = result.outcomes[1][1]
+    assert type(err) is CustomError
+    assert str(err) == "odd input 1"
+    assert isinstance(err.__cause__, RemoteTraceback)
+    assert "fail_on_odd" in err.__cause__.tb
+    assert 'raise CustomError(f"odd input {x}")' in err.__cause__.tb
+    assert result.outcomes[3][1] is not err  # one exception object per item
+
+
+@pytest.mark.parametrize(
+    ("fn", "arg", "expected"),
+    [
+        pytest.param(misbehave, threading.Lock(), "arguments of item 1", id="argument"),
+        pytest.param(misbehave, "result", "could not be pickled", id="result"),
+        pytest.param(misbehave, "exception", "HoldsLock: cannot travel", id="exception"),
+        pytest.param(misbehave, "bad-init", "BadInit", id="exception-bad-init"),
+        pytest.param(holds_a_lock, 1, "could not be pickled", id="function"),
+    ],
+)
+def test_unpicklable_values_fail_with_serialization_error(
+    on_cluster: Any, fn: Callable[..., Any], arg: Any, expected: str, request: Any
+) -> None:
+    backend, collector = on_cluster()
+    whole_chunk = request.node.callspec.id == "function"
+    backend.submit(Chunk(next(_ids), fn, [(0, (2,), {}), (1, (arg,), {}), (2, (3,), {})]))
+    (result,) = collector.take(1)
+    assert len(result.outcomes) == 3
+    ok, err = result.outcomes[1]
+    assert not ok
+    assert isinstance(err, SerializationError)
+    assert expected in str(err)
+    if whole_chunk:  # no item can run without the function
+        assert not any(ok for ok, _ in result.outcomes)
+    else:  # the others still ran
+        assert result.outcomes[0] == (True, 2)
+        assert result.outcomes[2] == (True, 3)
+
+
+def test_cancel_stops_the_clusters_tasks(dask_cluster: DaskTestCluster, on_cluster: Any) -> None:
+    backend, collector = on_cluster()
+    # Two long items occupy both workers, a third waits in the queue; the
+    # fourth belongs to a later epoch and must survive cancel(0).
+    doomed = [chunk_of(sleep_polling, [40.0], epoch=0) for _ in range(3)]
+    survivor = chunk_of(sleep_polling, [0.05], epoch=1)
+    for chunk in [*doomed, survivor]:
+        backend.submit(chunk)
+    wait_until(
+        lambda: (
+            len(dask_cluster.client.processing()) == 2
+            and all(dask_cluster.client.processing().values())
+        ),
+        RESULT_TIMEOUT_S,
+        "both workers to start a long item",
+    )
+    cancelled_at = time.monotonic()
+    backend.cancel(0)
+    results = {r.chunk.id: r for r in collector.take(4)}
+    for chunk in doomed:
+        (outcome,) = results[chunk.id].outcomes
+        assert not outcome[0]
+        assert isinstance(outcome[1], CancelledError)
+    # The survivor needs a free worker: it gets one only because the running
+    # items saw should_stop() and returned (they would sleep for 40 s).
+    assert results[survivor.id].outcomes == [(True, "done")]
+    assert time.monotonic() - cancelled_at < 20.0
+    wait_until(
+        lambda: not dask_cluster.scheduler_keys(backend._token),
+        RESULT_TIMEOUT_S,
+        "the scheduler to forget the cancelled tasks",
+    )
+
+
+def test_a_worker_killed_mid_run_is_replaced_and_its_items_rerun(
+    dask_cluster: DaskTestCluster, on_cluster: Any, tmp_path: Path
+) -> None:
+    backend, collector = on_cluster()
+    n = 16
+    marks = str(tmp_path)
+    for i in range(n):
+        backend.submit(Chunk(next(_ids), mark_and_sleep, [(i, (i, marks, 0.4), {})]))
+    pids = set(dask_cluster.worker_pids().values())
+    delivered: list[ChunkResult] = []
+
+    def running_item() -> tuple[int, int] | None:
+        """(item, pid) of an item started but not delivered yet, if any."""
+        done = {r.chunk.items[0][0] for r in delivered}
+        for mark in os.listdir(marks):
+            item, pid = map(int, mark.split("-"))
+            if item not in done and pid in pids:
+                return item, pid
+        return None
+
+    delivered.extend(collector.take(1))
+    wait_until(lambda: running_item() is not None, RESULT_TIMEOUT_S, "an item to start")
+    victim_item, victim_pid = running_item() or (-1, -1)
+    os.kill(victim_pid, signal.SIGKILL)
+    delivered.extend(collector.take(n - len(delivered)))
+
+    outcomes = by_index(delivered)
+    assert sorted(outcomes) == list(range(n))
+    assert all(ok for ok, _ in outcomes.values()), outcomes
+    ran_by = [
+        pid
+        for item, pid in (map(int, m.split("-")) for m in os.listdir(marks))
+        if item == victim_item
+    ]
+    assert victim_pid in ran_by  # started on the victim...
+    assert len(ran_by) >= 2  # ...and run again elsewhere
+    assert outcomes[victim_item][1][1] != victim_pid
+    dask_cluster.wait_for_workers()  # the nanny restarts it; later tests need two
+
+
+def test_initializer_runs_once_per_worker(dask_cluster: DaskTestCluster, on_cluster: Any) -> None:
+    tag = f"init-{time.monotonic_ns()}"
+    backend, collector = on_cluster(initializer=record_init, initargs=(tag,))
+    chunks = [Chunk(next(_ids), init_count, [(i, (tag,), {})]) for i in range(12)]
+    for chunk in chunks:
+        backend.submit(chunk)
+    outcomes = by_index(collector.take(len(chunks)))
+    seen = [value for ok, value in outcomes.values() if ok]
+    assert len(seen) == len(chunks)
+    assert {calls for _pid, calls in seen} == {1}
+    assert {pid for pid, _ in seen} <= set(dask_cluster.worker_pids().values())
+
+
+def test_initializer_failure_reaches_the_caller(on_cluster: Any) -> None:
+    backend, collector = on_cluster(initializer=failing_init)
+    backend.submit(chunk_of(square, [1, 2]))
+    (result,) = collector.take(1)
+    for ok, err in result.outcomes:
+        assert not ok
+        assert isinstance(err, InitializerError)
+        assert type(err.__cause__) is RuntimeError
+        assert str(err.__cause__) == "no model file"
+        assert isinstance(err.__cause__.__cause__, RemoteTraceback)
+        assert "failing_init" in err.__cause__.__cause__.tb
+
+
+def test_a_partials_big_argument_ships_once_per_worker(on_cluster: Any) -> None:
+    backend, collector = on_cluster()
+    big = CountsLoads(f"big-{time.monotonic_ns()}", b"x" * 2_000_000)
+    fn = functools.partial(loads_of, big)
+    chunks = [Chunk(next(_ids), fn, [(i, (i,), {})]) for i in range(10)]
+    for chunk in chunks:
+        backend.submit(chunk)
+    seen = [value for ok, value in by_index(collector.take(len(chunks))).values() if ok]
+    assert len(seen) == len(chunks)
+    assert {loads for _pid, loads, _size in seen} == {1}  # unpickled once in each process
+    assert {size for _pid, _loads, size in seen} == {2_000_000}
+
+
+def test_shutdown_is_idempotent_and_submit_after_it_raises(on_cluster: Any) -> None:
+    backend, _collector = on_cluster()
+    backend.shutdown()
+    backend.shutdown()
+    with pytest.raises(PoolClosedError):
+        backend.submit(chunk_of(square, [1]))
+
+
+def test_shutdown_without_wait_reports_in_flight_chunks_cancelled(on_cluster: Any) -> None:
+    backend, collector = on_cluster()
+    backend.submit(chunk_of(sleep_polling, [40.0]))
+    backend.shutdown(wait=False)
+    (result,) = collector.take(1)
+    assert isinstance(result.outcomes[0][1], CancelledError)
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ({"adress": "tcp://x:1"}, "unknown dask option"),
+        ({"address": "tcp://x:1", "scheduler_file": "f"}, "at most one"),
+        ({"address": "tcp://x:1", "cluster_kwargs": {"n_workers": 1}}, "LocalCluster"),
+    ],
+)
+def test_bad_options_are_rejected_before_connecting(options: dict[str, Any], message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        DaskBackend(BackendConfig(workers=1, options=options), Collector())
+
+
+def test_missing_distributed_names_the_extra(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(sys.modules, "distributed", None)  # makes `import distributed` fail
+    with pytest.raises(BackendUnavailableError) as info:
+        DaskBackend(BackendConfig(workers=1), Collector())
+    assert INSTALL_HINT == 'pip install "powerpool[dask]"'
+    assert INSTALL_HINT in str(info.value)
+    assert isinstance(info.value, ImportError)
+
+
+def test_importing_the_backend_module_does_not_import_distributed() -> None:
+    code = "import sys; import powerpool._backends._dask; sys.exit('distributed' in sys.modules)"
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=RESULT_TIMEOUT_S)
+
+
+def test_local_cluster_when_no_address(make_backend: Any) -> None:
+    # allowed-failures=0: the first worker death is final (KilledWorker), so
+    # the crash below costs one worker restart, not four.
+    with dask.config.set({"distributed.scheduler.allowed-failures": 0}):
+        backend, collector = make_backend(workers=2)
+    assert backend._cluster is not None
+    assert len(backend._client.nthreads()) == 2
+    assert set(backend._client.nthreads().values()) == {1}
+    backend.submit(chunk_of(square, [1, 2, 3]))
+    assert collector.take(1)[0].outcomes == [(True, 1), (True, 4), (True, 9)]
+
+    backend.submit(chunk_of(exit_worker, [0, 1]))
+    (result,) = collector.take(1)
+    for ok, err in result.outcomes:
+        assert not ok
+        assert isinstance(err, WorkerCrashedError)
+        assert "died" in str(err)
+    cluster = backend._cluster
+    backend.shutdown()
+    assert cluster.status.name == "closed"
+    assert backend._client.status == "closed"
+
+
+def test_shipped_box_can_be_copied_again_after_loading() -> None:
+    # _Shipped drops its bytes once loaded but can still be copied on.
+    from powerpool._backends._dask import _dumps, _Shipped
+
+    box = pickle.loads(pickle.dumps(_Shipped(_dumps(square), "t")))
+    assert box.load() is square
+    again = pickle.loads(pickle.dumps(box))
+    assert again.load() is square

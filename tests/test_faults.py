@@ -1,0 +1,542 @@
+"""The process backend's failure table (DESIGN.md, "Failure behaviour").
+
+One parametrized table of per-item faults, loky-style: each case runs a map
+in which exactly one input misbehaves and asserts the error type, its
+message and cause, that every *other* item's result came back, that the
+pool keeps working afterwards (a second map on the same pool), and (through
+the autouse ``no_leaks`` fixture) that no process or thread leaked. Faults of
+the whole process (Ctrl-C, the parent SIGKILLed) run a child Python script.
+
+Functions the workers run are in ``fault_helpers`` so that forkserver and
+spawn workers can import them by name.
+"""
+
+from __future__ import annotations
+
+import functools
+import itertools
+import json
+import os
+import select
+import signal
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import fault_helpers as fh
+import psutil
+import pytest
+
+import powerpool as pp
+from powerpool import (
+    InitializerError,
+    ItemTimeoutError,
+    RemoteTraceback,
+    SerializationError,
+    WorkerCrashedError,
+)
+
+pytestmark = pytest.mark.timeout(60)
+
+WORKERS = 2
+ITEMS = list(range(8))
+"""Eight inputs; the faulty functions misbehave on ``fh.BAD`` only."""
+
+WAIT_S = 15.0
+"""Bound on waiting for something a test expects to happen soon (a file, a
+process exit): generous for a loaded, shared 2-core machine."""
+
+_HELPERS = ("forkserver", "resource_tracker", "semaphore_tracker")
+
+
+# -- helpers -------------------------------------------------------------------
+
+
+def wait_until(predicate: Callable[[], bool], timeout_s: float = WAIT_S) -> bool:
+    """Poll ``predicate`` until it is true; False if it never was within the bound."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.02)
+    return bool(predicate())
+
+
+def gone(pid: int) -> bool:
+    """True once ``pid`` has exited (a zombie waiting for an init that never reaps counts)."""
+    try:
+        return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return True
+
+
+def worker_pids(root: int | None = None) -> set[int]:
+    """Live worker processes below ``root`` (this process by default), helpers excluded.
+
+    A worker started by the fork server has the server's command line, so
+    helpers are told apart by being ``root``'s own children.
+    """
+    parent = psutil.Process(root)
+    found = set()
+    for child in parent.children(recursive=True):
+        try:
+            if child.status() == psutil.STATUS_ZOMBIE:
+                continue
+            helper = any(h in " ".join(child.cmdline()) for h in _HELPERS)
+            if helper and child.ppid() == parent.pid:
+                continue
+        except psutil.Error:
+            continue
+        found.add(child.pid)
+    return found
+
+
+def check_pool_still_works(pool: pp.Pool) -> None:
+    """A second map on the same pool succeeds, with its full set of workers."""
+    assert pool.map(fh.square, range(20)) == [x * x for x in range(20)]
+    assert wait_until(lambda: len(worker_pids()) == WORKERS), worker_pids()
+
+
+# -- the per-item fault table ------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Fault:
+    """One row: a map in which the item at ``bad`` fails in a known way."""
+
+    fn: Callable[..., Any]
+    error: type[BaseException]
+    """The type the bad item's error must have."""
+    message: tuple[str, ...]
+    """Substrings that must all appear in ``str(error)``."""
+    items: list[Any] = field(default_factory=lambda: list(ITEMS))
+    bad: int = fh.BAD
+    """Index of the failing item in ``items``."""
+    expected: Callable[[Any], Any] = fh.square
+    """The result every other item must produce."""
+    options: dict[str, Any] = field(default_factory=dict)
+    """Run options (e.g. ``timeout``)."""
+    check: Callable[[BaseException], None] = lambda _: None
+    """Extra assertions on the error."""
+
+
+def _exitcode(code: int) -> Callable[[BaseException], None]:
+    def check(error: BaseException) -> None:
+        assert isinstance(error, WorkerCrashedError)
+        assert error.exitcode == code
+
+    return check
+
+
+def _remote_cause(error: BaseException) -> None:
+    assert isinstance(error.__cause__, RemoteTraceback)
+    assert "Traceback" in error.__cause__.tb
+
+
+def _is_timeout(error: BaseException) -> None:
+    assert isinstance(error, TimeoutError)
+
+
+def _unpicklable_args() -> list[Any]:
+    items: list[Any] = list(ITEMS)
+    items[fh.BAD] = threading.Lock()
+    return items
+
+
+FAULTS = [
+    pytest.param(
+        Fault(fh.segfault_by_signal, WorkerCrashedError, ("SIGSEGV", "segmentation fault"),
+              check=_exitcode(-signal.SIGSEGV)),
+        id="segfault-signal",
+    ),
+    pytest.param(
+        Fault(fh.segfault_by_null_read, WorkerCrashedError, ("SIGSEGV",),
+              check=_exitcode(-signal.SIGSEGV)),
+        id="segfault-null-read",
+    ),
+    pytest.param(
+        Fault(fh.exit_3, WorkerCrashedError, ("exited with code 3",), check=_exitcode(3)),
+        id="os-exit-3",
+    ),
+    pytest.param(
+        Fault(fh.sigkill_self, WorkerCrashedError, ("SIGKILL", "out-of-memory"),
+              check=_exitcode(-signal.SIGKILL)),
+        id="sigkill-self",
+    ),
+    pytest.param(
+        Fault(fh.hang, ItemTimeoutError, ("timeout", "killed and replaced"),
+              options={"timeout": 1.0}, check=_is_timeout),
+        id="timeout",
+    ),
+    pytest.param(
+        Fault(fh.raise_custom, fh.CustomError, ("bad input 3",), check=_remote_cause),
+        id="exception",
+    ),
+    pytest.param(
+        Fault(fh.raise_locked, SerializationError, ("LockedError", "bad input 3"),
+              check=_remote_cause),
+        id="exception-holds-lock",
+    ),
+    pytest.param(
+        Fault(fh.raise_lambda_holder, SerializationError, ("LambdaError", "bad input 3"),
+              check=_remote_cause),
+        id="exception-holds-lambda",
+    ),
+    pytest.param(
+        Fault(fh.raise_two_arg, SerializationError, ("TwoArgError", "bad input 3"),
+              check=_remote_cause),
+        id="exception-init-breaks-unpickling",
+    ),
+    pytest.param(
+        Fault(fh.return_lock, SerializationError, ("result", "pickle")),
+        id="unpicklable-result",
+    ),
+    pytest.param(
+        Fault(fh.identity, SerializationError, ("arguments of item 3", "pickle"),
+              items=_unpicklable_args(), expected=lambda x: x),
+        id="unpicklable-argument",
+    ),
+]
+
+
+@pytest.mark.parametrize("fault", FAULTS)
+def test_fault_fails_only_its_item(fault: Fault) -> None:
+    with pp.Pool("processes", workers=WORKERS, progress=False) as pool:
+        # errors="return": the failed item's error takes its place, the rest come back.
+        results = pool.map(fault.fn, fault.items, errors="return", **fault.options)
+        assert len(results) == len(fault.items)
+        for index, (item, result) in enumerate(zip(fault.items, results)):
+            if index != fault.bad:
+                assert result == fault.expected(item), (index, result)
+        error = results[fault.bad]
+        assert type(error) is fault.error, repr(error)
+        for text in fault.message:
+            assert text in str(error), (text, str(error))
+        fault.check(error)
+        check_pool_still_works(pool)
+
+        # errors="raise" (the default): the same error reaches the caller.
+        with pytest.raises(fault.error) as raised:
+            pool.map(fault.fn, fault.items, **fault.options)
+        for text in fault.message:
+            assert text in str(raised.value)
+        fault.check(raised.value)
+        check_pool_still_works(pool)
+
+
+@pytest.mark.parametrize("fault", FAULTS)
+def test_fault_fails_only_its_future(fault: Fault) -> None:
+    """The same faults through submit(): only that future fails."""
+    with pp.Pool("processes", workers=WORKERS, progress=False, **fault.options) as pool:
+        futures = [pool.submit(fault.fn, item) for item in fault.items]
+        for index, (item, future) in enumerate(zip(fault.items, futures)):
+            if index == fault.bad:
+                error = future.exception(timeout=WAIT_S)
+                assert type(error) is fault.error, repr(error)
+                fault.check(error)
+            else:
+                assert future.result(timeout=WAIT_S) == fault.expected(item)
+        check_pool_still_works(pool)
+
+
+# -- faults that need more than one row ----------------------------------------------
+
+
+def test_sigkill_of_a_busy_worker_from_outside(tmp_path: Path) -> None:
+    """kill -9 on the worker running an item (what the OOM killer does)."""
+    pid_file = tmp_path / "pid"
+    killed: list[int] = []
+
+    def killer() -> None:
+        if not wait_until(pid_file.exists):
+            return
+        pid = int(pid_file.read_text())
+        assert pid in worker_pids()  # a child of this (the test) process
+        os.kill(pid, signal.SIGKILL)
+        killed.append(pid)
+
+    thread = threading.Thread(target=killer)
+    thread.start()
+    try:
+        with pp.Pool("processes", workers=WORKERS, progress=False) as pool:
+            fn = functools.partial(fh.pid_then_hang, str(pid_file))
+            results = pool.map(fn, ITEMS, errors="return")
+            check_pool_still_works(pool)
+    finally:
+        thread.join(WAIT_S)
+    assert killed, "the busy worker's pid never appeared"
+    error = results[fh.BAD]
+    assert isinstance(error, WorkerCrashedError), repr(error)
+    assert error.exitcode == -signal.SIGKILL
+    assert "SIGKILL" in str(error)
+    assert "out-of-memory" in str(error)
+    assert str(killed[0]) in str(error)
+    assert [r for i, r in enumerate(results) if i != fh.BAD] == [
+        x * x for x in ITEMS if x != fh.BAD
+    ]
+
+
+def test_timeout_replaces_only_the_late_worker() -> None:
+    with pp.Pool("processes", workers=WORKERS, progress=False) as pool:
+        pool.map(fh.square, range(4))
+        before = worker_pids()
+        assert len(before) == WORKERS
+        results = pool.map(fh.hang, ITEMS, timeout=1.0, errors="return")
+        assert isinstance(results[fh.BAD], ItemTimeoutError)
+        assert isinstance(results[fh.BAD], TimeoutError)
+        assert wait_until(lambda: len(worker_pids()) == WORKERS)
+        after = worker_pids()
+        # Exactly one worker (the late one) was killed and replaced.
+        assert len(before & after) == WORKERS - 1, (before, after)
+
+
+def test_lambda_argument_works_through_cloudpickle() -> None:
+    with pp.Pool("processes", workers=WORKERS, progress=False) as pool:
+        offset = 10
+        calls = [lambda i=i: i + offset for i in range(6)]
+        assert pool.map(fh.call_it, calls) == [i + offset for i in range(6)]
+
+
+def test_unpicklable_function_fails_every_item_not_the_pool() -> None:
+    lock = threading.Lock()
+
+    def holds_lock(x: int) -> int:  # a closure over a lock: even cloudpickle refuses
+        with lock:
+            return x
+
+    with pp.Pool("processes", workers=WORKERS, progress=False) as pool:
+        results = pool.map(holds_lock, ITEMS, errors="return")
+        assert all(isinstance(r, SerializationError) for r in results), results
+        assert "holds_lock" in str(results[0]) or "lock" in str(results[0])
+        with pytest.raises(SerializationError):
+            pool.map(holds_lock, ITEMS)
+        check_pool_still_works(pool)
+
+
+def test_initializer_error_reaches_every_item_and_the_caller() -> None:
+    with pp.Pool(
+        "processes", workers=WORKERS, progress=False, initializer=fh.failing_initializer
+    ) as pool:
+        results = pool.map(fh.square, ITEMS, errors="return")
+        assert all(isinstance(r, InitializerError) for r in results), results
+        for error in results:
+            assert isinstance(error.__cause__, fh.CustomError)
+            assert "initializer failed on purpose" in str(error)
+        with pytest.raises(InitializerError) as raised:
+            pool.map(fh.square, ITEMS)
+        assert isinstance(raised.value.__cause__, fh.CustomError)
+        future = pool.submit(fh.square, 2)
+        assert isinstance(future.exception(timeout=WAIT_S), InitializerError)
+
+
+def test_retries_turn_a_crashing_item_into_a_success(tmp_path: Path) -> None:
+    with pp.Pool("processes", workers=WORKERS, progress=False) as pool:
+        fn = functools.partial(fh.flaky, str(tmp_path))
+        assert pool.map(fn, ITEMS, retries=1) == [x * x for x in ITEMS]
+        stats = pool.stats()
+        assert stats.items_retried == 1
+        assert stats.items_failed == 0
+        assert stats.items_done == len(ITEMS)
+        check_pool_still_works(pool)
+
+
+def test_crash_in_a_multi_item_chunk_fails_only_the_crashing_item(tmp_path: Path) -> None:
+    fn = functools.partial(fh.record_then_exit, str(tmp_path))
+    items = list(range(10))
+    with pp.Pool("processes", workers=WORKERS, progress=False) as pool:
+        results = pool.map(fn, items, chunksize=10, errors="return")
+        check_pool_still_works(pool)
+    assert isinstance(results[fh.BAD], WorkerCrashedError)
+    assert [r for i, r in enumerate(results) if i != fh.BAD] == [
+        x * x for x in items if x != fh.BAD
+    ]
+    runs = {x: len(list(tmp_path.glob(f"run-{x}-*"))) for x in items}
+    # Items before the crash finished but their results died with the worker:
+    # re-run once. The crashing item ran once. Items after it never ran: once.
+    assert runs == {x: 2 if x < fh.BAD else 1 for x in items}, runs
+
+
+@pytest.mark.parametrize("kind", ["imap", "imap_unordered"])
+def test_infinite_input_runs_in_bounded_memory(kind: str) -> None:
+    pulled = 0
+
+    def endless() -> Iterator[int]:
+        nonlocal pulled
+        for i in itertools.count():
+            pulled = i + 1
+            yield i
+
+    chunksize = 10
+    with pp.Pool("processes", workers=WORKERS, progress=False) as pool:
+        results = getattr(pool, kind)(fh.square, endless(), chunksize=chunksize)
+        taken = list(itertools.islice(results, 1000))
+        results.close()
+        if kind == "imap":
+            assert taken == [x * x for x in range(1000)]
+        else:
+            assert len(taken) == 1000
+        # At most a few windows (2 chunks per worker) beyond what was taken.
+        window_items = 2 * WORKERS * chunksize
+        assert pulled <= 1000 + 3 * window_items, pulled
+        check_pool_still_works(pool)
+
+
+def test_infinite_input_with_adaptive_chunks_stays_bounded() -> None:
+    """Without a chunksize the sizer grows chunks; the window still bounds the pull."""
+    from powerpool._chunking import MAX_CHUNK_ITEMS
+
+    pulled = 0
+
+    def endless() -> Iterator[int]:
+        nonlocal pulled
+        for i in itertools.count():
+            pulled = i + 1
+            yield i
+
+    with pp.Pool("processes", workers=WORKERS, progress=False) as pool:
+        results = pool.imap(fh.square, endless())
+        taken = list(itertools.islice(results, 20_000))
+        results.close()
+    assert taken[-1] == 19_999**2
+    assert pulled <= 20_000 + 3 * 2 * WORKERS * MAX_CHUNK_ITEMS, pulled
+
+
+# -- whole-process faults: child scripts ---------------------------------------------------
+
+_CHILD_PRELUDE = """\
+import functools, json, os, sys, time
+from pathlib import Path
+
+import psutil
+import powerpool as pp
+
+
+def slow(directory, x):
+    Path(directory, f"started-{x}-{os.getpid()}").touch()
+    time.sleep(60)
+    return x
+
+
+def wait_started(directory, n):
+    deadline = time.monotonic() + 30
+    while len(list(Path(directory).glob("started-*"))) < n:
+        if time.monotonic() > deadline:
+            sys.exit("workers never started")
+        time.sleep(0.02)
+"""
+
+
+def _read_line(proc: subprocess.Popen[str], timeout_s: float = WAIT_S) -> str:
+    """One line of the child's stdout, or fail (never block past the bound)."""
+    assert proc.stdout is not None
+    ready, _, _ = select.select([proc.stdout], [], [], timeout_s)
+    line = proc.stdout.readline() if ready else ""
+    if not line:
+        proc.kill()
+        _, stderr = proc.communicate(timeout=WAIT_S)
+        pytest.fail(f"the child script printed nothing in time; its stderr:\n{stderr}")
+    return line
+
+
+def _start_child(tmp_path: Path, body: str, *args: str) -> subprocess.Popen[str]:
+    script = tmp_path / "child.py"
+    script.write_text(_CHILD_PRELUDE + textwrap.dedent(body))
+    return subprocess.Popen(
+        [sys.executable, str(script), str(tmp_path), *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,  # our Ctrl-C goes to the child alone, not to pytest
+    )
+
+
+def _kill(proc: subprocess.Popen[str], pids: set[int]) -> None:
+    """Leave nothing behind, whatever the test found."""
+    for pid in pids:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    if proc.poll() is None:
+        proc.kill()
+    proc.communicate(timeout=WAIT_S)
+
+
+def _descendants(pid: int) -> set[int]:
+    try:
+        return {p.pid for p in psutil.Process(pid).children(recursive=True)}
+    except psutil.NoSuchProcess:
+        return set()
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("how", ["pool-context", "module-map"])
+def test_ctrl_c_during_a_map_stops_everything_promptly(tmp_path: Path, how: str) -> None:
+    body = """
+    if __name__ == "__main__":
+        directory, how = sys.argv[1], sys.argv[2]
+        fn = functools.partial(slow, directory)
+        if how == "pool-context":
+            with pp.Pool("processes", workers=2) as pool:
+                pool.map(fn, range(8))
+        else:
+            pp.map(fn, range(8), backend="processes", workers=2)
+    """
+    proc = _start_child(tmp_path, body, how)
+    pids: set[int] = set()
+    try:
+        assert wait_until(lambda: len(list(tmp_path.glob("started-*"))) >= 2), "never started"
+        pids = {int(p.name.rsplit("-", 1)[1]) for p in tmp_path.glob("started-*")}
+        pids |= _descendants(proc.pid)
+        assert pids
+        sent = time.monotonic()
+        proc.send_signal(signal.SIGINT)
+        _, stderr = proc.communicate(timeout=10)
+        took = time.monotonic() - sent
+        assert proc.returncode in (1, -signal.SIGINT, 128 + signal.SIGINT), stderr
+        assert "KeyboardInterrupt" in stderr, stderr
+        assert took < 10
+        assert wait_until(lambda: all(gone(pid) for pid in pids), 5), [
+            pid for pid in pids if not gone(pid)
+        ]
+    finally:
+        _kill(proc, pids)
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("busy", [True, False], ids=["busy", "idle"])
+@pytest.mark.parametrize("start_method", ["fork", "forkserver"])
+def test_workers_exit_when_the_parent_is_sigkilled(
+    tmp_path: Path, start_method: str, busy: bool
+) -> None:
+    body = """
+    if __name__ == "__main__":
+        directory, method, busy = sys.argv[1], sys.argv[2], sys.argv[3] == "busy"
+        pool = pp.Pool("processes", workers=2, start_method=method)
+        pool.map(abs, range(4))  # starts the workers
+        if busy:
+            futures = [pool.submit(slow, directory, i) for i in range(2)]
+            wait_started(directory, 2)
+        workers = [p.pid for p in psutil.Process().children(recursive=True)]
+        print(json.dumps(workers), flush=True)
+        time.sleep(60)
+    """
+    proc = _start_child(tmp_path, body, start_method, "busy" if busy else "idle")
+    pids: set[int] = set()
+    try:
+        pids = set(json.loads(_read_line(proc)))
+        pids |= _descendants(proc.pid)
+        assert len(pids) >= 2, pids
+        proc.kill()
+        proc.communicate(timeout=WAIT_S)
+        assert wait_until(lambda: all(gone(pid) for pid in pids), 5), [
+            (pid, psutil.Process(pid).cmdline()) for pid in pids if not gone(pid)
+        ]
+    finally:
+        _kill(proc, pids)
