@@ -13,13 +13,15 @@ Neither ever blocks the caller's event loop:
 
 from __future__ import annotations
 
-import asyncio
 import threading
 from collections.abc import AsyncIterator, Callable, Iterable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ._errors import ItemTimeoutError
 from ._execute import is_coroutine_function
+
+if TYPE_CHECKING:
+    import asyncio
 
 __all__ = ["aimap", "amap"]
 
@@ -69,6 +71,8 @@ async def _on_this_loop(
     timeout: float | None,
     errors: str,
 ) -> AsyncIterator[Any]:
+    import asyncio  # here, not at the top: `import powerpool` must stay fast
+
     if errors not in ("raise", "return", "skip"):
         raise ValueError(f"errors must be 'raise', 'return' or 'skip', got {errors!r}")
     calls = enumerate(zip(*iterables))
@@ -129,6 +133,8 @@ async def _bridged(
     errors: str,
     options: dict[str, Any],
 ) -> AsyncIterator[Any]:
+    import asyncio
+
     from ._pool import Pool
 
     loop = asyncio.get_running_loop()

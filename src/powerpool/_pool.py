@@ -8,6 +8,7 @@ a single map is done by :class:`~powerpool._run.Run`.
 
 from __future__ import annotations
 
+import contextlib
 import enum
 import itertools
 import threading
@@ -130,7 +131,11 @@ class Pool:
         self._runs: weakref.WeakSet[Run] = weakref.WeakSet()
         self._chunk_ids = itertools.count()
         self._ledger = StatsLedger()
-        self._plans: dict[int, Plan] = {}
+        # Plans by function, so a later submit(fn) runs where auto measured fn
+        # should run; weak, so plans don't keep functions (or closures) alive.
+        self._plans: weakref.WeakKeyDictionary[Callable[..., Any], Plan] = (
+            weakref.WeakKeyDictionary()
+        )
         self.last_plan: Plan | None = None
         """The plan ``auto`` made for the most recent run (None before one)."""
 
@@ -222,7 +227,7 @@ class Pool:
         name = self._backend_name
         workers = self._workers
         if name == "auto":
-            plan = self._plans.get(id(fn))
+            plan = _lookup(self._plans, fn)
             if plan is not None:
                 name, workers = plan.backend, plan.workers
             else:
@@ -386,7 +391,8 @@ class Pool:
             workers=self._workers, address=self._backend_options.get("address"),
         )
         self.last_plan = choice.plan
-        self._plans[id(fn)] = choice.plan
+        with contextlib.suppress(TypeError):  # not weak-referenceable: no memory of it
+            self._plans[fn] = choice.plan
         if self._explain:
             print(choice.plan)  # noqa: T201 - explain=True asks for exactly this
         prepared.backend, prepared.workers = choice.plan.backend, choice.plan.workers
@@ -473,6 +479,13 @@ def _route(result: ChunkResult) -> None:
     on_done = result.chunk.on_done
     if on_done is not None:
         on_done(result)
+
+
+def _lookup(plans: weakref.WeakKeyDictionary[Callable[..., Any], Plan], fn: Any) -> Plan | None:
+    try:
+        return plans.get(fn)
+    except TypeError:
+        return None
 
 
 def _not_cancelled(future: Future[Any]) -> Callable[[], bool]:
