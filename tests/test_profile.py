@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import hashlib
+import itertools
 import socket
 import subprocess
 import sys
@@ -23,6 +24,10 @@ import pytest
 
 from powerpool import _profile
 from powerpool._profile import Hotspot, Profile, Workload, profile, profile_calls
+
+SLACK_S = 5.0
+"""Time budget for the classification tests: they test the measurement, not
+the budget, and a loaded machine can stretch one item to a quarter second."""
 
 BUFFER = bytes(8 * 2**20)
 """hashlib releases the GIL for buffers over 2 KiB; 8 MiB hashes in ~5-30 ms."""
@@ -76,8 +81,8 @@ def calls_of(items: Any) -> Iterator[tuple[tuple[Any, ...], dict[str, Any]]]:
 
 @pytest.mark.timeout(30)
 def test_sleep_is_io() -> None:
-    prof = profile(nap, range(4))
-    assert prof.workload is Workload.IO, prof
+    prof = profile(nap, range(4), max_seconds=SLACK_S)
+    assert prof.workload is Workload.IO, str(prof)
     assert prof.items == 4
     assert prof.wall_per_item_s >= 0.015
     assert prof.cpu_ratio < 0.5
@@ -85,54 +90,54 @@ def test_sleep_is_io() -> None:
 
 @pytest.mark.timeout(30)
 def test_socket_read_is_io() -> None:
-    prof = profile(socket_read, range(4))
-    assert prof.workload is Workload.IO, prof
+    prof = profile(socket_read, range(4), max_seconds=SLACK_S)
+    assert prof.workload is Workload.IO, str(prof)
 
 
 @pytest.mark.timeout(60)
 def test_pure_python_is_cpu_gil() -> None:
-    prof = profile(spin, range(6))
-    assert prof.workload is Workload.CPU_GIL, prof
-    assert prof.gil_measured, prof
-    assert prof.gil_held_fraction >= 0.5, prof
+    prof = profile(spin, range(6), max_seconds=SLACK_S)
+    assert prof.workload is Workload.CPU_GIL, str(prof)
+    assert prof.gil_measured, str(prof)
+    assert prof.gil_held_fraction >= 0.5, str(prof)
 
 
 @pytest.mark.timeout(60)
 def test_hashlib_on_big_buffers_is_cpu_native() -> None:
-    prof = profile(digest, range(6))
-    assert prof.workload is Workload.CPU_NATIVE, prof
-    assert prof.gil_measured, prof
-    assert prof.gil_held_fraction < 0.5, prof
+    prof = profile(digest, range(6), max_seconds=SLACK_S)
+    assert prof.workload is Workload.CPU_NATIVE, str(prof)
+    assert prof.gil_measured, str(prof)
+    assert prof.gil_held_fraction < 0.5, str(prof)
 
 
 @pytest.mark.timeout(60)
 def test_numpy_ufunc_is_cpu_native() -> None:
     np = pytest.importorskip("numpy")
-    array = np.arange(3_000_000, dtype=np.float64)
+    array = np.arange(2_000_000, dtype=np.float64)
 
     def roots(_: int) -> float:
         return float(np.sqrt(array)[-1])
 
-    prof = profile(roots, range(6))
-    assert prof.workload is Workload.CPU_NATIVE, prof
+    prof = profile(roots, range(6), max_seconds=SLACK_S)
+    assert prof.workload is Workload.CPU_NATIVE, str(prof)
 
 
 @pytest.mark.timeout(30)
 def test_coroutine_function_is_async() -> None:
-    prof = profile(anap, range(6))
-    assert prof.workload is Workload.ASYNC, prof
+    prof = profile(anap, range(6), max_seconds=SLACK_S)
+    assert prof.workload is Workload.ASYNC, str(prof)
     assert prof.items == 6
     assert prof.wall_per_item_s >= 0.008
 
 
 def test_trivial_function_is_tiny() -> None:
     prof = profile(trivial, range(100))
-    assert prof.workload is Workload.TINY, prof
+    assert prof.workload is Workload.TINY, str(prof)
     assert prof.items == 8
     assert not prof.gil_measured
 
 
-# --------------------------------------------------------------------------- profile_calls, as auto uses it
+# --------------------------------------------------------------------------- profile_calls (auto)
 
 
 def test_tiny_sampling_is_cheap_and_starts_no_thread(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -163,18 +168,21 @@ def test_one_slow_waiting_item_is_enough() -> None:
 
 
 @pytest.mark.timeout(60)
-def test_slow_busy_item_gets_one_more_with_the_heartbeat() -> None:
-    prof, outcomes = profile_calls(spin, calls_of(range(100)))
-    assert prof.items == len(outcomes) == 2
-    assert prof.workload is Workload.CPU_GIL, prof
-    assert [ok for ok, _ in outcomes] == [True, True]
+def test_slow_busy_items_get_a_few_more_with_the_heartbeat() -> None:
+    # One more item to see the GIL, and more only while the evidence is
+    # thin (fewer than 2 heartbeat ticks) or mixed (a loaded machine).
+    # A generous budget: a loaded machine can stretch one item to 250 ms.
+    prof, outcomes = profile_calls(spin, calls_of(range(100)), max_seconds=3.0)
+    assert 2 <= prof.items == len(outcomes) <= 4, str(prof)
+    assert prof.workload is Workload.CPU_GIL, str(prof)
+    assert all(ok for ok, _ in outcomes)
 
 
 @pytest.mark.timeout(60)
 def test_slow_native_item_measures_the_gil_released() -> None:
-    prof, _ = profile_calls(digest, calls_of(range(100)))
-    assert prof.items <= 2
-    assert prof.workload is Workload.CPU_NATIVE, prof
+    prof, _ = profile_calls(digest, calls_of(range(100)), max_seconds=3.0)
+    assert 2 <= prof.items <= 4, str(prof)
+    assert prof.workload is Workload.CPU_NATIVE, str(prof)
 
 
 @pytest.mark.timeout(30)
@@ -227,6 +235,29 @@ def test_each_call_runs_exactly_once_and_outcomes_keep_order() -> None:
     assert any("ValueError" in line for line in prof.evidence)
 
 
+@pytest.mark.timeout(30)
+def test_interrupt_propagates_and_stops_the_heartbeat() -> None:
+    def interrupted(x: int) -> int:
+        if x == 2:
+            raise KeyboardInterrupt
+        return spin(x)
+
+    with pytest.raises(KeyboardInterrupt):
+        profile_calls(interrupted, calls_of(range(10)), stop_early=False)
+    # the autouse no_leaks fixture checks that the heartbeat thread is gone
+
+
+@pytest.mark.timeout(60)
+def test_free_threaded_build_reports_python_work_as_cpu_gil(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(_profile, "_gil_disabled", lambda: True)
+    prof = profile(spin, range(3), max_seconds=SLACK_S)
+    assert prof.workload is Workload.CPU_GIL, str(prof)
+    assert prof.gil_disabled
+    assert not prof.gil_measured
+
+
 def test_keyword_arguments_are_passed() -> None:
     def scale(x: int, *, factor: int) -> int:
         return x * factor
@@ -262,9 +293,9 @@ def test_warm_up_is_left_out_of_the_means() -> None:
             spin(0)  # first call: a "lazy import" costing milliseconds
         return x
 
-    prof, outcomes = profile_calls(lazy, calls_of(range(100)))
-    assert len(outcomes) > 2  # the fast second item lifted the limit of two
-    assert prof.workload is Workload.TINY, prof
+    prof, outcomes = profile_calls(lazy, calls_of(range(100)), max_seconds=SLACK_S)
+    assert len(outcomes) > 2, str(prof)  # the fast second item lifted the limit of two
+    assert prof.workload is Workload.TINY, str(prof)
     assert any("warm-up" in line for line in prof.evidence)
 
 
@@ -277,15 +308,19 @@ def test_record_fields_and_report() -> None:
     with pytest.raises(dataclasses.FrozenInstanceError):
         prof.items = 5  # type: ignore[misc]
     assert prof.function.endswith("spin")
-    assert prof.arg_pickle_bytes > 0 and prof.result_pickle_bytes > 0
+    assert prof.arg_pickle_bytes > 0
+    assert prof.result_pickle_bytes > 0
     assert prof.pickle_per_item_s > 0
-    assert prof.fn_pickle_bytes > 0 and not prof.needs_cloudpickle
+    assert prof.fn_pickle_bytes > 0
+    assert not prof.needs_cloudpickle
     assert prof.unpicklable is None
     assert prof.peak_rss_bytes > 0
     assert prof.profiling_s >= prof.items * prof.wall_per_item_s * 0.5
     assert prof.hotspots == ()
     text = str(prof)
-    assert "cpu-gil" in text and "per item" in text and "pickling" in text
+    assert "cpu-gil" in text
+    assert "per item" in text
+    assert "pickling" in text
     assert len(text.splitlines()) < 20
 
 
@@ -298,7 +333,7 @@ def test_every_field_is_documented() -> None:
         body = tree.body[0].body  # type: ignore[attr-defined]
         documented = {
             node.target.id
-            for node, after in zip(body, body[1:], strict=False)
+            for node, after in itertools.pairwise(body)
             if isinstance(node, ast.AnnAssign)
             and isinstance(after, ast.Expr)
             and isinstance(after.value, ast.Constant)
@@ -332,7 +367,8 @@ def test_hotspots_name_the_users_functions() -> None:
     if any("hot spots unavailable" in line for line in prof.evidence):
         pytest.skip("another profiler (e.g. coverage on 3.12+) is active")
     names = [spot.function for spot in prof.hotspots]
-    assert names and names[0].startswith("outer"), names
+    assert names, str(prof)
+    assert names[0].startswith("outer"), names
     assert any(name.startswith("inner") for name in names)
     assert not any("_sample_sync" in n or "Heartbeat" in n or "perf_counter" in n for n in names)
     assert all(spot.calls >= 1 and spot.cumulative_s >= 0 for spot in prof.hotspots)

@@ -22,17 +22,18 @@ plainest tracebacks.
 
 from __future__ import annotations
 
-import functools
 import math
-import os
 from collections.abc import Callable, Iterable, Iterator, Sized
 from dataclasses import dataclass
 from itertools import islice
 from typing import Any
 
 from ._profile import Call, Profile, Workload, format_bytes, format_seconds, profile_calls
+from ._system import usable_cores
 
 __all__ = ["Plan", "cpu_count", "plan", "plan_from_profile"]
+
+cpu_count = usable_cores  # the planner counts cores the way the backends do
 
 PROCESS_START_S = 0.05
 """Starting a process pool: fork takes ~10 ms, spawn/forkserver plus imports
@@ -67,6 +68,10 @@ MIN_GAIN = 1.1
 PREFER_THREADS_WITHIN = 1.1
 """Threads win over processes when within this factor: they share memory, start
 at once and need no pickling, so their estimate is the more reliable one."""
+GIL_SCORE_NOISE = 0.1
+"""Heartbeat GIL score that GIL-free code reaches from OS wake-up slack alone
+(~0.01-0.1 measured on a loaded machine); subtracted before the score is used
+as Amdahl's serial fraction for threads."""
 IO_WORKER_TIE = 1.03
 """The fewest I/O threads whose estimate is within this factor of the best."""
 WORKER_BASE_BYTES = 40 * 2**20
@@ -128,19 +133,24 @@ class Plan:
         return "\n".join(lines)
 
 
-@dataclass(frozen=True)
 class _Estimate:
-    backend: str
-    workers: int
-    chunksize: int
-    per_item_s: float  # estimated wall seconds of the run divided by the number of items
-    basis: str
+    """One backend's estimate (a plain class: a dataclass costs ~1 ms at import)."""
+
+    __slots__ = ("backend", "basis", "chunksize", "per_item_s", "workers")
+
+    def __init__(self, backend: str, workers: int, chunksize: int, per_item_s: float,
+                 basis: str) -> None:
+        self.backend = backend
+        self.workers = workers
+        self.chunksize = chunksize
+        self.per_item_s = per_item_s  # estimated wall seconds of the run / number of items
+        self.basis = basis
 
 
 def plan_from_profile(  # noqa: PLR0911 - one early return per workload, each explained
-        profile: Profile, n_items: int | None, *, cores: int | None = None,
-                      address: str | None = None, max_io_workers: int = 512,
-                      memory_bytes: int | None = None) -> Plan:
+    profile: Profile, n_items: int | None, *, cores: int | None = None,
+    address: str | None = None, max_io_workers: int = 512, memory_bytes: int | None = None,
+) -> Plan:
     """Plan a run of ``n_items`` items (None: unknown) from a measured profile.
 
     ``cores`` defaults to :func:`cpu_count`. ``address`` (a dask scheduler)
@@ -171,10 +181,13 @@ def plan_from_profile(  # noqa: PLR0911 - one early return per workload, each ex
     if n is None:
         reasons.append("the number of items is unknown (an iterator): estimates are the "
                        "long-run rate, start-up costs amortized")
+    if p.workload is Workload.ASYNC:  # coroutines need an event loop, however few
+        if n == 0 or p.items == 0:
+            return done(_Estimate("asyncio", 1, 1, w, "nothing measured"),
+                        "coroutine function, nothing measured: asyncio")
+        return done(_asyncio(p, n, w), *_async_reasons(p, n))
     if p.items == 0 or n == 0:
         return done(serial, "nothing to measure or run: serial")
-    if p.workload is Workload.ASYNC:
-        return done(_asyncio(p, n, w), *_async_reasons(p, n))
     if p.workload is Workload.TINY:
         return done(serial, f"each item takes {format_seconds(w)}, less than any pool spends "
                             f"handing an item out (~10-20 us): a plain loop is fastest")
@@ -209,7 +222,7 @@ def plan_from_profile(  # noqa: PLR0911 - one early return per workload, each ex
             reasons.append(f"the items compute in Python ({held}): threads would take turns, "
                            f"processes run them in parallel")
     else:
-        gil = p.gil_held_fraction if p.gil_measured else 0.0
+        gil = max(0.0, p.gil_held_fraction - GIL_SCORE_NOISE) if p.gil_measured else 0.0
         reasons.append("the items compute in native code that releases the GIL: threads run "
                        "them in parallel, with no start-up and no pickling")
     workers_cap = min(cores, mem_cap) if mem_cap else cores
@@ -226,19 +239,6 @@ def plan_from_profile(  # noqa: PLR0911 - one early return per workload, each ex
     if (best.backend == "processes"
             and threads.per_item_s <= best.per_item_s * PREFER_THREADS_WITHIN):
         best = threads
-    if best.backend == "processes" and p.arg_pickle_bytes + p.result_pickle_bytes > 0:
-        reasons.append(f"processes pay {format_seconds(PROCESS_START_S)} to start and "
-                       f"{format_seconds(_ipc_s(p))} per item to send arguments "
-                       f"({format_bytes(p.arg_pickle_bytes)}) and results "
-                       f"({format_bytes(p.result_pickle_bytes)})")
-    if best.backend != "serial" and best.chunksize > 1:
-        reasons.append(f"chunksize {best.chunksize}: about {format_seconds(TARGET_CHUNK_S)} of "
-                       f"work per message, with at least {MIN_CHUNKS_PER_WORKER} chunks per "
-                       f"worker when the count allows, so the last chunks balance out")
-    if best.workers > 1:
-        reasons.append(f"{best.workers} workers: one per usable core ({cores})"
-                       if best.workers == workers_cap else
-                       f"{best.workers} workers: one per item")
     scale_out = _dask(p, n, cores, single, address)
     if scale_out is not None:
         reasons.append(f"about {format_seconds(single * (n or 0) / cores)} of work per local "
@@ -246,17 +246,37 @@ def plan_from_profile(  # noqa: PLR0911 - one early return per workload, each ex
                        f"to the estimate below, which is for this machine)")
         return done(_Estimate("dask", 0, scale_out.chunksize, best.per_item_s,
                               f"{serial.basis}; on this machine alone: {best.basis}"))
-    return _finish(done, serial, best, reasons)
+    # Said only if the parallel plan wins over serial.
+    details = []
+    if best.backend == "processes" and p.arg_pickle_bytes + p.result_pickle_bytes > 0:
+        details.append(f"processes pay {format_seconds(PROCESS_START_S)} to start and "
+                       f"{format_seconds(_ipc_s(p))} per item to send arguments "
+                       f"({format_bytes(p.arg_pickle_bytes)}) and results "
+                       f"({format_bytes(p.result_pickle_bytes)})")
+    if best.chunksize > 1:
+        details.append(f"chunksize {best.chunksize}: about {format_seconds(TARGET_CHUNK_S)} of "
+                       f"work per message, with at least {MIN_CHUNKS_PER_WORKER} chunks per "
+                       f"worker when the count allows, so the last chunks balance out")
+    if best.workers > 1:
+        if n is not None and best.workers == n:
+            why = "one per item"
+        elif mem_cap is not None and best.workers == mem_cap < cores:
+            why = "as many as fit in memory"
+        else:
+            why = f"one per usable core ({cores})"
+        details.append(f"{best.workers} workers: {why}")
+    return _finish(done, serial, best, reasons, details)
 
 
 def _finish(done: Callable[..., Plan], serial: _Estimate, best: _Estimate,
-            reasons: list[str]) -> Plan:
+            reasons: list[str], details: list[str] | None = None) -> Plan:
     gain = serial.per_item_s / best.per_item_s if best.per_item_s > 0 else 1.0
     if gain < MIN_GAIN:
         return done(_Estimate("serial", 1, serial.chunksize, serial.per_item_s,
                               f"{serial.basis}; {best.basis}"),
-                    f"{best.backend} would be {gain:.2f}x serial speed here (start-up and "
-                    f"per-item overheads eat the gain): serial")
+                    f"the best parallel choice, {best.backend}, would run at {gain:.2f}x "
+                    f"serial speed here (start-up and per-item overheads eat the gain): serial")
+    reasons.extend(details or ())
     return done(_Estimate(best.backend, best.workers, best.chunksize, best.per_item_s,
                           f"{serial.basis}; {best.basis}; speed-up {gain:.2f}x"))
 
@@ -386,83 +406,6 @@ def _memory_cap(p: Profile, memory_bytes: int | None) -> int | None:
 
 
 # --------------------------------------------------------------------------- cores and plan()
-
-
-def cpu_count() -> int:
-    """Cores this process may use: its CPU affinity, capped by a cgroup CPU quota."""
-    count = _affinity_count()
-    quota = _cgroup_quota()
-    if quota is not None:
-        count = min(count, quota)
-    return max(1, count)
-
-
-def _affinity_count() -> int:
-    process_cpu_count = getattr(os, "process_cpu_count", None)  # 3.13+
-    if process_cpu_count is not None:
-        return int(process_cpu_count() or 1)
-    if hasattr(os, "sched_getaffinity"):
-        return len(os.sched_getaffinity(0))
-    return os.cpu_count() or 1
-
-
-@functools.lru_cache(maxsize=1)
-def _cgroup_quota() -> int | None:
-    """CPU quota of this process's cgroup (v2 ``cpu.max``, v1 CFS), rounded up; cached."""
-    try:
-        with open("/proc/self/cgroup") as f:
-            lines = f.read().splitlines()
-    except OSError:
-        return None
-    for line in lines:
-        parts = line.split(":", 2)
-        if len(parts) != 3:
-            continue
-        _, controllers, path = parts
-        if controllers == "":  # cgroup v2
-            for base in (f"/sys/fs/cgroup{path}", "/sys/fs/cgroup"):
-                text = _read(os.path.join(base, "cpu.max"))
-                if text is not None:
-                    return _parse_cpu_max(text)
-        elif "cpu" in controllers.split(","):  # cgroup v1
-            for base in (f"/sys/fs/cgroup/{controllers}{path}", f"/sys/fs/cgroup/{controllers}",
-                         "/sys/fs/cgroup/cpu"):
-                quota = _read(os.path.join(base, "cpu.cfs_quota_us"))
-                period = _read(os.path.join(base, "cpu.cfs_period_us"))
-                if quota is not None and period is not None:
-                    return _parse_cfs(quota, period)
-    return None
-
-
-def _read(path: str) -> str | None:
-    try:
-        with open(path) as f:
-            return f.read()
-    except OSError:
-        return None
-
-
-def _parse_cpu_max(text: str) -> int | None:
-    """``"max 100000"`` -> None; ``"150000 100000"`` -> 2."""
-    fields = text.split()
-    if len(fields) != 2 or fields[0] == "max":
-        return None
-    return _quota(fields[0], fields[1])
-
-
-def _parse_cfs(quota: str, period: str) -> int | None:
-    """cgroup v1: quota ``-1`` means no limit."""
-    return _quota(quota.strip(), period.strip())
-
-
-def _quota(quota: str, period: str) -> int | None:
-    try:
-        q, per = int(quota), int(period)
-    except ValueError:
-        return None
-    if q <= 0 or per <= 0:
-        return None
-    return max(1, math.ceil(q / per))
 
 
 def plan(fn: Callable[..., Any], items: Iterable[Any], *, sample: int = 8,

@@ -8,20 +8,26 @@ slow the arguments and results are to pickle, memory, optional cProfile hot
 spots, and a :class:`Workload` class with the evidence for it.
 
 How the GIL is measured: while the items run, a heartbeat thread sleeps
-``HEARTBEAT_S`` again and again and records how late it wakes. Waking needs
-the GIL; if the function holds it (pure Python), the heartbeat waits until
-the interpreter forces a switch, i.e. late by about ``sys.getswitchinterval()``
-(5 ms). If the function releases it (sleeping, hashlib on big buffers, zlib,
-most numpy loops), the heartbeat is only late by the OS wake-up slack (tens of
-microseconds). Dividing lateness by the switch interval gives a number near 1
-for GIL-holding code and near 0 for GIL-releasing code, with a wide gap
-between the two that survives a loaded machine.
+1 ms again and again (:class:`~powerpool._probes.Heartbeat`). Waking needs
+the GIL: if the function holds it (pure Python), every tick must block until
+the interpreter forces a switch (5 ms later); if it releases it (sleeping,
+hashlib on big buffers, zlib, most numpy loops), ticks never block. On Linux
+the heartbeat's voluntary context switches are counted (a tick that only
+slept costs one; a tick that also waited for the GIL, two or more), which
+a loaded machine does not disturb: waiting for a CPU is not voluntary. The
+score is near 1 for GIL-holding code and near 0 for GIL-releasing code.
+
+How computing is told from waiting: CPU time against the time the calling
+thread was blocked, leaving out the time it was queued for a CPU (Linux
+schedstat), so a CPU-bound item on a busy machine does not look like waiting.
 
 Cost discipline (``auto`` profiles every run): the first call is timed bare.
 Only if an item takes at least ``HEAVY_CALL_S`` does the profiler start the
-heartbeat thread and read memory; sampling 8 trivial calls costs a few
-microseconds. With ``stop_early`` (the default of :func:`profile_calls`) one
-slow waiting item is enough evidence and sampling stops after it.
+heartbeat thread and read memory; sampling 8 trivial calls costs about
+0.1 ms. With ``stop_early`` (the default of :func:`profile_calls`) one slow
+waiting item is enough evidence and sampling stops after it; slow computing
+items get one more item with the heartbeat, more only while its evidence is
+thin or mixed (at most ``SLOW_MAX_ITEMS``).
 """
 
 from __future__ import annotations
@@ -29,16 +35,15 @@ from __future__ import annotations
 import enum
 import inspect
 import os
-import pickle
 import sys
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from . import _probes
-from ._probes import Heartbeat, SchedClock
+from ._probes import Heartbeat, SchedClock, pickle_cost
 
 __all__ = ["Hotspot", "Profile", "Workload", "format_bytes", "format_seconds", "profile",
            "profile_calls"]
@@ -53,24 +58,33 @@ HEAVY_CALL_S = 200e-6
 Starting and joining the thread costs ~0.2 ms; below this the work is too light
 for the GIL measurement to pay for itself (or to matter)."""
 SLOW_ITEM_S = 5e-3
-"""With ``stop_early``, a first item at least this slow that waits (low CPU) ends
-sampling at once: 400 x 20 ms sleeps are profiled in ~20 ms. A busy one gets
-exactly one more item with the heartbeat running, because telling GIL-holding
-from GIL-releasing CPU work needs the heartbeat and the choice between threads
-and processes depends on it."""
+"""With ``stop_early``, a first item at least this slow that waits ends sampling
+at once: 400 x 20 ms sleeps are profiled in ~20 ms. One that computes gets one
+more item with the heartbeat running, because telling GIL-holding from
+GIL-releasing work needs the heartbeat, and threads versus processes hangs on it."""
 TINY_S = 20e-6
 """Per-item wall time below this is "tiny": about twice the cheapest per-item
 overhead of any pool (~10 us of chunked IPC), so no backend can beat a loop."""
 IO_MAX_BUSY = 0.5
-"""Busy time (CPU, plus time spent queued for a CPU on a loaded machine) below
-this fraction of wall time means the item mostly waits ("io")."""
+"""An item busy (computing) less than this fraction of the time it was not
+queued for a CPU mostly waits ("io"); see :func:`_busy`."""
 NATIVE_THREADS_RATIO = 1.2
 """Process CPU above this multiple of wall time proves code ran outside the GIL
 in several threads at once (BLAS, OpenMP): one Python thread cannot do that."""
 GIL_HELD_MIN = 0.5
-"""Heartbeat lateness (as a fraction of the switch interval) from which the
-GIL counts as held. GIL-holding code scores ~1, GIL-releasing code ~0 (~0.3 on
-a badly overloaded machine), so the midpoint leaves margin both ways."""
+"""Heartbeat score from which the GIL counts as held. GIL-holding code scores
+~1, GIL-releasing code ~0 (up to ~0.4 when it also runs some Python), so the
+midpoint leaves margin both ways."""
+GIL_UNCLEAR = (0.15, 0.85)
+"""With ``stop_early``, a GIL score in this band after the slow items sampled so
+far buys one more item (within the budget). Idle machines score ~0 or ~1; on a
+heavily loaded one a single item can land in between."""
+SLOW_MAX_ITEMS = 4
+"""...but, with ``stop_early``, no more than this many slow items in all: past
+that, the score is judged at ``GIL_HELD_MIN`` whatever it is."""
+GIL_MIN_TICKS = 2
+"""...and so does a score resting on fewer heartbeat ticks than this: one tick
+can be off by one switch at an item's boundary, or stuck in a run queue."""
 WARMUP_FACTOR = 3.0
 """A first call slower than this multiple of the median of the others (a cold
 cache, a lazy import) is left out of the per-item means."""
@@ -142,9 +156,9 @@ class Profile:
     thread_cpu_per_item_s: float
     """CPU seconds per item spent in the calling thread only."""
     gil_held_fraction: float
-    """0..1: how late the heartbeat woke, as a fraction of the switch interval
-    (~1: the function holds the GIL; ~0: it releases it). 0.0 when not measured,
-    see ``gil_measured``."""
+    """0..1, the heartbeat's score: GIL waits per heartbeat tick (Linux) or its
+    lateness over the switch interval (elsewhere); ~1: the function holds the
+    GIL, ~0: it releases it. 0.0 when not measured, see ``gil_measured``."""
     arg_pickle_bytes: int
     """Mean pickled size of one item's arguments, bytes (0: not measured)."""
     result_pickle_bytes: int
@@ -152,7 +166,8 @@ class Profile:
     pickle_per_item_s: float
     """Seconds to pickle and unpickle one item's arguments and result."""
     peak_rss_bytes: int
-    """Highest resident memory of this process seen while sampling, bytes
+    """Highest resident memory of this process seen while sampling, bytes: read
+    around each item, plus getrusage's lifetime peak if it rose meanwhile
     (0: not measured, items lighter than ``HEAVY_CALL_S``)."""
     workload: Workload
     """The classification (see :class:`Workload`)."""
@@ -169,7 +184,8 @@ class Profile:
     errors: int = 0
     """How many of the sampled items raised."""
     gil_measured: bool = False
-    """Whether the heartbeat measured the GIL (items long enough, GIL enabled)."""
+    """Whether the heartbeat measured the GIL (items long enough, GIL enabled);
+    when not, CPU-bound work is assumed to hold it."""
     gil_disabled: bool = False
     """True on a free-threaded build running with the GIL off: threads run
     Python code in parallel."""
@@ -183,10 +199,12 @@ class Profile:
     rss_growth_bytes: int = 0
     """How far resident memory rose above its level before the sampled items."""
     overhead_s: float = 0.0
-    """Seconds the profiler added on top of running the items."""
+    """Seconds the profiler added on top of running the items (``profiling_s``
+    minus their wall time)."""
     runqueue_per_item_s: float = 0.0
     """Seconds per item the calling thread was ready but waited for a CPU (a
-    loaded machine); counted as busy time when classifying. Linux only, else 0."""
+    loaded machine); left out when judging computing against waiting. Linux
+    only, else 0."""
 
     @property
     def cpu_ratio(self) -> float:
@@ -283,7 +301,8 @@ def profile_calls(fn: Callable[..., Any], calls: Iterable[Call], *, max_items: i
 
     Sampling stops after ``max_items`` calls, when the next call would overrun
     ``max_seconds``, and with ``stop_early`` after one slow (>= 5 ms) waiting
-    item, or two slow busy ones. ``thorough`` (used by :func:`profile`)
+    item, or 2 to 4 slow computing ones (more while the heartbeat's evidence
+    is thin or mixed). ``thorough`` (used by :func:`profile`)
     measures pickling even for work that no process pool would get.
     An empty ``calls`` gives a profile with ``items == 0``.
     """
@@ -301,35 +320,45 @@ def profile_calls(fn: Callable[..., Any], calls: Iterable[Call], *, max_items: i
 # --------------------------------------------------------------------------- sampling
 
 
-@dataclass(frozen=True)
+# The two private records below are plain classes, not dataclasses: building a
+# dataclass costs ~1 ms at import, and this module is imported on the first
+# ``auto`` run, whose budget on tiny work is a fraction of a list comprehension.
+
+
 class _Budget:
-    """How much sampling a call of :func:`profile_calls` may do (private)."""
+    """How much sampling a call of :func:`profile_calls` may do."""
 
-    max_items: int
-    max_seconds: float
-    hotspots: bool
-    stop_early: bool
-    t_start: float
+    __slots__ = ("hotspots", "max_items", "max_seconds", "stop_early", "t_start")
+
+    def __init__(self, max_items: int, max_seconds: float, hotspots: bool, stop_early: bool,
+                 t_start: float) -> None:
+        self.max_items = max_items
+        self.max_seconds = max_seconds
+        self.hotspots = hotspots
+        self.stop_early = stop_early
+        self.t_start = t_start
 
 
-@dataclass
 class _Raw:
-    """Measurements collected while sampling (mutable, private)."""
+    """Measurements collected while sampling, one list entry per item."""
 
-    outcomes: list[Outcome] = field(default_factory=list)
-    calls: list[Call] = field(default_factory=list)  # the first PICKLE_SAMPLES calls
-    walls: list[float] = field(default_factory=list)
-    thread_cpus: list[float] = field(default_factory=list)
-    process_cpus: list[float] = field(default_factory=list)
-    runqueue_s: float = 0.0  # calling thread's wait for a CPU, all items
-    first_runqueue_s: float = 0.0  # the same, first item only
-    is_async: bool = False
-    gil: tuple[float, int, float] | None = None  # fraction, ticks used, median lateness
-    gil_window_s: float = 0.0
-    peak_rss: int = 0
-    rss_growth: int = 0
-    hotspots: tuple[Hotspot, ...] = ()
-    notes: list[str] = field(default_factory=list)
+    __slots__ = ("calls", "gil", "gil_window_s", "hotspots", "is_async", "notes", "outcomes",
+                 "peak_rss", "process_cpus", "rss_growth", "runqueues", "thread_cpus", "walls")
+
+    def __init__(self, *, is_async: bool = False) -> None:
+        self.outcomes: list[Outcome] = []
+        self.calls: list[Call] = []  # the first PICKLE_SAMPLES calls
+        self.walls: list[float] = []
+        self.thread_cpus: list[float] = []
+        self.process_cpus: list[float] = []
+        self.runqueues: list[float] = []  # wait for a CPU, first and heavy items only
+        self.is_async = is_async
+        self.gil: tuple[float, int, float] | None = None  # score, ticks, median lateness
+        self.gil_window_s = 0.0
+        self.peak_rss = 0
+        self.rss_growth = 0
+        self.hotspots: tuple[Hotspot, ...] = ()
+        self.notes: list[str] = []
 
 
 def _invoke(fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> Outcome:
@@ -347,21 +376,35 @@ def _sample_sync(fn: Callable[..., Any], it: Iterator[Call], budget: _Budget) ->
     prof = _start_cprofile(raw) if budget.hotspots else None
     beat: Heartbeat | None = None
     sched = SchedClock()
-    queued0 = sched.waited_s()
     heavy = False
     limit = max_items = budget.max_items
     total_wall = 0.0
+    gil_disabled = _gil_disabled()  # then there is no GIL to measure
+    beat_failed = False
     max_seconds, t_start = budget.max_seconds, budget.t_start
     try:
         for call in it:
-            if heavy and beat is None:
-                beat = Heartbeat()
+            if heavy and beat is None and not beat_failed:
+                try:
+                    beat = Heartbeat()
+                except RuntimeError as exc:  # "can't start new thread": measure without it
+                    beat_failed = True
+                    raw.notes.append(f"heartbeat thread unavailable ({exc}): GIL not measured")
             args, kwargs = call
+            if beat is not None:
+                beat.begin()
+            # The run-queue clock costs a microsecond or two: read around the
+            # first item and heavy ones only, where a loaded machine matters.
+            queued = sched.waited_s() if heavy or not raw.outcomes else None
             c0, p0 = thread_time(), process_time()
             w0 = perf()  # innermost, so the CPU clocks' own cost is not wall time
             outcome = _invoke(fn, args, kwargs)
             w1 = perf()
             p1, c1 = process_time(), thread_time()
+            if beat is not None:
+                beat.end(w0, w1)
+            if queued is not None:
+                raw.runqueues.append(sched.waited_s() - queued)
             wall = w1 - w0
             total_wall += wall
             raw.outcomes.append(outcome)
@@ -371,42 +414,42 @@ def _sample_sync(fn: Callable[..., Any], it: Iterator[Call], budget: _Budget) ->
             if len(raw.calls) < PICKLE_SAMPLES:
                 raw.calls.append(call)
             n = len(raw.outcomes)
-            if n == 1:
-                raw.first_runqueue_s = sched.waited_s() - queued0
             if n == 1 and outcome[0] and inspect.iscoroutine(outcome[1]):
                 # A plain function that returns coroutines: profile it as async.
                 if prof is not None:
                     prof.disable()
                     prof = None
                 return _sample_async(fn, it, (call, outcome[1]), budget)
-            if beat is not None:
-                if n == 2 and wall < HEAVY_CALL_S:
-                    # Only the first item was heavy (warm-up): a heartbeat
-                    # contending for the GIL would distort these light items.
-                    beat.stop()
-                    beat = None
-                    heavy = False
-                else:
-                    beat.mark(w0, w1)
+            if beat is not None and n == 2 and wall < HEAVY_CALL_S:
+                # Only the first item was heavy (warm-up): a heartbeat
+                # contending for the GIL would distort these light items.
+                beat.stop()
+                beat = None
+                heavy = False
             heavy = heavy or wall >= HEAVY_CALL_S
             spent = w1 - t_start
-            if n == 2 and limit == 2 < max_items and wall * WARMUP_FACTOR < raw.walls[0]:
-                # The slow first item was warm-up (a lazy import, a cold cache):
-                # judge the function by the items after it instead.
+            if (n == 2 and limit == 2 < max_items and wall < SLOW_ITEM_S
+                    and wall * WARMUP_FACTOR < raw.walls[0]):
+                # The slow first item was warm-up (a lazy import, a cold cache)
+                # and the real items are light: sample them as light items.
                 limit = max_items
+            if (n >= limit and limit < min(max_items, SLOW_MAX_ITEMS) and beat is not None
+                    and not gil_disabled
+                    and spent + wall <= max_seconds and _unclear(beat)):
+                limit += 1  # the GIL evidence is mixed (a loaded machine): one more item
             if n >= limit:
                 raw.notes.append(f"stopped after {n} items (max_items)" if n == max_items
-                                 else "stopped after 2 items: the first was slow and busy, the "
-                                      "second ran with the heartbeat to measure the GIL")
+                                 else f"stopped after {n} items: the first was slow and busy, "
+                                      f"the others ran with the heartbeat to measure the GIL")
                 break
             if spent + total_wall / n > max_seconds:
                 raw.notes.append(f"stopped after {n} items: time budget "
                                  f"{format_seconds(max_seconds)} spent")
                 break
             if n == 1 and budget.stop_early and wall >= SLOW_ITEM_S:
-                busy = max(c1 - c0 + raw.first_runqueue_s, p1 - p0) / wall
-                if busy < IO_MAX_BUSY:
-                    raw.notes.append(f"stopped after 1 item: one slow waiting item "
+                busy = _busy(wall, c1 - c0, p1 - p0, raw.runqueues[0])
+                if busy < IO_MAX_BUSY or gil_disabled:
+                    raw.notes.append(f"stopped after 1 item: one slow item "
                                      f"({format_seconds(wall)}) is enough evidence")
                     break
                 if spent + wall > max_seconds:
@@ -419,7 +462,6 @@ def _sample_sync(fn: Callable[..., Any], it: Iterator[Call], budget: _Budget) ->
             prof.disable()
         if beat is not None:
             beat.stop()
-        raw.runqueue_s = sched.waited_s() - queued0
         sched.close()
     if beat is not None:
         raw.gil, raw.gil_window_s = beat.gil_estimate()
@@ -427,6 +469,14 @@ def _sample_sync(fn: Callable[..., Any], it: Iterator[Call], budget: _Budget) ->
     if prof is not None:
         raw.hotspots = _hotspots(prof)
     return raw
+
+
+def _unclear(beat: Heartbeat) -> bool:
+    """Whether the heartbeat's GIL score so far is too mixed to classify on."""
+    estimate, _ = beat.gil_estimate()
+    if estimate is None or estimate[1] < GIL_MIN_TICKS:
+        return True
+    return GIL_UNCLEAR[0] < estimate[0] < GIL_UNCLEAR[1]
 
 
 def _sample_async(fn: Callable[..., Any], it: Iterator[Call], first: tuple[Call, Any] | None,
@@ -511,11 +561,11 @@ def _run_async_sample(fn: Callable[..., Any], it: Iterator[Call],
                 raw.notes.append("stopped after 1 coroutine: one slow item is enough evidence")
                 break
             if perf() - budget.t_start + max(raw.walls) > budget.max_seconds:
-                raw.notes.append(f"stopped after {n} coroutines: time budget spent")
+                raw.notes.append(f"stopped after {n} coroutine(s): time budget spent")
                 break
             batch_size = ASYNC_BATCH
-        raw.notes.append(f"coroutine function: ran {len(raw.outcomes)} coroutines on a private "
-                         f"event loop, up to {ASYNC_BATCH} at a time")
+        raw.notes.append(f"coroutine function: ran {len(raw.outcomes)} coroutine(s) on a "
+                         f"private event loop, up to {ASYNC_BATCH} at a time")
     finally:
         if prof is not None:
             prof.disable()
@@ -619,7 +669,7 @@ def _build_profile(fn: Callable[..., Any], raw: _Raw, t_start: float, thorough: 
                        gil_disabled=gil_disabled)
     evidence: list[str] = []
     walls, tcpu, pcpu = raw.walls, raw.thread_cpus, raw.process_cpus
-    if n >= 3 and not raw.is_async:
+    if n >= 2 and not raw.is_async:
         rest = sorted(walls[1:])
         median = rest[len(rest) // 2]
         if walls[0] > WARMUP_FACTOR * median and walls[0] - median > 1e-4:
@@ -627,7 +677,8 @@ def _build_profile(fn: Callable[..., Any], raw: _Raw, t_start: float, thorough: 
                             f"~{format_seconds(median)}: treated as warm-up, left out of "
                             f"the means")
             walls, tcpu, pcpu = walls[1:], tcpu[1:], pcpu[1:]
-    queued = (raw.runqueue_s - (raw.first_runqueue_s if len(walls) < n else 0.0)) / len(walls)
+    runqueues = raw.runqueues[1:] if len(walls) < n else raw.runqueues
+    queued = sum(runqueues) / len(walls)
     wall = sum(walls) / len(walls)
     thread_cpu = sum(tcpu) / len(tcpu)
     process_cpu = sum(pcpu) / len(pcpu)
@@ -644,9 +695,9 @@ def _build_profile(fn: Callable[..., Any], raw: _Raw, t_start: float, thorough: 
     unmeasured: tuple[int, float, str | None, bool] = (0, 0.0, None, False)
     args_cost = result_cost = fn_cost = unmeasured
     if workload in (Workload.CPU_GIL, Workload.CPU_NATIVE) or thorough:
-        args_cost = _pickle_cost(raw.calls)
-        result_cost = _pickle_cost([value for ok, value in raw.outcomes[:PICKLE_SAMPLES] if ok])
-        fn_cost = _pickle_cost([fn])
+        args_cost = pickle_cost(raw.calls)
+        result_cost = pickle_cost([value for ok, value in raw.outcomes[:PICKLE_SAMPLES] if ok])
+        fn_cost = pickle_cost([fn])
     unpicklable = None
     for what, cost in (("function", fn_cost), ("argument", args_cost), ("result", result_cost)):
         if cost[2] is not None:
@@ -682,8 +733,8 @@ def _classify(  # noqa: PLR0911 - a decision ladder reads best as early returns
                 f"calling thread, {format_seconds(process_cpu)} in the whole process per item")
     if queued > 0.1 * wall:
         per_item += (f"; the calling thread also waited {format_seconds(queued)} for a CPU "
-                     f"(a busy machine), which counts as busy")
-    busy = max(thread_cpu + queued, process_cpu) / wall if wall > 0 else 0.0
+                     f"(a busy machine), which is neither computing nor waiting")
+    busy = _busy(wall, thread_cpu, process_cpu, queued)
     if raw.is_async:
         evidence.append(per_item)
         if busy >= IO_MAX_BUSY:
@@ -697,9 +748,10 @@ def _classify(  # noqa: PLR0911 - a decision ladder reads best as early returns
         return Workload.TINY
     evidence.append(per_item)
     if busy < IO_MAX_BUSY:
-        evidence.append(f"busy {busy:.0%} of wall time: the item mostly waits")
+        evidence.append(f"it computes {busy:.0%} of the time and waits the rest: it mostly "
+                        f"waits")
         return Workload.IO
-    evidence.append(f"busy {busy:.0%} of wall time: the item computes")
+    evidence.append(f"it computes {busy:.0%} of the time: it mostly computes")
     if gil_disabled:
         evidence.append("the GIL is disabled (free-threaded build): threads run Python code "
                         "in parallel")
@@ -725,29 +777,16 @@ def _classify(  # noqa: PLR0911 - a decision ladder reads best as early returns
     return Workload.CPU_NATIVE
 
 
-def _pickle_cost(objs: list[Any]) -> tuple[int, float, str | None, bool]:
-    """(mean bytes, mean seconds to dump and load, why unpicklable or None, used cloudpickle)."""
-    if not objs:
-        return 0, 0.0, None, False
-    total_bytes, total_s, used_cloudpickle = 0, 0.0, False
-    perf = time.perf_counter
-    for obj in objs:
-        t0 = perf()
-        try:
-            data = pickle.dumps(obj, pickle.HIGHEST_PROTOCOL)
-        except Exception:
-            try:
-                import cloudpickle
+def _busy(wall: float, thread_cpu: float, process_cpu: float, queued: float) -> float:
+    """Computing / (computing + waiting), for one item.
 
-                t0 = perf()  # the first import of cloudpickle is not a per-item cost
-                data = cloudpickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL)
-            except Exception as exc:
-                return 0, 0.0, f"{type(exc).__name__}: {exc}", True
-            used_cloudpickle = True
-        try:
-            pickle.loads(data)
-        except Exception as exc:
-            return 0, 0.0, f"pickles but does not unpickle: {type(exc).__name__}: {exc}", False
-        total_s += perf() - t0
-        total_bytes += len(data)
-    return total_bytes // len(objs), total_s / len(objs), None, used_cloudpickle
+    Waiting is the calling thread's wall time spent neither on a CPU nor
+    queued for one (sleeping, blocked on I/O or a lock). Leaving the queued
+    time out of both sides keeps the ratio honest on a loaded machine, where
+    a computing item queues a lot and a sleeping one queues when it wakes.
+    Computing counts every thread of the process, so an item that waits on
+    its own native thread pool still computes.
+    """
+    waiting = max(0.0, wall - thread_cpu - queued)
+    computing = max(thread_cpu, process_cpu)
+    return computing / (computing + waiting) if computing + waiting > 0 else 0.0
