@@ -8,6 +8,7 @@ Started once per test session as subprocesses of the venv's ``dask`` command::
 and stopped by pid at the end (SIGTERM, SIGKILL after a grace period, then
 wait), together with any worker process the nannies left behind; the
 temporary directory (scheduler file, logs, worker scratch space) is removed.
+On Linux they also get SIGTERM from the kernel if pytest itself is killed.
 
 To run the tests against a cluster you started yourself, point
 ``POWERPOOL_DASK_SCHEDULER_FILE`` at its scheduler file. Its workers must be
@@ -15,9 +16,9 @@ able to import powerpool and the test module (start them with
 ``PYTHONPATH=tests``), and it needs at least two single-threaded workers; it
 is left running afterwards.
 
-Register the fixture in ``tests/conftest.py`` with::
+Register the fixtures in ``tests/conftest.py`` with::
 
-    from dask_cluster import dask_cluster  # noqa: F401  (a session fixture)
+    from dask_cluster import dask_cluster, dask_helper_threads  # noqa: F401
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ import contextlib
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -37,7 +39,14 @@ from typing import Any
 
 import pytest
 
-__all__ = ["ENV_VAR", "DaskTestCluster", "dask_cluster", "wait_until"]
+__all__ = [
+    "ENV_VAR",
+    "DaskTestCluster",
+    "dask_cluster",
+    "dask_helper_threads",
+    "session_cluster_pids",
+    "wait_until",
+]
 
 ENV_VAR = "POWERPOOL_DASK_SCHEDULER_FILE"
 """Use the already running cluster whose scheduler file this names."""
@@ -49,6 +58,9 @@ START_TIMEOUT_S = 60.0
 # machine, far more when the machine is shared, hence the wide margin.
 STOP_GRACE_S = 10.0
 # SIGTERM lets the nannies close their workers cleanly; after this we SIGKILL.
+
+_session_roots: list[int] = []
+"""Pids of the ``dask scheduler`` and ``dask worker`` commands while the cluster runs."""
 
 _TESTS_DIR = Path(__file__).resolve().parent
 _SRC_DIR = _TESTS_DIR.parent / "src"
@@ -95,6 +107,23 @@ class DaskTestCluster:
         return found
 
 
+def session_cluster_pids() -> set[int]:
+    """Pids of the session cluster's processes (nanny-started workers included).
+
+    They are children of the pytest process, so a check that lists or kills
+    "every child of this process" must leave these alone (an empty set when
+    the cluster is not running).
+    """
+    import psutil
+
+    pids: set[int] = set()
+    for root in _session_roots:
+        with contextlib.suppress(psutil.Error):
+            pids.add(root)
+            pids.update(p.pid for p in psutil.Process(root).children(recursive=True))
+    return pids
+
+
 def _dask_command() -> str:
     exe = Path(sys.executable).parent / "dask"
     if not exe.exists():
@@ -131,6 +160,20 @@ def _stop(proc: subprocess.Popen[bytes]) -> None:
     psutil.wait_procs(alive, timeout=STOP_GRACE_S)
 
 
+def _die_with_parent() -> None:
+    """Runs in the child before exec: on Linux, SIGTERM it when pytest dies.
+
+    Teardown stops the cluster in a normal run; this covers a pytest killed
+    by a CI timeout or SIGKILL, which would otherwise leave the scheduler and
+    workers running forever. (``dask worker`` passes SIGTERM on to its
+    nannies, which close their worker processes.)
+    """
+    import ctypes
+
+    pr_set_pdeathsig = 1
+    ctypes.CDLL(None).prctl(pr_set_pdeathsig, signal.SIGTERM)
+
+
 def _start(tmp: Path) -> tuple[str, list[subprocess.Popen[bytes]]]:
     dask = _dask_command()
     scheduler_file = tmp / "scheduler.json"
@@ -139,14 +182,24 @@ def _start(tmp: Path) -> tuple[str, list[subprocess.Popen[bytes]]]:
     # import the test modules (and powerpool, if it is not installed).
     paths = [str(_TESTS_DIR), str(_SRC_DIR), env.get("PYTHONPATH", "")]
     env["PYTHONPATH"] = os.pathsep.join(p for p in paths if p)
+    # Every dask server (the scheduler too) makes a scratch directory under
+    # this; inside our temp dir it goes away with it.
+    env["DASK_TEMPORARY_DIRECTORY"] = str(tmp)
     procs: list[subprocess.Popen[bytes]] = []
 
     def spawn(args: list[str], log: Path) -> subprocess.Popen[bytes]:
         with log.open("wb") as out:
             proc = subprocess.Popen(
-                [dask, *args], stdout=out, stderr=subprocess.STDOUT, env=env, cwd=tmp
+                [dask, *args],
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                env=env,
+                cwd=tmp,
+                # One prctl() call, no locks taken: safe despite pytest's threads.
+                preexec_fn=_die_with_parent if sys.platform == "linux" else None,  # noqa: PLW1509
             )
         procs.append(proc)
+        _session_roots.append(proc.pid)
         return proc
 
     try:
@@ -184,20 +237,34 @@ def _start(tmp: Path) -> tuple[str, list[subprocess.Popen[bytes]]]:
                 "--nthreads",
                 "1",
                 "--no-dashboard",
-                "--local-directory",  # scratch space inside our temp dir, removed at the end
-                str(tmp / "workers"),
             ],
             tmp / "workers.log",
         )
     except BaseException:
         for proc in reversed(procs):
             _stop(proc)
+        _session_roots.clear()
         raise
     return address, procs
 
 
 @pytest.fixture(scope="session")
-def dask_cluster() -> Iterator[DaskTestCluster]:
+def dask_helper_threads() -> None:
+    """Start distributed's process-wide helper thread before any test counts threads.
+
+    distributed runs one "Dask-Offload" thread per process, started on first
+    use and kept for the life of the process (like multiprocessing's
+    resource tracker). Starting it here keeps a leak check from blaming
+    whichever test happened to use it first.
+    """
+    utils = pytest.importorskip("distributed.utils")
+    executor = getattr(utils, "_offload_executor", None)  # private; absent in some versions
+    if executor is not None:
+        executor.submit(int).result(timeout=START_TIMEOUT_S)
+
+
+@pytest.fixture(scope="session")
+def dask_cluster(dask_helper_threads: None) -> Iterator[DaskTestCluster]:
     """A scheduler and two single-threaded worker processes on 127.0.0.1."""
     distributed = pytest.importorskip("distributed")
     external = os.environ.get(ENV_VAR)
@@ -222,4 +289,5 @@ def dask_cluster() -> Iterator[DaskTestCluster]:
             client.close()
         for proc in reversed(procs):  # workers first, then the scheduler
             _stop(proc)
+        _session_roots.clear()
         shutil.rmtree(tmp, ignore_errors=True)

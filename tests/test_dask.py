@@ -8,7 +8,10 @@ by name (the cluster fixture puts ``tests/`` on their ``PYTHONPATH``).
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import json
+import math
 import os
 import pickle
 import queue
@@ -25,6 +28,7 @@ from typing import Any
 
 import pytest
 
+import powerpool as pp
 from powerpool._backends import load
 from powerpool._backends._base import BackendConfig
 from powerpool._errors import (
@@ -40,11 +44,19 @@ from powerpool._task import Chunk, ChunkResult
 
 distributed = pytest.importorskip("distributed")
 dask = pytest.importorskip("dask")
+with contextlib.suppress(ImportError):  # workers importing this module load BLAS with it
+    import numpy  # noqa: F401
 
-from dask_cluster import DaskTestCluster, wait_until  # noqa: E402
+from dask_cluster import (  # noqa: E402
+    ENV_VAR,
+    DaskTestCluster,
+    dask_helper_threads,  # noqa: F401  (session fixture used by pytestmark)
+    session_cluster_pids,
+    wait_until,
+)
 from powerpool._backends._dask import INSTALL_HINT, DaskBackend  # noqa: E402
 
-pytestmark = pytest.mark.timeout(60)
+pytestmark = [pytest.mark.timeout(60), pytest.mark.usefixtures("dask_helper_threads")]
 
 RESULT_TIMEOUT_S = 30.0
 """Bound on waiting for any one chunk: generous for a shared 2-core machine."""
@@ -81,10 +93,11 @@ def sleep_polling(seconds: float) -> str:
     return "done"
 
 
-def mark_and_sleep(item: int, marks: str, seconds: float) -> tuple[int, int]:
-    """Leave a file saying which process started ``item``, then sleep."""
+def hang_first_time(item: int, marks: str) -> tuple[int, int]:
+    """Leave a file saying which process runs ``item``; item 0 hangs on its first run."""
+    first = not any(Path(marks).glob(f"{item}-*"))
     Path(marks, f"{item}-{os.getpid()}").touch()
-    time.sleep(seconds)
+    time.sleep(30.0 if item == 0 and first else 0.1)  # 30 s: killed long before
     return item, os.getpid()
 
 
@@ -239,6 +252,12 @@ def test_map_by_address_equals_serial(on_cluster: Any) -> None:
     assert all(r.worker.startswith("tcp://127.0.0.1:") and r.busy_s >= 0 for r in results)
 
 
+def test_session_cluster_pids_cover_its_workers(dask_cluster: DaskTestCluster) -> None:
+    if os.environ.get(ENV_VAR):
+        pytest.skip("an external cluster's processes are not ours")
+    assert set(dask_cluster.worker_pids().values()) <= session_cluster_pids()
+
+
 def test_identical_chunks_are_not_merged(on_cluster: Any) -> None:
     backend, collector = on_cluster()
     twins = [Chunk(next(_ids), add, [(0, (1,), {"y": 2})]) for _ in range(3)]
@@ -388,43 +407,28 @@ def test_cancel_stops_the_clusters_tasks(dask_cluster: DaskTestCluster, on_clust
 
 
 def test_a_worker_killed_mid_run_is_replaced_and_its_items_rerun(
-    dask_cluster: DaskTestCluster, on_cluster: Any, tmp_path: Path
+    make_backend: Any, tmp_path: Path
 ) -> None:
-    backend, collector = on_cluster()
-    n = 16
-    marks = str(tmp_path)
-    for i in range(n):
-        backend.submit(Chunk(next(_ids), mark_and_sleep, [(i, (i, marks, 0.4), {})]))
-    pids = set(dask_cluster.worker_pids().values())
-    delivered: list[ChunkResult] = []
-
-    def running_item() -> tuple[int, int] | None:
-        """(item, pid) of an item started but not delivered yet, if any."""
-        done = {r.chunk.items[0][0] for r in delivered}
-        for mark in os.listdir(marks):
-            item, pid = map(int, mark.split("-"))
-            if item not in done and pid in pids:
-                return item, pid
-        return None
-
-    delivered.extend(collector.take(1))
-    wait_until(lambda: running_item() is not None, RESULT_TIMEOUT_S, "an item to start")
-    victim_item, victim_pid = running_item() or (-1, -1)
+    # A cluster of its own: the worker the nanny starts in place of the
+    # killed one must be gone by the end of the test, with the cluster.
+    with dask.config.set({"temporary-directory": str(tmp_path)}):  # dask's scratch space
+        backend, collector = make_backend(workers=2)
+    marks = tmp_path / "marks"
+    marks.mkdir()
+    n = 8
+    for i in range(n):  # item 0 hangs on its first run, until we kill its worker
+        backend.submit(Chunk(next(_ids), hang_first_time, [(i, (i, str(marks)), {})]))
+    wait_until(lambda: any(marks.glob("0-*")), RESULT_TIMEOUT_S, "item 0 to start")
+    (first_run,) = marks.glob("0-*")
+    victim_pid = int(first_run.name.split("-")[1])
     os.kill(victim_pid, signal.SIGKILL)
-    delivered.extend(collector.take(n - len(delivered)))
 
-    outcomes = by_index(delivered)
+    outcomes = by_index(collector.take(n))
     assert sorted(outcomes) == list(range(n))
     assert all(ok for ok, _ in outcomes.values()), outcomes
-    ran_by = [
-        pid
-        for item, pid in (map(int, m.split("-")) for m in os.listdir(marks))
-        if item == victim_item
-    ]
-    assert victim_pid in ran_by  # started on the victim...
-    assert len(ran_by) >= 2  # ...and run again elsewhere
-    assert outcomes[victim_item][1][1] != victim_pid
-    dask_cluster.wait_for_workers()  # the nanny restarts it; later tests need two
+    runs_of_item_0 = sorted(int(m.name.split("-")[1]) for m in marks.glob("0-*"))
+    assert len(runs_of_item_0) == 2  # dask ran it again, on a live worker
+    assert outcomes[0] == (True, (0, next(p for p in runs_of_item_0 if p != victim_pid)))
 
 
 def test_initializer_runs_once_per_worker(dask_cluster: DaskTestCluster, on_cluster: Any) -> None:
@@ -438,6 +442,22 @@ def test_initializer_runs_once_per_worker(dask_cluster: DaskTestCluster, on_clus
     assert len(seen) == len(chunks)
     assert {calls for _pid, calls in seen} == {1}
     assert {pid for pid, _ in seen} <= set(dask_cluster.worker_pids().values())
+
+
+def blas_threads(_x: int) -> set[int]:
+    from threadpoolctl import threadpool_info
+
+    return {lib["num_threads"] for lib in threadpool_info() if lib["user_api"] == "blas"}
+
+
+def test_native_threads_caps_blas_in_the_workers(on_cluster: Any) -> None:
+    pytest.importorskip("numpy")  # the workers load it with this module: BLAS is there
+    backend, collector = on_cluster(native_threads=2)
+    backend.submit(chunk_of(blas_threads, [0]))
+    assert collector.take(1)[0].outcomes == [(True, {2})]
+    backend, collector = on_cluster()  # no cap: dask's own default, one thread
+    backend.submit(chunk_of(blas_threads, [0]))
+    assert collector.take(1)[0].outcomes == [(True, {1})]
 
 
 def test_initializer_failure_reaches_the_caller(on_cluster: Any) -> None:
@@ -509,10 +529,12 @@ def test_importing_the_backend_module_does_not_import_distributed() -> None:
     subprocess.run([sys.executable, "-c", code], check=True, timeout=RESULT_TIMEOUT_S)
 
 
-def test_local_cluster_when_no_address(make_backend: Any) -> None:
+def test_local_cluster_when_no_address(make_backend: Any, tmp_path: Path) -> None:
     # allowed-failures=0: the first worker death is final (KilledWorker), so
     # the crash below costs one worker restart, not four.
-    with dask.config.set({"distributed.scheduler.allowed-failures": 0}):
+    with dask.config.set(
+        {"distributed.scheduler.allowed-failures": 0, "temporary-directory": str(tmp_path)}
+    ):
         backend, collector = make_backend(workers=2)
     assert backend._cluster is not None
     assert len(backend._client.nthreads()) == 2
@@ -540,3 +562,117 @@ def test_shipped_box_can_be_copied_again_after_loading() -> None:
     assert box.load() is square
     again = pickle.loads(pickle.dumps(box))
     assert again.load() is square
+
+
+# -- end to end: the public API on the session cluster ---------------------------
+
+
+def flaky(marker_dir: str, x: int) -> int:
+    """Odd items fail their first call (the call count lives in a file)."""
+    calls = Path(marker_dir) / f"calls-{x}"
+    with calls.open("a") as f:
+        f.write(".")
+    if x % 2 and calls.stat().st_size == 1:
+        raise OSError(f"transient failure for {x}")
+    return x
+
+
+def test_powerpool_map_on_the_cluster_equals_serial(dask_cluster: DaskTestCluster) -> None:
+    xs = list(range(500))
+    assert pp.map(square, xs, backend="dask", address=dask_cluster.address) == [
+        square(x) for x in xs
+    ]
+
+
+def test_powerpool_imap_streams_an_endless_iterator(dask_cluster: DaskTestCluster) -> None:
+    pulled = 0
+
+    def endless() -> Iterator[int]:
+        nonlocal pulled
+        for x in count():
+            pulled += 1
+            yield x
+
+    results = pp.imap(square, endless(), backend="dask", address=dask_cluster.address, chunksize=5)
+    assert list(islice(results, 60)) == [x * x for x in range(60)]
+    # The window is 2 chunks per worker: 2 workers x 2 chunks x 5 items ahead,
+    # plus what the ordered results hold; far from unbounded.
+    assert pulled <= 60 + 10 * 5
+    results.close()  # type: ignore[attr-defined]
+
+
+def test_powerpool_errors_keep_type_and_retries_cure_flaky_items(
+    dask_cluster: DaskTestCluster, tmp_path: Path
+) -> None:
+    with pytest.raises(CustomError, match="odd input 1") as info:
+        pp.map(fail_on_odd, range(4), backend="dask", address=dask_cluster.address)
+    assert isinstance(info.value.__cause__, RemoteTraceback)
+    assert "fail_on_odd" in info.value.__cause__.tb
+
+    fn = functools.partial(flaky, str(tmp_path))
+    assert pp.map(fn, range(6), backend="dask", address=dask_cluster.address, retries=1) == list(
+        range(6)
+    )
+    assert (tmp_path / "calls-1").read_text() == ".."  # failed once, retried once
+    assert (tmp_path / "calls-2").read_text() == "."
+
+
+def test_pool_imap_unordered_and_submit_on_the_cluster(dask_cluster: DaskTestCluster) -> None:
+    with pp.Pool("dask", address=dask_cluster.address) as pool:
+        pairs = dict(pool.imap_unordered(square, range(40), with_index=True))
+        assert pairs == {i: i * i for i in range(40)}
+        assert pool.submit(add, 2, y=3).result(timeout=RESULT_TIMEOUT_S) == 5
+
+
+def test_pool_cancel_cancels_the_clusters_tasks(dask_cluster: DaskTestCluster) -> None:
+    with pp.Pool("dask", address=dask_cluster.address, chunksize=1) as pool:
+        outcome: list[BaseException] = []
+
+        def consume() -> None:
+            try:
+                pool.map(sleep_polling, [40.0] * 4)
+            except BaseException as exc:  # the test inspects it
+                outcome.append(exc)
+
+        consumer = threading.Thread(target=consume)
+        consumer.start()
+        wait_until(
+            lambda: sum(map(len, dask_cluster.client.processing().values())) >= 2,
+            RESULT_TIMEOUT_S,
+            "the long items to start",
+        )
+        pool.cancel()
+        consumer.join(timeout=RESULT_TIMEOUT_S)
+        assert not consumer.is_alive()
+        assert len(outcome) == 1
+        assert isinstance(outcome[0], CancelledError)
+        wait_until(
+            lambda: not dask_cluster.scheduler_keys("powerpool-sleep_polling"),
+            RESULT_TIMEOUT_S,
+            "the scheduler to drop the cancelled tasks",
+        )
+        # The pool stays usable, and the workers are free again at once.
+        assert pool.map(square, range(4)) == [0, 1, 4, 9]
+
+
+def test_a_per_item_timeout_is_refused_up_front(dask_cluster: DaskTestCluster) -> None:
+    with pytest.raises(ValueError, match="timeout"):
+        pp.map(square, range(3), backend="dask", address=dask_cluster.address, timeout=1.0)
+
+
+def test_command_line_runs_on_the_cluster(dask_cluster: DaskTestCluster, tmp_path: Path) -> None:
+    source = tmp_path / "in.jsonl"
+    source.write_text("".join(f"{x}\n" for x in range(20)))
+    proc = subprocess.run(
+        [
+            sys.executable, "-m", "powerpool", "run", "math:factorial", str(source),
+            "--backend", "dask", "--address", dask_cluster.address, "--quiet",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=RESULT_TIMEOUT_S * 2,
+        check=False,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    lines = [json.loads(line) for line in proc.stdout.splitlines()]
+    assert [(r["index"], r["result"]) for r in lines] == [(x, math.factorial(x)) for x in range(20)]

@@ -33,25 +33,36 @@ def _split(options: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
     return options, run
 
 
-def _warm_pool(backend: str, pool_options: dict[str, Any]) -> Pool:
-    """The shared pool for these options (created on first use)."""
+def _warm_pool(backend: str, pool_options: dict[str, Any]) -> tuple[Pool, bool]:
+    """The shared pool for these options, and whether it is shared (kept warm).
+
+    Options that cannot be hashed (a client object, a dict of cluster
+    settings) get a pool of their own, which the caller must shut down.
+    """
     try:
         key: Hashable = (backend, tuple(sorted(pool_options.items())))
         hash(key)
-    except TypeError:  # unhashable option (a client object, a list): no sharing
-        key = None
+    except TypeError:
+        return Pool(backend, progress=False, **pool_options), False
     with _lock:
-        pool = _warm.get(key) if key is not None else None
+        pool = _warm.get(key)
         if pool is not None and pool.state.value == "open":
             _warm.move_to_end(key)
-            return pool
+            return pool, True
         pool = Pool(backend, progress=False, **pool_options)
-        if key is not None:
-            _warm[key] = pool
-            if len(_warm) > MAX_WARM_POOLS:
-                _, oldest = _warm.popitem(last=False)
-                oldest.shutdown(wait=False)
-        return pool
+        _warm[key] = pool
+        if len(_warm) > MAX_WARM_POOLS:
+            _, oldest = _warm.popitem(last=False)
+            oldest.shutdown(wait=False)
+        return pool, True
+
+
+def _closing(pool: Pool, results: Iterator[Any]) -> Iterator[Any]:
+    """Iterate ``results``, then shut down the private ``pool`` they come from."""
+    try:
+        yield from results
+    finally:
+        pool.shutdown(wait=False, cancel_futures=True)
 
 
 def map(  # noqa: A001 - mirrors the builtin on purpose
@@ -68,8 +79,12 @@ def map(  # noqa: A001 - mirrors the builtin on purpose
     [1, 2, 3]
     """
     pool_options, run_options = _split(options)
-    pool = _warm_pool(backend, pool_options)
-    result = pool.map(fn, *iterables, **run_options)
+    pool, shared = _warm_pool(backend, pool_options)
+    try:
+        result = pool.map(fn, *iterables, **run_options)
+    finally:
+        if not shared:
+            pool.shutdown()
     if explain and pool.last_plan is not None:
         print(pool.last_plan)  # noqa: T201 - explain=True asks for exactly this
     return result
@@ -80,7 +95,9 @@ def imap(
 ) -> Iterator[Any]:
     """Lazy :func:`map`: results in input order, bounded memory for endless input."""
     pool_options, run_options = _split(options)
-    return _warm_pool(backend, pool_options).imap(fn, *iterables, **run_options)
+    pool, shared = _warm_pool(backend, pool_options)
+    results = pool.imap(fn, *iterables, **run_options)
+    return results if shared else _closing(pool, results)
 
 
 def imap_unordered(
@@ -92,8 +109,9 @@ def imap_unordered(
 ) -> Iterator[Any]:
     """Results as they complete; ``with_index=True`` yields ``(input_index, result)``."""
     pool_options, run_options = _split(options)
-    pool = _warm_pool(backend, pool_options)
-    return pool.imap_unordered(fn, *iterables, with_index=with_index, **run_options)
+    pool, shared = _warm_pool(backend, pool_options)
+    results = pool.imap_unordered(fn, *iterables, with_index=with_index, **run_options)
+    return results if shared else _closing(pool, results)
 
 
 def shutdown_warm_pools() -> None:

@@ -36,7 +36,6 @@ __all__ = ["Pool", "PoolState"]
 
 _BACKEND_NAMES = ("auto", "serial", "threads", "asyncio", "processes", "dask")
 _ASYNC_BACKENDS = ("asyncio",)
-_OPTION_BACKENDS = ("auto", "dask")
 _ERROR_POLICIES = ("raise", "return", "skip")
 
 MAX_LIVE_BACKENDS = 4
@@ -98,13 +97,8 @@ class Pool:
             raise ValueError(f"workers must be a positive integer, got {workers!r}")
         if initializer is not None and not callable(initializer):
             raise TypeError(f"initializer must be callable, got {initializer!r}")
-        if backend_options and backend not in _OPTION_BACKENDS:
-            # Only dask (and auto, which may pick it) reads backend options; anywhere
-            # else an extra keyword is a typo ("retires=3") that must not pass silently.
-            raise TypeError(
-                f"unexpected option(s) for backend {backend!r}: "
-                f"{', '.join(sorted(backend_options))}"
-            )
+        if backend_options:
+            _check_backend_options(backend, backend_options)
         self._backend_name = backend
         self._workers = workers
         self._defaults = _run_options(
@@ -116,6 +110,9 @@ class Pool:
             errors=errors,
             progress=progress,
         )
+        if backend != "auto":
+            # Say so now: submit() never reaches the per-run check in _iterate.
+            _check_timeout(backend, self._defaults)
         self._initializer = initializer
         self._initargs = tuple(initargs)
         self._native_threads = native_threads
@@ -469,9 +466,24 @@ class _Prepared:
 def _check_timeout(name: str, options: RunOptions) -> None:
     if options.timeout_s is not None and not load(name).supports_timeout:
         raise ValueError(
-            f"backend {name!r} cannot enforce a per-item timeout "
-            "(it runs items in your thread); use threads or processes"
+            f"backend {name!r} cannot enforce a per-item timeout (it has no way to stop "
+            "one late item); use threads, asyncio or processes"
         )
+
+
+def _check_backend_options(backend: str, options: dict[str, Any]) -> None:
+    """Only dask reads backend options (auto hands them on if it picks dask);
+    anything else is a typo ("retires=3") that must not pass silently."""
+    if backend == "dask":
+        return  # the dask backend checks its own, with their combinations
+    if backend == "auto":
+        from ._backends._dask import _OPTIONS
+
+        unknown = sorted(set(options) - _OPTIONS)
+    else:
+        unknown = sorted(options)
+    if unknown:
+        raise TypeError(f"unexpected option(s) for backend {backend!r}: {', '.join(unknown)}")
 
 
 def _route(result: ChunkResult) -> None:

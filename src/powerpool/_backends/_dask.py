@@ -60,7 +60,7 @@ import uuid
 from collections.abc import Callable, Mapping
 from concurrent.futures import CancelledError
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import Any, ClassVar, TypeVar
 
 from powerpool._backends._base import BackendConfig, Deliver
 from powerpool._errors import (
@@ -97,6 +97,13 @@ _FN_CACHE_SIZE = 4
 # function (and whatever a functools.partial carries) in every worker's
 # memory, so the cache stays small.
 
+_KILLED = (
+    "dask gave up on this chunk: every worker that ran it died "
+    "(often out of memory, or a crash in native code). "
+)
+
+_E = TypeVar("_E", bound=BaseException)
+
 _CANCEL_GRACE_S = 10.0
 # How long shutdown(wait=False) or shutdown(kill=True) waits for the cluster
 # to confirm cancelled futures before reporting them cancelled itself. The
@@ -128,18 +135,12 @@ class _InFlight:
 class DaskBackend:
     """Run chunks as tasks on a dask ``distributed`` cluster.
 
-    ``BackendConfig.options`` (at most one of the first three):
-
-    * ``address``: scheduler address, e.g. ``"tcp://10.0.0.5:8786"``;
-    * ``scheduler_file``: the JSON file ``dask scheduler --scheduler-file`` wrote;
-    * ``client``: an existing synchronous ``distributed.Client``; never closed here;
-    * ``security``: a ``distributed.Security`` (or ``True`` for temporary TLS
-      credentials on a LocalCluster), passed to ``Client``/``LocalCluster``;
-    * ``cluster_kwargs``: extra ``LocalCluster`` arguments when none of the
-      first three is given.
-
-    With none of them a ``LocalCluster`` of ``config.workers`` processes with
-    one thread each is started (and closed by :meth:`shutdown`).
+    ``BackendConfig.options``: at most one of ``address``, ``scheduler_file``
+    or ``client`` (an existing synchronous Client, never closed here), plus
+    ``security`` (passed to Client/LocalCluster). With none of the three, a
+    ``LocalCluster`` of ``config.workers`` single-threaded processes is
+    started (``cluster_kwargs`` adds to its arguments) and closed by
+    :meth:`shutdown`. See docs/cluster.md.
     """
 
     name: ClassVar[str] = "dask"
@@ -166,11 +167,14 @@ class DaskBackend:
         # merged by dask) and keys the per-worker initializer state.
         self._token = uuid.uuid4().hex[:12]
         self._seq = itertools.count(1)  # next() is atomic under the GIL
-        self._killed_worker: type[BaseException] = distributed.KilledWorker
+        from distributed.scheduler import KilledWorker  # where every version defines it
 
+        self._killed_worker: type[BaseException] = KilledWorker
+
+        self._native_threads = config.native_threads
         init_blob: bytes | None = None
-        if config.initializer is not None or config.native_threads is not None:
-            spec = (config.initializer, tuple(config.initargs), config.native_threads)
+        if config.initializer is not None:
+            spec = (config.initializer, tuple(config.initargs))
             try:
                 init_blob = _dumps(spec)
             except Exception as exc:
@@ -183,7 +187,7 @@ class DaskBackend:
         )
         try:
             if self._cluster is not None:
-                self.workers = config.workers
+                self.workers = max(1, config.workers)
             else:
                 threads = sum(self._client.nthreads().values())
                 self.workers = threads if threads > 0 else max(1, config.workers)
@@ -230,7 +234,8 @@ class DaskBackend:
             # Delivered right here, as the serial backend does: the core allows
             # deliver() from inside submit().
             message, cause = str(exc), exc.__cause__
-            self._safe_deliver(_all_failed(chunk, lambda: _serialization_error(message, cause)))
+            make = functools.partial(_fresh, SerializationError, message, cause)
+            self._safe_deliver(_all_failed(chunk, make))
             return
         blob, sent, prefailed = _pack_items(chunk)
         if not sent:
@@ -247,6 +252,7 @@ class DaskBackend:
                 n_items=len(sent),
                 task_key=key,
                 epoch=chunk.epoch,
+                native_threads=self._native_threads,
                 key=key,
                 pure=False,  # also implied by the unique key; said for the reader
                 retries=0,  # the core retries items; dask re-runs only on worker loss
@@ -272,8 +278,11 @@ class DaskBackend:
                 entry.cancelled = True
         if doomed:
             # One message to the scheduler; a running task then finds its
-            # worker-side state "cancelled" and should_stop() turns true.
-            self._client.cancel([entry.future for entry in doomed])
+            # worker-side state "cancelled" and should_stop() turns true. A
+            # client that lost its scheduler has nothing left to cancel: its
+            # futures are reported as they fail, so cancel() need not raise.
+            with contextlib.suppress(Exception):
+                self._client.cancel([entry.future for entry in doomed])
 
     def shutdown(self, *, wait: bool = True, kill: bool = False) -> None:
         """Wait for (or cancel) in-flight chunks, then close what powerpool opened.
@@ -335,7 +344,7 @@ class DaskBackend:
                 blob = _dumps(fn)
             except Exception as exc:
                 raise SerializationError(
-                    f"the function {_describe(fn)} could not be pickled: {exc}"
+                    f"the function {getattr(fn, '__qualname__', fn)!s} could not be pickled: {exc}"
                 ) from exc
             box = self._client.scatter(_Shipped(blob, self._token), broadcast=True, hash=False)
             self._fns.append((fn, box))
@@ -359,6 +368,9 @@ class DaskBackend:
                 try:
                     self._safe_deliver(self._collect(entry, future.status, value))
                 finally:
+                    # Drop our references before blocking again: a Future kept
+                    # alive keeps its task (and result) pinned on the cluster.
+                    del entry, future, value
                     with self._lock:
                         self._delivering -= 1
                         self._changed.notify_all()
@@ -370,12 +382,17 @@ class DaskBackend:
             if entry.cancelled:
                 return _all_failed(chunk, _cancelled_error)
             # Not ours: the scheduler forgot the task (e.g. the client lost it).
-            return self._fail_sent(entry, functools.partial(_lost_error, value))
+            lost = f"the dask scheduler dropped this chunk: {value}"
+            return self._fail_sent(
+                entry, functools.partial(_fresh, WorkerCrashedError, lost, value)
+            )
         if status == "error":
             _type, exc, tb = value  # what as_completed gives for a failed task
             exc = exc.with_traceback(tb)
             if isinstance(exc, self._killed_worker):
-                return self._fail_sent(entry, functools.partial(_killed_error, exc))
+                return self._fail_sent(
+                    entry, functools.partial(_fresh, WorkerCrashedError, _KILLED + str(exc), exc)
+                )
             # The task itself failed outside any item (we catch those).
             exc.__cause__ = RemoteTraceback(_format(exc))
             return self._fail_sent(entry, functools.partial(_same, exc))
@@ -383,9 +400,8 @@ class DaskBackend:
         try:
             sent_outcomes: list[tuple[bool, Any]] = pickle.loads(blob)
         except Exception as exc:
-            err = SerializationError(f"the results of this chunk could not be unpickled: {exc}")
-            err.__cause__ = exc
-            return self._fail_sent(entry, functools.partial(_same, err))
+            why = f"the results of this chunk could not be unpickled: {exc}"
+            return self._fail_sent(entry, functools.partial(_fresh, SerializationError, why, exc))
         outcomes = _merge(entry, [_rebuild(o) for o in sent_outcomes])
         return ChunkResult(chunk, outcomes, worker=where, busy_s=busy_s)
 
@@ -528,9 +544,9 @@ def _all_failed(chunk: Chunk, make: Callable[[], BaseException]) -> ChunkResult:
     return ChunkResult(chunk, [(False, make()) for _ in chunk.items], worker="", busy_s=0.0)
 
 
-def _serialization_error(message: str, cause: BaseException | None) -> SerializationError:
-    """A fresh error per item, so that raising one does not alter the others."""
-    err = SerializationError(message)
+def _fresh(cls: type[_E], message: str, cause: BaseException | None) -> _E:
+    """A new error per item, so that raising one does not alter the others."""
+    err = cls(message)
     err.__cause__ = cause
     return err
 
@@ -543,30 +559,11 @@ def _cancelled_error() -> CancelledError:
     return CancelledError("the pool cancelled this item before it finished")
 
 
-def _killed_error(exc: BaseException) -> WorkerCrashedError:
-    err = WorkerCrashedError(
-        "dask gave up on this chunk: every worker that ran it died "
-        f"(often out of memory, or a crash in native code). {exc}"
-    )
-    err.__cause__ = exc
-    return err
-
-
-def _lost_error(exc: BaseException) -> WorkerCrashedError:
-    err = WorkerCrashedError(f"the dask scheduler dropped this chunk: {exc}")
-    err.__cause__ = exc
-    return err
-
-
 def _task_name(fn: Callable[..., Any]) -> str:
     """A readable task prefix for the dashboard, e.g. ``powerpool-is_prime-...``."""
     inner = getattr(fn, "func", fn)  # functools.partial shows what it wraps
     raw = getattr(inner, "__name__", type(inner).__name__)
     return re.sub(r"[^A-Za-z0-9_]", "_", raw)[:40] or "fn"
-
-
-def _describe(fn: Callable[..., Any]) -> str:
-    return getattr(fn, "__qualname__", None) or repr(fn)
 
 
 def _rebuild(outcome: tuple[bool, Any]) -> Outcome:
@@ -639,7 +636,7 @@ class _RemoteFailure:
     @classmethod
     def capture(cls, exc: BaseException) -> _RemoteFailure:
         """Record ``exc``; one that cannot cross the wire becomes a SerializationError."""
-        tb = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
+        tb = _format(exc)
         try:
             pickle.loads(_dumps(exc))  # both ways: a bad __init__ fails only on loads
         except Exception as why:
@@ -671,16 +668,14 @@ def _initialize(box: _Shipped, where: str) -> _RemoteFailure | None:
             return _INIT_DONE[key]
         failure: _RemoteFailure | None = None
         try:
-            initializer, initargs, native_threads = box.load()
-            if native_threads is not None:
-                from threadpoolctl import threadpool_limits
-
-                threadpool_limits(limits=native_threads)
-            if initializer is not None:
-                initializer(*initargs)
+            initializer, initargs = box.load()
+            initializer(*initargs)
         except Exception as exc:
             failure = _RemoteFailure(
-                InitializerError(f"the initializer failed on dask worker {where}: {exc!r}"),
+                InitializerError(
+                    f"the pool's initializer raised {type(exc).__name__}: {exc} "
+                    f"(on dask worker {where})"
+                ),
                 tb="",
                 cause=_RemoteFailure.capture(exc),
             )
@@ -739,6 +734,7 @@ def _run_chunk(
     n_items: int,
     task_key: str,
     epoch: int,
+    native_threads: int | None,
 ) -> tuple[str, float, bytes]:
     """Worker side: run every call of one chunk; return (worker, busy_s, pickled outcomes)."""
     where = _worker_address()
@@ -753,7 +749,7 @@ def _run_chunk(
     outcomes: list[tuple[bool, Any]] = []
     token = StopToken(_TaskCancelled(task_key, epoch), epoch)
     start = time.perf_counter()
-    with running(token):
+    with running(token), _native_limit(native_threads):
         for args, kwargs in calls:
             if token.is_set():
                 break  # dask discards a cancelled task's result: skip the rest
@@ -765,6 +761,22 @@ def _run_chunk(
     stopped = _RemoteFailure(CancelledError("cancelled"), tb="")
     outcomes.extend([(False, stopped)] * (len(calls) - len(outcomes)))
     return where, busy_s, _dump_outcomes(outcomes)
+
+
+def _native_limit(native_threads: int | None) -> contextlib.AbstractContextManager[object]:
+    """Cap BLAS/OpenMP threads for one chunk, when the pool asked for a cap.
+
+    Per chunk, not once per worker: threadpoolctl limits only the libraries
+    loaded so far, and the function may load numpy on its first call. It
+    costs under 1 ms per 0.2 s chunk. Without a cap, dask's default holds
+    (nannies start workers with OMP/MKL/OPENBLAS_NUM_THREADS=1).
+    """
+    if native_threads is None:
+        return contextlib.nullcontext()
+    from threadpoolctl import threadpool_limits
+
+    limits: contextlib.AbstractContextManager[object] = threadpool_limits(limits=native_threads)
+    return limits
 
 
 def _dump_outcomes(outcomes: list[tuple[bool, Any]]) -> bytes:
