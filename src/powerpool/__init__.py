@@ -5,7 +5,8 @@ The public names are re-exported here; everything else is private.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING as _TYPE_CHECKING
+from typing import Any as _Any
 
 from ._aio import aimap, amap
 from ._api import imap, imap_unordered, map, shutdown_warm_pools
@@ -26,7 +27,7 @@ from ._pool import Pool, PoolState
 from ._stats import PoolStats
 from ._stop import should_stop
 
-if TYPE_CHECKING:
+if _TYPE_CHECKING:
     from ._plan import Plan, plan
     from ._profile import Profile, Workload, profile
 
@@ -70,7 +71,7 @@ _LAZY = {
 }
 
 
-def __getattr__(name: str) -> Any:
+def __getattr__(name: str) -> _Any:
     # The profiler pulls in more of the standard library than most runs need;
     # import it on first use (the pattern of concurrent.futures' __init__).
     module = _LAZY.get(name)

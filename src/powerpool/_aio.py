@@ -56,6 +56,11 @@ async def aimap(
     if is_coroutine_function(fn) and backend in ("auto", "asyncio"):
         if options:
             raise TypeError(f"unexpected option(s) for coroutines: {', '.join(sorted(options))}")
+        # Checked here because no Pool does it on this path (workers=-1 used to yield nothing).
+        if workers is not None and (not isinstance(workers, int) or workers < 1):
+            raise ValueError(f"workers must be a positive integer, got {workers!r}")
+        if timeout is not None and (not isinstance(timeout, (int, float)) or timeout <= 0):
+            raise ValueError(f"timeout must be a positive number of seconds, got {timeout!r}")
         gen = _on_this_loop(fn, iterables, ordered, workers or ASYNC_DEFAULT_WORKERS, timeout, errors)
     else:
         gen = _bridged(fn, iterables, ordered, backend, workers, timeout, errors, options)

@@ -52,8 +52,11 @@ def _warm_pool(backend: str, pool_options: dict[str, Any]) -> tuple[Pool, bool]:
         pool = Pool(backend, progress=False, **pool_options)
         _warm[key] = pool
         if len(_warm) > MAX_WARM_POOLS:
-            _, oldest = _warm.popitem(last=False)
-            oldest.shutdown(wait=False)
+            # Evict the least recently used pool that is idle: one with a live
+            # imap or pending futures stays (over the limit) until it is done.
+            idle = next((k for k, p in _warm.items() if p is not pool and p.idle()), None)
+            if idle is not None:
+                _warm.pop(idle).shutdown(wait=False)
         return pool, True
 
 

@@ -205,6 +205,11 @@ class Pool:
         for backend in backends:
             backend.cancel(epoch)
 
+    def idle(self) -> bool:
+        """True when no run (map/imap) and no future of this pool is in progress."""
+        with self._lock:
+            return not self._runs and not self._futures
+
     def stats(self) -> PoolStats:
         """Counters and busy time since the pool was created."""
         return self._ledger.snapshot()

@@ -28,7 +28,12 @@ class Progress:
             return
         from tqdm.auto import tqdm
 
-        self._bar = tqdm(
+        class _Bar(tqdm):  # type: ignore[misc, valid-type]
+            # tqdm's monitor thread lives as long as the process and exists to
+            # unstick bars updated too rarely; ours update once per chunk.
+            monitor_interval = 0
+
+        self._bar = _Bar(
             total=total,
             desc=desc,
             unit="item",

@@ -18,6 +18,7 @@ import itertools
 import queue
 import threading
 import time
+from concurrent.futures import CancelledError
 from dataclasses import dataclass, field
 from typing import ClassVar
 
@@ -77,7 +78,17 @@ class ThreadBackend:
                         target=self._watch, name="powerpool-threads-watchdog", daemon=True
                     )
                     self._watchdog.start()
-        self._queue.put(chunk)
+        # Under the lock, so that no chunk lands behind shutdown's exit sentinels
+        # where no thread would ever take it (its caller would wait forever).
+        with self._lock:
+            closed = self._closed
+            if not closed:
+                self._queue.put(chunk)
+        if closed:
+            if chunk.claim():
+                error = CancelledError("the pool was shut down")
+                self._deliver(ChunkResult(chunk, [(False, error)] * len(chunk), "threads", 0.0))
+            return
         if not self._idle.acquire(blocking=False):
             self._grow()
 
@@ -91,9 +102,9 @@ class ThreadBackend:
             else:
                 self._closed = True
                 threads = [*self._threads]
+                for _ in threads:
+                    self._queue.put(None)
                 self._wake.notify_all()
-        for _ in threads:
-            self._queue.put(None)
         if kill:
             # Threads can't be killed: ask running tasks to stop, don't wait.
             self._flag.value = 1 << 62
@@ -136,6 +147,9 @@ class ThreadBackend:
                     self._deliver(ChunkResult(chunk, [(False, error)] * len(chunk), me.name, 0.0))
                 elif not self._run(me, chunk):
                     return  # abandoned after a timeout: a replacement already runs
+            # Don't keep the finished chunk (its function, arguments and whatever
+            # they bind) alive while blocked on the next get(): CPython's "del work_item".
+            del chunk
             self._idle.release()
 
     def _run(self, me: threading.Thread, chunk: Chunk) -> bool:

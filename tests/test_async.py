@@ -1,0 +1,417 @@
+"""The async face (``amap``/``aimap``) and the asyncio backend behind the sync API.
+
+Each async test drives its own loop with ``asyncio.run``, so no plugin is
+needed and every loop (and its default executor) is closed by the test.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import CancelledError
+from typing import Any
+
+import pytest
+
+import powerpool as pp
+
+pytestmark = pytest.mark.timeout(30)
+
+
+class CustomError(Exception):
+    """An error type of the caller's own."""
+
+
+async def async_square(x: int) -> int:
+    await asyncio.sleep(0)
+    return x * x
+
+
+async def slower_first(x: int) -> int:
+    """Earlier items finish later."""
+    await asyncio.sleep(0.05 * (4 - x))
+    return x
+
+
+async def async_sleep(seconds: float) -> float:
+    await asyncio.sleep(seconds)
+    return seconds
+
+
+async def async_fail_on_three(x: int) -> int:
+    await asyncio.sleep(0)
+    if x == 3:
+        raise CustomError(f"item {x} is cursed")
+    return x
+
+
+def blocking_sleep(seconds: float) -> float:
+    time.sleep(seconds)
+    return seconds
+
+
+def stoppable_sleep(seconds: float) -> float:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline and not pp.should_stop():
+        time.sleep(0.01)
+    return seconds
+
+
+def square(x: int) -> int:
+    return x * x
+
+
+def fail_on_three(x: int) -> int:
+    if x == 3:
+        raise CustomError(f"item {x} is cursed")
+    return x
+
+
+class InFlight:
+    """Counts coroutines running at once and remembers the peak."""
+
+    def __init__(self) -> None:
+        self.now = 0
+        self.peak = 0
+        self._lock = threading.Lock()  # the asyncio backend runs on its own thread
+
+    async def __call__(self, x: int) -> int:
+        with self._lock:
+            self.now += 1
+            self.peak = max(self.peak, self.now)
+        try:
+            await asyncio.sleep(0.02)
+        finally:
+            with self._lock:
+                self.now -= 1
+        return x
+
+
+def run(coro_fn: Callable[[], Any]) -> Any:
+    return asyncio.run(coro_fn())
+
+
+# -- amap / aimap with coroutine functions (on the caller's loop) ---------------
+
+
+def test_amap_returns_results_in_input_order() -> None:
+    async def main() -> list[int]:
+        return await pp.amap(slower_first, range(5))
+
+    assert run(main) == [0, 1, 2, 3, 4]
+
+
+def test_amap_zips_several_iterables() -> None:
+    async def add(x: int, y: int) -> int:
+        return x + y
+
+    async def main() -> list[int]:
+        return await pp.amap(add, [1, 2, 3], [10, 20])
+
+    assert run(main) == [11, 22]
+
+
+def test_amap_of_nothing_is_empty() -> None:
+    async def main() -> list[int]:
+        return await pp.amap(async_square, [])
+
+    assert run(main) == []
+
+
+def test_aimap_unordered_yields_as_completed() -> None:
+    async def main() -> list[int]:
+        return [r async for r in pp.aimap(slower_first, range(5), ordered=False)]
+
+    results = run(main)
+    assert sorted(results) == [0, 1, 2, 3, 4]
+    assert results[0] == 4  # no wait at all; item 0 waits 0.2 s
+    assert results[-1] == 0
+
+
+def test_aimap_ordered_by_default() -> None:
+    async def main() -> list[int]:
+        return [r async for r in pp.aimap(slower_first, range(5))]
+
+    assert run(main) == [0, 1, 2, 3, 4]
+
+
+def test_amap_bounds_coroutines_in_flight() -> None:
+    counter = InFlight()
+
+    async def main() -> list[int]:
+        return await pp.amap(counter, range(30), workers=3)
+
+    assert run(main) == list(range(30))
+    assert counter.peak == 3
+
+
+def test_aimap_unordered_bounds_coroutines_in_flight() -> None:
+    counter = InFlight()
+
+    async def main() -> list[int]:
+        return [r async for r in pp.aimap(counter, range(30), workers=3, ordered=False)]
+
+    assert sorted(run(main)) == list(range(30))
+    assert counter.peak <= 3
+
+
+def test_amap_error_keeps_its_type() -> None:
+    async def main() -> list[int]:
+        return await pp.amap(async_fail_on_three, range(6))
+
+    with pytest.raises(CustomError, match="cursed"):
+        run(main)
+
+
+def test_amap_errors_return_and_skip() -> None:
+    async def main() -> tuple[list[Any], list[Any]]:
+        returned = await pp.amap(async_fail_on_three, range(6), errors="return")
+        skipped = await pp.amap(async_fail_on_three, range(6), errors="skip")
+        return returned, skipped
+
+    returned, skipped = run(main)
+    assert returned[:3] == [0, 1, 2]
+    assert isinstance(returned[3], CustomError)
+    assert skipped == [0, 1, 2, 4, 5]
+
+
+def test_amap_timeout_is_item_timeout_error() -> None:
+    async def main() -> list[Any]:
+        return await pp.amap(async_sleep, [0.0, 10.0], timeout=0.2, errors="return")
+
+    results = run(main)
+    assert results[0] == 0.0
+    assert isinstance(results[1], pp.ItemTimeoutError)
+
+
+def test_breaking_out_of_aimap_cancels_the_rest() -> None:
+    async def main() -> list[float]:
+        got = []
+        async for r in pp.aimap(async_sleep, [0.0] + [10.0] * 5, ordered=False):
+            got.append(r)
+            break
+        return got
+
+    started = time.monotonic()
+    assert run(main) == [0.0]
+    assert time.monotonic() - started < 5  # the 10 s sleepers were cancelled
+
+
+# -- plain functions through amap (in a pool, off the loop) ---------------------
+
+
+@pytest.mark.parametrize("backend", ["serial", "threads", "processes"])
+def test_amap_of_a_plain_function(backend: str) -> None:
+    async def main() -> list[int]:
+        return await pp.amap(square, range(20), backend=backend)
+
+    assert run(main) == [x * x for x in range(20)]
+
+
+def test_amap_of_a_plain_function_with_auto() -> None:
+    async def main() -> list[int]:
+        return await pp.amap(square, range(20))
+
+    assert run(main) == [x * x for x in range(20)]
+
+
+def test_plain_function_does_not_block_the_loop() -> None:
+    ticks: list[float] = []
+
+    async def heartbeat(stop: asyncio.Event) -> None:
+        while not stop.is_set():
+            ticks.append(time.monotonic())
+            await asyncio.sleep(0.01)
+
+    async def main() -> list[float]:
+        stop = asyncio.Event()
+        beating = asyncio.create_task(heartbeat(stop))
+        await asyncio.sleep(0)
+        before = len(ticks)
+        results = await pp.amap(blocking_sleep, [0.3, 0.3, 0.3], backend="threads", workers=1)
+        during = len(ticks) - before
+        stop.set()
+        await beating
+        assert during >= 10, f"the loop ticked only {during} times in ~0.9 s of blocking work"
+        return results
+
+    assert run(main) == [0.3, 0.3, 0.3]
+
+
+def test_aimap_of_a_plain_function_unordered_with_errors() -> None:
+    async def main() -> list[Any]:
+        return [
+            r
+            async for r in pp.aimap(
+                fail_on_three, range(6), backend="threads", ordered=False, errors="skip"
+            )
+        ]
+
+    assert sorted(run(main)) == [0, 1, 2, 4, 5]
+
+
+def test_amap_of_a_plain_function_error_keeps_its_type() -> None:
+    async def main() -> list[int]:
+        return await pp.amap(fail_on_three, range(6), backend="processes")
+
+    with pytest.raises(CustomError, match="cursed") as info:
+        run(main)
+    assert isinstance(info.value.__cause__, pp.RemoteTraceback)
+
+
+def test_breaking_out_of_a_bridged_aimap_releases_the_pool() -> None:
+    async def main() -> list[int]:
+        got = []
+        async for r in pp.aimap(square, range(100_000), backend="threads", workers=2):
+            got.append(r)
+            if len(got) == 3:
+                break
+        return got
+
+    assert run(main) == [0, 1, 4]  # no_leaks checks the pool's threads are gone
+
+
+@pytest.mark.parametrize("backend", ["threads", "processes"])
+def test_cancelling_the_awaiting_task_stops_the_pool(backend: str) -> None:
+    async def main() -> None:
+        await asyncio.wait_for(
+            pp.amap(stoppable_sleep, [10.0] * 4, backend=backend, workers=2), timeout=0.5
+        )
+
+    started = time.monotonic()
+    with pytest.raises(asyncio.TimeoutError):
+        run(main)
+    assert time.monotonic() - started < 5  # the tasks saw should_stop() and returned
+
+
+def test_cancelling_amap_of_coroutines_cancels_them() -> None:
+    async def main() -> None:
+        await asyncio.wait_for(pp.amap(async_sleep, [10.0] * 4), timeout=0.3)
+
+    started = time.monotonic()
+    with pytest.raises(asyncio.TimeoutError):
+        run(main)
+    assert time.monotonic() - started < 5
+
+
+# -- bad input ------------------------------------------------------------------
+
+
+def test_amap_rejects_a_non_callable() -> None:
+    async def main() -> list[Any]:
+        return await pp.amap(42, [1])  # type: ignore[arg-type]
+
+    with pytest.raises(TypeError, match="callable"):
+        run(main)
+
+
+def test_amap_rejects_bad_errors_policy() -> None:
+    async def coroutines() -> list[Any]:
+        return await pp.amap(async_square, [1], errors="bogus")
+
+    async def plain() -> list[Any]:
+        return await pp.amap(square, [1], backend="threads", errors="bogus")
+
+    with pytest.raises(ValueError, match="errors"):
+        run(coroutines)
+    with pytest.raises(ValueError, match="errors"):
+        run(plain)
+
+
+@pytest.mark.parametrize("workers", [0, -1, 2.5])
+@pytest.mark.parametrize("fn", [async_square, square], ids=["coroutine", "plain"])
+def test_amap_rejects_bad_workers(fn: Callable[[int], Any], workers: object) -> None:
+    async def main() -> list[Any]:
+        return await pp.amap(fn, range(5), workers=workers, backend="auto")
+
+    with pytest.raises(ValueError, match="workers"):
+        run(main)
+
+
+@pytest.mark.parametrize("timeout", [0, -1, "1"])
+@pytest.mark.parametrize("fn", [async_square, square], ids=["coroutine", "plain"])
+def test_amap_rejects_bad_timeout(fn: Callable[[int], Any], timeout: object) -> None:
+    async def main() -> list[Any]:
+        return await pp.amap(fn, range(5), timeout=timeout, backend="auto")
+
+    with pytest.raises(ValueError, match="timeout"):
+        run(main)
+
+
+def test_amap_of_a_coroutine_on_a_sync_backend_is_a_type_error() -> None:
+    async def main() -> list[Any]:
+        return await pp.amap(async_square, [1], backend="threads")
+
+    with pytest.raises(TypeError, match="asyncio"):
+        run(main)
+
+
+# -- backend="asyncio" in the sync API ------------------------------------------
+
+
+def test_sync_map_runs_coroutines_on_the_asyncio_backend() -> None:
+    assert pp.map(async_square, range(20), backend="asyncio") == [x * x for x in range(20)]
+    results = pp.imap_unordered(slower_first, range(5), backend="asyncio", with_index=True)
+    assert sorted(results) == [(x, x) for x in range(5)]
+
+
+def test_asyncio_backend_keeps_input_order() -> None:
+    assert list(pp.imap(slower_first, range(5), backend="asyncio")) == [0, 1, 2, 3, 4]
+
+
+def test_asyncio_backend_timeout_is_item_timeout_error() -> None:
+    results = pp.map(async_sleep, [0.0, 10.0], backend="asyncio", timeout=0.2, errors="return")
+    assert results[0] == 0.0
+    assert isinstance(results[1], pp.ItemTimeoutError)
+    with pytest.raises(pp.ItemTimeoutError):
+        pp.map(async_sleep, [10.0], backend="asyncio", timeout=0.2)
+
+
+def test_asyncio_backend_error_keeps_its_type() -> None:
+    with pytest.raises(CustomError, match="cursed"):
+        pp.map(async_fail_on_three, range(6), backend="asyncio")
+    assert pp.map(async_fail_on_three, range(6), backend="asyncio", errors="skip") == [
+        0,
+        1,
+        2,
+        4,
+        5,
+    ]
+
+
+def test_asyncio_backend_bounds_coroutines_in_flight() -> None:
+    counter = InFlight()
+    assert pp.map(counter, range(30), backend="asyncio", workers=3) == list(range(30))
+    assert 1 <= counter.peak <= 3
+
+
+def test_asyncio_pool_submit() -> None:
+    with pp.Pool("asyncio") as pool:
+        assert pool.submit(async_square, 7).result(timeout=10) == 49
+        with pytest.raises(TypeError, match="coroutine"):
+            pool.submit(square, 7)
+
+
+def test_asyncio_backend_cancel_stops_a_running_map() -> None:
+    pool = pp.Pool("asyncio", workers=4)
+    box: dict[str, BaseException] = {}
+
+    def target() -> None:
+        try:
+            pool.map(async_sleep, [10.0] * 8)
+        except BaseException as exc:  # inspected below
+            box["error"] = exc
+
+    thread = threading.Thread(target=target)
+    thread.start()
+    time.sleep(0.2)
+    started = time.monotonic()
+    pool.cancel()
+    thread.join(10)
+    assert not thread.is_alive()
+    assert time.monotonic() - started < 3
+    assert isinstance(box.get("error"), CancelledError)
+    assert pool.map(async_square, [3]) == [9]  # still usable
+    pool.shutdown()
