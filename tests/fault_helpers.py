@@ -12,8 +12,10 @@ given), so one map shows both the failed item and the healthy ones.
 from __future__ import annotations
 
 import ctypes
+import faulthandler
 import os
 import signal
+import sys
 import threading
 import time
 from pathlib import Path
@@ -47,8 +49,14 @@ def pid_after(seconds: float) -> int:
 # -- crashes -----------------------------------------------------------------
 
 
+def _quiet_crash() -> None:
+    """Don't let a faulthandler inherited from pytest print a dump for an expected crash."""
+    faulthandler.disable()
+
+
 def segfault_by_signal(x: int) -> int:
     if x == BAD:
+        _quiet_crash()
         os.kill(os.getpid(), signal.SIGSEGV)
         time.sleep(LONG_S)  # the signal is delivered before this returns
     return x * x
@@ -56,6 +64,7 @@ def segfault_by_signal(x: int) -> int:
 
 def segfault_by_null_read(x: int) -> int:
     if x == BAD:
+        _quiet_crash()
         ctypes.string_at(0)  # reads address 0: a real SIGSEGV in native code
     return x * x
 
@@ -70,6 +79,12 @@ def sigkill_self(x: int) -> int:
     if x == BAD:
         os.kill(os.getpid(), signal.SIGKILL)
         time.sleep(LONG_S)
+    return x * x
+
+
+def sys_exit_4(x: int) -> int:
+    if x == BAD:
+        sys.exit(4)
     return x * x
 
 
@@ -157,10 +172,22 @@ def raise_two_arg(x: int) -> int:
     return x * x
 
 
+def return_two_arg_error(x: int) -> Any:
+    """For BAD, a *result* that pickles in the worker but won't unpickle in the caller."""
+    if x == BAD:
+        return TwoArgError(2, "as a result")
+    return x * x
+
+
 def return_lock(x: int) -> Any:
     if x == BAD:
         return threading.Lock()
     return x * x
+
+
+def make_two_arg_error() -> TwoArgError:
+    """An argument that pickles in the parent but cannot be unpickled in the worker."""
+    return TwoArgError(1, "as an argument")
 
 
 def identity(x: Any) -> Any:
@@ -179,6 +206,14 @@ _state: dict[str, Any] = {}
 
 def failing_initializer() -> None:
     raise CustomError("initializer failed on purpose")
+
+
+def exiting_initializer() -> None:
+    os._exit(5)
+
+
+def slow_initializer(seconds: float) -> None:
+    time.sleep(seconds)
 
 
 def recording_initializer(directory: str, value: str) -> None:
@@ -211,6 +246,20 @@ def record_then_exit(directory: str, x: int) -> int:
     if x == BAD:
         os._exit(1)
     return x * x
+
+
+def record_then_hang(directory: str, x: int) -> int:
+    """Leave a file per run of ``x``; hang on BAD (for timeouts)."""
+    Path(directory, f"run-{x}-{time.monotonic_ns()}").touch()
+    if x == BAD:
+        time.sleep(LONG_S)
+    return x * x
+
+
+def add(x: int, y: int = 0, *, scale: int = 1) -> int:
+    if x == BAD:
+        os._exit(3)
+    return (x + y) * scale
 
 
 # -- engine behaviour ------------------------------------------------------------

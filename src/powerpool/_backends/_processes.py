@@ -45,9 +45,9 @@ from .._errors import (
     WorkerCrashedError,
 )
 from .._system import usable_cores
-from .._task import Chunk, ChunkResult, ItemLost, Outcome
+from .._task import Chunk, ChunkResult, Item, ItemLost, Outcome
 from ._base import BackendConfig, Deliver
-from ._worker import BARE, KEYWORDS, STAR, WORKER_FN_CACHE, worker_main
+from ._worker import BARE, KEYWORDS, STAR, STARTING, WORKER_FN_CACHE, worker_main
 
 __all__ = ["ProcessBackend"]
 
@@ -59,6 +59,11 @@ re-pickling a closure over a large array per chunk is what this avoids."""
 
 JOIN_GRACE_S = 5.0
 """How long shutdown waits for an idle worker to exit before killing it."""
+
+MAX_START_DEATHS = 3
+"""Workers that die while starting, in a row, before the pool is declared
+broken: one may be bad luck (the OOM killer); three mean no worker can start
+here, and replacing them forever would only burn CPU."""
 
 
 def _dumps(obj: Any) -> bytes:
@@ -146,7 +151,7 @@ class ProcessBackend:
 
     def __init__(self, config: BackendConfig, deliver: Deliver) -> None:
         self.workers = config.workers
-        self._deliver = deliver
+        self._deliver_to = deliver
         self._context = choose_context(config.start_method)
         cores = usable_cores()
         self._native_threads = config.native_threads or max(1, cores // self.workers)
@@ -169,6 +174,14 @@ class ProcessBackend:
         # Set when workers cannot run anything (initializer raised, or no
         # worker can be started): every chunk then fails with a fresh error.
         self._broken: Callable[[], BaseException] | None = None
+        # Chunks that _submit_isolating split: the part sent -> (the chunk it
+        # stands for, items already failed here). Merged back on delivery, so
+        # the core gets exactly one result per chunk it submitted.
+        self._partials: dict[Chunk, tuple[Chunk, list[tuple[Item, Outcome]]]] = {}
+        self._start_deaths = 0
+        # Nobody writes to this pipe; workers see EOF once this process (the
+        # only holder of the write end) is gone, even under forkserver.
+        self._alive = self._context.Pipe(duplex=False)
         self._wake_r, self._wake_w = os.pipe()
         os.set_blocking(self._wake_w, False)
         self._workers: list[_Worker] = [self._start_worker(slot) for slot in range(self.workers)]
@@ -210,25 +223,57 @@ class ProcessBackend:
 
     # -- submission helpers -----------------------------------------------------
 
-    def _submit_isolating(self, chunk: Chunk) -> None:
-        """Fail only the items whose arguments cannot be pickled; send the rest."""
-        good, bad = [], []
+    def _submit_isolating(self, chunk: Chunk, worker_problem: str | None = None) -> None:
+        """Fail only the items whose arguments cannot be pickled; send the rest.
+
+        With ``worker_problem`` (the worker could not unpickle the payload),
+        the test is a round trip instead; if no item fails it here, the
+        culprit is unknown (e.g. a class only this process can import) and
+        every item fails with the worker's reason.
+        """
+        good: list[Item] = []
+        bad: list[tuple[Item, Outcome]] = []
+        verb = "pickled to send them to" if worker_problem is None else "unpickled in"
         for item in chunk.items:
             try:
-                _dumps(item[1:])
+                blob = _dumps(item[1:])
+                if worker_problem is not None:
+                    pickle.loads(blob)
                 good.append(item)
             except Exception as exc:  # noqa: BLE001
                 error = SerializationError(
-                    f"the arguments of item {item[0]} could not be pickled to send them "
-                    f"to a worker process: {type(exc).__name__}: {exc}"
+                    f"the arguments of item {item[0]} could not be {verb} a worker "
+                    f"process: {type(exc).__name__}: {exc}"
                 )
-                bad.append((item, error))
-        failed = Chunk(chunk.id, chunk.fn, [item for item, _ in bad], chunk.timeout_s,
-                       chunk.epoch, on_done=chunk.on_done)
-        self._deliver(ChunkResult(failed, [(False, error) for _, error in bad], "parent", 0.0))
-        if good:
-            chunk.items = good
-            self.submit(chunk)
+                bad.append((item, (False, error)))
+        if worker_problem is not None and not bad:
+            error = SerializationError(
+                f"the arguments could not be unpickled in a worker process: {worker_problem}"
+            )
+            self._deliver(_all_failed(chunk, error, "parent"))
+            return
+        if not good:
+            self._deliver(ChunkResult(chunk, [outcome for _, outcome in bad], "parent", 0.0))
+            return
+        sent = Chunk(chunk.id, chunk.fn, good, chunk.timeout_s, chunk.epoch, chunk.claim,
+                     chunk.on_done)
+        with self._lock:
+            self._partials[sent] = (chunk, bad)
+        self.submit(sent)
+
+    def _deliver(self, result: ChunkResult) -> None:
+        """Hand a result to the core, first merging a split chunk's parts back together."""
+        while True:
+            with self._lock:
+                split = self._partials.pop(result.chunk, None)
+            if split is None:
+                break
+            whole, failed = split
+            by_index = dict(zip(result.chunk.indices, result.outcomes))
+            by_index.update((item[0], outcome) for item, outcome in failed)
+            outcomes = [by_index[index] for index in whole.indices]
+            result = ChunkResult(whole, outcomes, result.worker, result.busy_s)
+        self._deliver_to(result)
 
     def _wake(self) -> None:
         try:
@@ -257,12 +302,12 @@ class ProcessBackend:
 
     def _start_worker(self, slot: int) -> _Worker:
         parent_end, child_end = self._context.Pipe(duplex=True)
-        self._status[2 * slot] = 0
+        self._status[2 * slot] = STARTING  # no item is blamed until it has started
         self._status[2 * slot + 1] = 0.0
         process: BaseProcess = self._context.Process(  # type: ignore[attr-defined]
             target=worker_main,
             args=(child_end, slot, self._status, self._cancel_flag, self._init_blob,
-                  self._native_threads),
+                  self._native_threads, self._alive),
             name=f"powerpool-worker-{slot}",
             daemon=True,
         )
@@ -303,6 +348,8 @@ class ProcessBackend:
             self._stop_workers()
             os.close(self._wake_r)
             os.close(self._wake_w)
+            for end in self._alive:
+                end.close()
 
     def _dispatch_loop(self) -> None:
         while True:
@@ -341,9 +388,19 @@ class ProcessBackend:
                 pending = self._pending.popleft()
             chunk = pending.chunk
             if not chunk.claim():
+                with self._lock:
+                    self._partials.pop(chunk, None)
+                continue
+            try:
+                fn_id, blob = self._function(chunk.fn)
+            except Exception as exc:  # noqa: BLE001 - fails this chunk, not the dispatcher
+                error = SerializationError(
+                    f"the function {getattr(chunk.fn, '__qualname__', chunk.fn)!r} could not "
+                    f"be pickled to send it to a worker process: {type(exc).__name__}: {exc}"
+                )
+                self._deliver(_all_failed(chunk, error, "parent"))
                 continue
             worker = idle.pop()
-            fn_id, blob = self._function(chunk.fn)
             first = worker.remember(fn_id)
             header = pickle.dumps(
                 (chunk.id, fn_id, blob if first else None, chunk.epoch, _calling_convention(chunk),
@@ -361,6 +418,9 @@ class ProcessBackend:
     def _receive(self, worker: _Worker) -> None:
         try:
             header = pickle.loads(worker.conn.recv_bytes())
+            if header[0] == "ready":  # started: a chunk's timeout runs from now on
+                self._start_deaths = 0
+                return
             if header[0] != "init-error":
                 body = worker.conn.recv_bytes()
         except (EOFError, OSError):
@@ -374,15 +434,20 @@ class ProcessBackend:
             return
         if chunk is None or chunk.id != header[0]:
             return
+        if len(header) > 2:  # the worker could not unpickle the arguments
+            self._submit_isolating(chunk, worker_problem=header[2])
+            return
         self._deliver(ChunkResult(chunk, None, worker.name, header[1], decode=_decoder(body, len(chunk))))
 
     def _on_death(self, worker: _Worker) -> None:
         chunk, worker.chunk = worker.chunk, None
+        position = int(self._status[2 * worker.slot])
+        if position == STARTING and self._broken is None:
+            self._died_starting(worker)
         if chunk is not None:
             if self._broken is not None:
                 outcomes = [(False, self._broken())] * len(chunk)
             else:
-                position = int(self._status[2 * worker.slot])
                 error = WorkerCrashedError.from_exitcode(
                     worker.process.exitcode, pid=worker.process.pid
                 )
@@ -390,12 +455,31 @@ class ProcessBackend:
             self._deliver(ChunkResult(chunk, outcomes, worker.name, 0.0))
         self._replace(worker)
 
+    def _died_starting(self, worker: _Worker) -> None:
+        """A worker died before it could run anything: in its initializer, or at start."""
+        crash = WorkerCrashedError.from_exitcode(worker.process.exitcode, pid=worker.process.pid)
+        how = str(crash).removesuffix(" while running this item")
+        if self._init_blob is not None:
+            message = f"{how} while running the pool's initializer"
+
+            def broken() -> BaseException:
+                error = InitializerError(message)
+                error.__cause__ = crash
+                return error
+
+            self._broken = broken
+            return
+        self._start_deaths += 1
+        if self._start_deaths >= MAX_START_DEATHS:
+            message = f"worker processes die while starting; the last one: {how}"
+            self._broken = lambda: WorkerCrashedError(message, exitcode=crash.exitcode)
+
     def _next_deadline(self, busy: list[_Worker]) -> float | None:
         deadlines: list[float] = []
         for worker in busy:
             assert worker.chunk is not None
-            if worker.chunk.timeout_s is None:
-                continue
+            if worker.chunk.timeout_s is None or self._status[2 * worker.slot] == STARTING:
+                continue  # no item has started yet: its time does not run
             started = max(float(self._status[2 * worker.slot + 1]), worker.sent_at)
             deadlines.append(started + worker.chunk.timeout_s)
         if not deadlines:
@@ -407,9 +491,11 @@ class ProcessBackend:
             chunk = worker.chunk
             if chunk is None or chunk.timeout_s is None:
                 continue
+            if self._status[2 * worker.slot] == STARTING:
+                continue  # still in its initializer: no item has started
             started = max(self._status[2 * worker.slot + 1], worker.sent_at)
-            if now < started + chunk.timeout_s:
-                continue
+            if now < started + chunk.timeout_s or worker.conn.poll():
+                continue  # in time, or its results are waiting to be read
             position = max(0, int(self._status[2 * worker.slot]))
             worker.chunk = None
             worker.process.kill()

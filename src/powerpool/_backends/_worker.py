@@ -15,12 +15,17 @@ the small first one; the results are unpickled by the consumer's thread)::
     pickle(("values", [result, ...]))                 every item succeeded, or
     pickle(("outcomes", [(ok, value | ShippedError)]))
 
-and, instead, once: pickle(("init-error", ShippedError)) when the initializer
-raised; the worker then exits.
+or, when the payload would not unpickle here, ``pickle((chunk_id, 0.0, why))``
+and an empty second message: the parent then finds the culprit item(s).
+
+and, once, before any of those: pickle(("ready",)) when the initializer (if
+any) has run, or instead pickle(("init-error", ShippedError)) when it raised;
+the worker then exits.
 
 Shared memory, written only by this worker, read by the parent's dispatcher:
 ``status[2*slot]`` is the position in the chunk of the item now running
-(-1 while the chunk is being unpacked) and ``status[2*slot+1]`` the
+(-1 while the chunk is being unpacked; STARTING, set by the parent, until the
+initializer has run) and ``status[2*slot+1]`` the
 ``time.monotonic()`` at which it started (0 when idle). That lets the parent
 blame exactly the right item when this process dies or runs late, without a
 message per item.
@@ -70,6 +75,10 @@ _NO_KWARGS: dict[str, Any] = {}
 BARE, STAR, KEYWORDS = 0, 1, 2
 """Calling conventions of a chunk's payload entries (see the protocol above)."""
 
+STARTING = -2
+"""``status[2*slot]`` of a worker that has not finished starting (its
+initializer is running): no item of a chunk sent to it has started."""
+
 
 def worker_main(
     conn: Connection,
@@ -78,24 +87,31 @@ def worker_main(
     cancel_flag: Any,
     init_blob: bytes | None,
     native_threads: int,
+    alive: tuple[Connection, Connection],
 ) -> None:
     """Entry point of every worker process."""
     # Ctrl-C goes to the whole process group; the parent decides what stops.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     _limit_native_threads(native_threads)
-    _watch_parent()
+    _watch_parent(*alive)
     if init_blob is not None:
         try:
             initializer, initargs = pickle.loads(init_blob)
             initializer(*initargs)
         except Exception as exc:  # noqa: BLE001 - reported to the parent, which fails the items
-            conn.send_bytes(pickle.dumps(("init-error", _shippable(exc)), _PICKLE))
+            conn.send_bytes(_dumps(("init-error", _shippable(exc))))
             return
     functions: OrderedDict[int, Callable[..., Any]] = OrderedDict()
     # A typed view of the shared status array: item assignment through it
     # costs ~30 ns, a third of ctypes' own __setitem__ (paid once per item).
     view = memoryview(status).cast("B").cast("d")  # type: ignore[arg-type]
     base = 2 * slot
+    # Started: a chunk sent meanwhile has been waiting since now (time first:
+    # the parent reads the position, then trusts the time). The message wakes
+    # the parent, which does not run a chunk's timeout while we are STARTING.
+    view[base + 1] = time.monotonic()
+    view[base] = -1
+    conn.send_bytes(pickle.dumps(("ready",), _PICKLE))
     while True:
         try:
             header = conn.recv_bytes()
@@ -106,20 +122,35 @@ def worker_main(
         view[base] = -1
         view[base + 1] = time.monotonic()
         chunk_id, fn_id, fn_blob, epoch, convention, timed = pickle.loads(header)
-        payload = pickle.loads(conn.recv_bytes())
+        try:
+            raw = conn.recv_bytes()
+        except (EOFError, OSError):
+            return
         if fn_blob is not None:
-            functions[fn_id] = pickle.loads(fn_blob)
+            # Cached even when it fails to load, so the parent's mirror of this
+            # cache stays exact; the stand-in fails every item with the reason.
+            functions[fn_id] = _load_function(fn_blob)
             if len(functions) > WORKER_FN_CACHE:
                 functions.popitem(last=False)
         else:
             functions.move_to_end(fn_id)
+        try:
+            payload = pickle.loads(raw)
+        except Exception as exc:  # noqa: BLE001 - e.g. an argument whose class won't rebuild
+            view[base + 1] = 0.0
+            conn.send_bytes(pickle.dumps((chunk_id, 0.0, f"{type(exc).__name__}: {exc}"), _PICKLE))
+            conn.send_bytes(b"")
+            continue
         started = time.perf_counter()
         with running(StopToken(cancel_flag, epoch)):
             kind, results = _run_chunk(functions[fn_id], payload, convention, timed, view, base)
         busy_s = time.perf_counter() - started
-        view[base + 1] = 0.0
         conn.send_bytes(pickle.dumps((chunk_id, busy_s), _PICKLE))
         conn.send_bytes(_dump_results(kind, results))
+        # Only now: until the results are in the pipe, the parent must still
+        # see the last item's start (its deadline) and whom to blame.
+        view[base] = -1  # a death from now on is no item's fault
+        view[base + 1] = 0.0
 
 
 def _run_chunk(
@@ -175,13 +206,13 @@ def _dump_results(kind: str, results: list[Any]) -> bytes:
     if kind == "outcomes":
         results = [(ok, value if ok else _shippable(value)) for ok, value in results]
     try:
-        return pickle.dumps((kind, results), _PICKLE)
+        return _dumps((kind, results))
     except Exception:  # noqa: BLE001 - find the culprit(s) below
         pass
     outcomes = results if kind == "outcomes" else [(True, value) for value in results]
     for i, (ok, value) in enumerate(outcomes):
         try:
-            pickle.dumps(value, _PICKLE)
+            _dumps(value)
         except Exception as exc:  # noqa: BLE001
             what = "result" if ok else "exception"
             error = SerializationError(
@@ -189,14 +220,31 @@ def _dump_results(kind: str, results: list[Any]) -> bytes:
                 f"{type(exc).__name__}: {exc}"
             )
             outcomes[i] = (False, ShippedError(error))
-    return pickle.dumps(("outcomes", outcomes), _PICKLE)
+    return _dumps(("outcomes", outcomes))
+
+
+def _dumps(obj: Any) -> bytes:
+    """pickle, else cloudpickle: for instances of classes defined in ``__main__``.
+
+    Such classes reach this process by value (inside a cloudpickled function),
+    so plain pickle, which stores a class by name, finds a different
+    ``__main__.Cls`` here and refuses; cloudpickle stores them by value too,
+    and its class tracking hands the caller back its own class.
+    """
+    try:
+        return pickle.dumps(obj, _PICKLE)
+    except Exception:  # noqa: BLE001 - any pickling failure: try by value
+        import cloudpickle
+
+        blob: bytes = cloudpickle.dumps(obj, _PICKLE)
+        return blob
 
 
 def _shippable(exc: BaseException) -> ShippedError:
     """The exception with its traceback, or a stand-in if it would not survive pickling."""
     shipped = ShippedError(exc)
     try:
-        pickle.loads(pickle.dumps(exc, _PICKLE))  # errors are rare: checking is cheap
+        pickle.loads(_dumps(exc))  # errors are rare: checking is cheap
     except Exception as problem:  # noqa: BLE001
         stand_in = SerializationError(
             f"{type(exc).__name__}: {exc} (the original exception could not be "
@@ -219,18 +267,44 @@ def _limit_native_threads(threads: int) -> None:
         threadpool_limits(limits=threads)
 
 
-def _watch_parent() -> None:
+def _load_function(blob: bytes) -> Callable[..., Any]:
+    """The pickled function, or a stand-in that fails each item saying why it won't load."""
+    try:
+        fn: Callable[..., Any] = pickle.loads(blob)
+    except Exception as exc:  # noqa: BLE001 - e.g. its module cannot be imported here
+        message = (
+            f"the function could not be unpickled in the worker process: "
+            f"{type(exc).__name__}: {exc}"
+        )
+
+        def unloadable(*args: Any, **kwargs: Any) -> Any:
+            raise SerializationError(message)
+
+        return unloadable
+    return fn
+
+
+def _watch_parent(alive_r: Connection, alive_w: Connection) -> None:
     """Exit when orphaned, so a SIGKILLed parent leaves no workers behind.
 
-    The kernel re-parents orphans at once, so a changed parent id is the
-    signal. (Under forkserver our parent is the fork server, which itself
-    exits when the powerpool process dies.)
+    ``alive_r`` is the read end of a pipe nobody writes to, whose write end
+    only the powerpool process keeps (we close our inherited or passed copy
+    here): it turns readable (EOF) the moment that process is gone, however
+    it died. A changed parent id is checked too, for fork-started workers
+    whose parent let other forked children inherit the write end. (Under
+    forkserver our parent is the fork server, which outlives the powerpool
+    process while any worker lives: the pipe is what tells us.)
     """
+    alive_w.close()
     parent = os.getppid()
 
     def watch() -> None:
         while os.getppid() == parent:
-            time.sleep(ORPHAN_CHECK_S)
+            try:
+                if alive_r.poll(ORPHAN_CHECK_S):
+                    break
+            except (EOFError, OSError):
+                break
         os._exit(1)
 
     threading.Thread(target=watch, name="powerpool-orphan-watch", daemon=True).start()
