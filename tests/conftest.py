@@ -26,7 +26,12 @@ LEAK_GRACE_S = 10.0
 (generous: a loaded 2-core CI machine can be slow to reap)."""
 
 # Long-lived helpers that multiprocessing itself starts once per session.
-_HELPER_MARKERS = ("forkserver", "resource_tracker", "semaphore_tracker")
+# Matched on their own command lines: a worker forked *from* the fork server
+# inherits pytest's command line, so it is still caught as a leak.
+_HELPER_MARKERS = (
+    "from multiprocessing.forkserver import main",
+    "resource_tracker import main",  # multiprocessing's, and loky's (joblib)
+)
 
 
 def _children() -> dict[int, psutil.Process]:

@@ -459,18 +459,7 @@ def slow_import_nap(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Callable
 def test_items_after_a_timeout_run_normally(
     parallel_backend: str,
     slow_import_nap: Callable[[float], float],
-    request: pytest.FixtureRequest,
 ) -> None:
-    if parallel_backend == "processes":
-        request.applymarker(
-            pytest.mark.xfail(
-                strict=True,
-                reason="an item's deadline runs while a fresh (forkserver/spawn) worker "
-                "unpickles the function, i.e. imports its module; when __main__ does not "
-                "import that module (pytest, Jupyter, library code) and it imports slower "
-                "than the timeout, every item after the first timeout times out too",
-            )
-        )
     results = pp.map(
         slow_import_nap,
         [10.0, 0.0, 0.0, 0.0],

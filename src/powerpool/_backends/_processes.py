@@ -47,9 +47,11 @@ from .._errors import (
 from .._system import usable_cores
 from .._task import Chunk, ChunkResult, Item, ItemLost, Outcome
 from ._base import BackendConfig, Deliver
-from ._worker import BARE, KEYWORDS, STAR, STARTING, WORKER_FN_CACHE, worker_main
+from ._worker import BARE, KEYWORDS, LOADING, STAR, STARTING, WORKER_FN_CACHE, worker_main
 
 __all__ = ["ProcessBackend"]
+
+_NOT_TIMED = (STARTING, LOADING)
 
 _PICKLE = pickle.HIGHEST_PROTOCOL
 
@@ -478,7 +480,7 @@ class ProcessBackend:
         deadlines: list[float] = []
         for worker in busy:
             assert worker.chunk is not None
-            if worker.chunk.timeout_s is None or self._status[2 * worker.slot] == STARTING:
+            if worker.chunk.timeout_s is None or self._status[2 * worker.slot] in _NOT_TIMED:
                 continue  # no item has started yet: its time does not run
             started = max(float(self._status[2 * worker.slot + 1]), worker.sent_at)
             deadlines.append(started + worker.chunk.timeout_s)
@@ -491,8 +493,8 @@ class ProcessBackend:
             chunk = worker.chunk
             if chunk is None or chunk.timeout_s is None:
                 continue
-            if self._status[2 * worker.slot] == STARTING:
-                continue  # still in its initializer: no item has started
+            if self._status[2 * worker.slot] in _NOT_TIMED:
+                continue  # in its initializer or loading the function: no item has started
             started = max(self._status[2 * worker.slot + 1], worker.sent_at)
             if now < started + chunk.timeout_s or worker.conn.poll():
                 continue  # in time, or its results are waiting to be read

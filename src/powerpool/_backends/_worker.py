@@ -49,7 +49,16 @@ from .._execute import ShippedError
 from .._stop import StopToken, running
 from .._task import Outcome
 
-__all__ = ["BARE", "KEYWORDS", "NATIVE_THREAD_VARS", "STAR", "WORKER_FN_CACHE", "worker_main"]
+__all__ = [
+    "BARE",
+    "KEYWORDS",
+    "LOADING",
+    "NATIVE_THREAD_VARS",
+    "STAR",
+    "STARTING",
+    "WORKER_FN_CACHE",
+    "worker_main",
+]
 
 NATIVE_THREAD_VARS = (
     "OMP_NUM_THREADS",
@@ -78,6 +87,11 @@ BARE, STAR, KEYWORDS = 0, 1, 2
 STARTING = -2
 """``status[2*slot]`` of a worker that has not finished starting (its
 initializer is running): no item of a chunk sent to it has started."""
+
+LOADING = -3
+"""``status[2*slot]`` while a worker unpickles a new function for a chunk with
+a timeout: that may import the function's module (numpy, torch...), which is
+not the item's time. A ("ready",) message follows, re-arming the deadline."""
 
 
 def worker_main(
@@ -127,11 +141,17 @@ def worker_main(
         except (EOFError, OSError):
             return
         if fn_blob is not None:
+            if timed:
+                view[base] = LOADING
             # Cached even when it fails to load, so the parent's mirror of this
             # cache stays exact; the stand-in fails every item with the reason.
             functions[fn_id] = _load_function(fn_blob)
             if len(functions) > WORKER_FN_CACHE:
                 functions.popitem(last=False)
+            if timed:
+                view[base + 1] = time.monotonic()  # time first, as at start-up
+                view[base] = -1
+                conn.send_bytes(pickle.dumps(("ready",), _PICKLE))
         else:
             functions.move_to_end(fn_id)
         try:
