@@ -147,19 +147,9 @@ def test_exception_keeps_its_type(executor: pp.Executor, parallel_backend: str) 
         assert "raise_zero_division" in error.__cause__.tb
 
 
-def test_no_stale_references(
-    executor: pp.Executor, parallel_backend: str, request: pytest.FixtureRequest
-) -> None:
+def test_no_stale_references(executor: pp.Executor) -> None:
     # CPython's test_no_stale_references: once its future is done, nothing the
     # executor holds keeps the submitted callable (and what it binds) alive.
-    if parallel_backend == "processes":
-        request.applymarker(
-            pytest.mark.xfail(
-                strict=True,
-                reason="ProcessBackend._fn_ids keeps the last 64 submitted callables (and the "
-                "objects their bound methods/partials hold) alive to reuse their pickles",
-            )
-        )
     holder = Holder()
     collected = threading.Event()
     ref = weakref.ref(holder, lambda _: collected.set())

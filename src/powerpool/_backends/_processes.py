@@ -23,12 +23,14 @@ and sentinels: a death is seen the moment it happens, with no polling.
 
 from __future__ import annotations
 
+import functools
 import itertools
 import multiprocessing
 import os
 import pickle
 import threading
 import time
+import weakref
 from collections import OrderedDict, deque
 from collections.abc import Callable
 from concurrent.futures import CancelledError
@@ -171,7 +173,11 @@ class ProcessBackend:
         self._pending: deque[_Pending] = deque()
         self._closing = False
         self._kill = False
-        self._fn_ids: OrderedDict[int, tuple[Callable[..., Any], int, bytes]] = OrderedDict()
+        # id(fn) -> (reference to fn, fn_id, pickled fn). Weak where possible:
+        # the cache must not keep a function (and what its closure or bound
+        # object holds) alive after the caller dropped it; the entry goes
+        # with the function, so an id is never reused for a stale entry.
+        self._fn_ids: OrderedDict[int, tuple[Callable[[], Any], int, bytes]] = OrderedDict()
         self._fn_counter = itertools.count()
         # Set when workers cannot run anything (initializer raised, or no
         # worker can be started): every chunk then fails with a fresh error.
@@ -287,17 +293,31 @@ class ProcessBackend:
 
     def _function(self, fn: Callable[..., Any]) -> tuple[int, bytes]:
         """(id, pickled bytes) for ``fn``, pickled once however many chunks use it."""
+        key = id(fn)
         with self._lock:
-            entry = self._fn_ids.get(id(fn))
-            if entry is not None and entry[0] is fn:
-                self._fn_ids.move_to_end(id(fn))
+            entry = self._fn_ids.get(key)
+            if entry is not None and entry[0]() is fn:
+                self._fn_ids.move_to_end(key)
                 return entry[1], entry[2]
         blob = _dumps_function(fn)
         fn_id = next(self._fn_counter)
+        cache = self._fn_ids
+        ref: Callable[[], Any]
+        try:
+
+            def forget(dead: weakref.ref[Any]) -> None:
+                # Runs when fn dies, maybe inside any thread's critical section:
+                # no lock, just one atomic dict operation.
+                if cache.get(key, (None,))[0] is dead:
+                    cache.pop(key, None)
+
+            ref = weakref.ref(fn, forget)
+        except TypeError:  # builtins and the like: they outlive us anyway
+            ref = functools.partial(_same, fn)
         with self._lock:
-            self._fn_ids[id(fn)] = (fn, fn_id, blob)  # holding fn keeps id(fn) unique
-            if len(self._fn_ids) > FN_CACHE:
-                self._fn_ids.popitem(last=False)
+            cache[key] = (ref, fn_id, blob)
+            if len(cache) > FN_CACHE:
+                cache.popitem(last=False)
         return fn_id, blob
 
     # -- workers (dispatcher thread, and __init__) -------------------------------
@@ -558,6 +578,10 @@ def _blame(chunk: Chunk, position: int, error: BaseException) -> list[Outcome]:
     if 0 <= position < len(chunk):
         outcomes[position] = (False, error)
     return outcomes
+
+
+def _same(value: Any) -> Any:
+    return value
 
 
 def _calling_convention(chunk: Chunk) -> int:
