@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import signal
 import sqlite3
 import subprocess
@@ -17,11 +18,13 @@ import textwrap
 import time
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import psutil
 import pytest
 
-from powerpool._records import InputError, load_function, read_records
+from dask_cluster import dask_helper_threads  # noqa: F401  (needed by the dask_cluster fixture)
+from powerpool._records import InputError, call_record_for, load_function, read_records
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -60,7 +63,9 @@ WORK = textwrap.dedent(
     """
 )
 
-SLOW_N = 150
+SLOW_N = 300
+"""Items of the kill tests: at 30 ms each on 2 workers the run lasts >= 4.5 s, so a
+starved test process still kills it part-way."""
 
 
 def powerpool(
@@ -78,7 +83,7 @@ def powerpool(
     )
 
 
-def results(path: Path) -> list[dict[str, object]]:
+def results(path: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in path.read_text().splitlines()]
 
 
@@ -143,7 +148,7 @@ def test_run_unordered_has_every_index_once(work: Path) -> None:
     )
     assert proc.returncode == 0, proc.stderr
     lines = [json.loads(line) for line in proc.stdout.splitlines()]
-    assert sorted(line["index"] for line in lines) == list(range(20))  # type: ignore[type-var]
+    assert sorted(line["index"] for line in lines) == list(range(20))
 
 
 def test_run_async_function(work: Path) -> None:
@@ -164,9 +169,7 @@ def test_failures_go_to_the_errors_file(work: Path, backend: str) -> None:
         "--backend", backend, cwd=work,
     )  # fmt: skip
     assert proc.returncode == 1, proc.stderr
-    assert [r["index"] for r in results(work / "out.jsonl")] == [
-        i for i in range(20) if i % 5 != 3
-    ]
+    assert [r["index"] for r in results(work / "out.jsonl")] == [i for i in range(20) if i % 5 != 3]
     errors = results(work / "err.jsonl")
     assert [e["index"] for e in errors] == [3, 8, 13, 18]
     first = errors[0]
@@ -262,7 +265,11 @@ def journal_rows(path: Path) -> int:
     return int(count)
 
 
-def kill_group(proc: subprocess.Popen[bytes]) -> None:
+def run_command(command: list[str], cwd: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(command, cwd=cwd, capture_output=True, text=True, timeout=90, check=False)
+
+
+def kill_group(proc: subprocess.Popen[Any]) -> None:
     """SIGKILL the run and every worker it started (same session), then reap it."""
     pgid = os.getpgid(proc.pid)
     os.killpg(pgid, signal.SIGKILL)
@@ -306,13 +313,16 @@ def test_sigkill_then_resume_equals_a_clean_run(work: Path, unordered: bool) -> 
     assert 20 <= killed_at < SLOW_N
     assert not (work / "out.jsonl").exists()  # never half written
 
-    again = subprocess.run(command, cwd=work, capture_output=True, text=True, timeout=90)
+    again = run_command(command, work)
     assert again.returncode == 0, again.stderr
-    assert f"({killed_at} from the checkpoint)" in again.stderr or "from the checkpoint" in again.stderr
+    assert (
+        f"({killed_at} from the checkpoint)" in again.stderr
+        or "from the checkpoint" in again.stderr
+    )
     lines = results(work / "out.jsonl")
     expected = [{"index": i, "result": {"x": i, "pid_free": i * 3}} for i in range(SLOW_N)]
     if unordered:
-        lines.sort(key=lambda line: line["index"])  # type: ignore[arg-type, return-value]
+        lines.sort(key=lambda line: line["index"])
         assert lines == expected
     else:
         clean = powerpool("run", "work.py:slow", "in.jsonl", "--backend", "threads", cwd=work)
@@ -321,10 +331,10 @@ def test_sigkill_then_resume_equals_a_clean_run(work: Path, unordered: bool) -> 
     assert journal_rows(work / "ck.db") == SLOW_N
 
     # A third run has nothing left to do and still writes the whole output.
-    third = subprocess.run(command, cwd=work, capture_output=True, text=True, timeout=90)
+    third = run_command(command, work)
     assert third.returncode == 0, third.stderr
     assert f"{SLOW_N} done ({SLOW_N} from the checkpoint)" in third.stderr
-    assert sorted(r["index"] for r in results(work / "out.jsonl")) == list(range(SLOW_N))  # type: ignore[type-var]
+    assert sorted(r["index"] for r in results(work / "out.jsonl")) == list(range(SLOW_N))
 
 
 def test_failed_items_are_retried_by_the_next_run(work: Path) -> None:
@@ -339,6 +349,20 @@ def test_failed_items_are_retried_by_the_next_run(work: Path) -> None:
     assert "20 done (16 from the checkpoint)" in second.stderr
     assert [r["index"] for r in results(work / "out.jsonl")] == list(range(20))
     assert (work / "e.jsonl").read_text() == ""
+
+
+def test_checkpoint_with_stdin_input(work: Path) -> None:
+    stdin = "".join(f"{i}\n" for i in range(10))
+    args = ["run", "work.py:square", "--checkpoint", "ck.db", "--backend", "serial"]
+    first = powerpool(*args, cwd=work, stdin=stdin)
+    assert first.returncode == 0, first.stderr
+    second = powerpool(*args, cwd=work, stdin=stdin)
+    assert second.returncode == 0, second.stderr
+    assert "10 done (10 from the checkpoint)" in second.stderr
+    assert second.stdout == first.stdout
+    other = powerpool(*args, cwd=work, stdin="1\n2\n")
+    assert other.returncode == 2
+    assert "was made for" in other.stderr
 
 
 def test_checkpoint_for_another_run_is_refused(work: Path) -> None:
@@ -379,9 +403,26 @@ def test_ctrl_c_exits_130_and_keeps_the_journal(work: Path) -> None:
     assert "Traceback" not in stderr
     kept = journal_rows(work / "ck.db")
     assert kept >= 10
-    again = subprocess.run(command, cwd=work, capture_output=True, text=True, timeout=90)
+    again = run_command(command, work)
     assert again.returncode == 0, again.stderr
-    assert sorted(r["index"] for r in results(work / "out.jsonl")) == list(range(SLOW_N))  # type: ignore[type-var]
+    assert sorted(r["index"] for r in results(work / "out.jsonl")) == list(range(SLOW_N))
+
+
+def test_progress_bar_goes_to_stderr(work: Path) -> None:
+    proc = powerpool("run", "work.py:square", "nums.jsonl", "--progress", cwd=work)
+    assert proc.returncode == 0, proc.stderr
+    assert "/20 [" in proc.stderr  # tqdm: "n/20 [elapsed<eta, rate]"
+    assert len(proc.stdout.splitlines()) == 20
+
+
+def test_run_on_a_dask_cluster(work: Path, dask_cluster: Any) -> None:
+    proc = powerpool("run", "work.py:square", "nums.jsonl", "--address", dask_cluster.address,
+                     cwd=work)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    assert [json.loads(line)["result"] for line in proc.stdout.splitlines()] == [
+        i * i for i in range(20)
+    ]
+    assert "dask" in proc.stderr
 
 
 # -- bench and profile ------------------------------------------------------------------
@@ -422,12 +463,25 @@ def test_profile_prints_profile_and_plan(work: Path) -> None:
     assert "plan for all 20 items" in proc.stdout
 
 
-def test_bench_and_profile_bad_input(work: Path) -> None:
-    for command in ("bench", "profile"):
-        proc = powerpool(command, "work.py:nosuch", "nums.jsonl", cwd=work)
-        assert proc.returncode == 2
-        assert "has no attribute 'nosuch'" in proc.stderr
-        assert "Traceback" not in proc.stderr
+@pytest.mark.parametrize("command", ["bench", "profile"])
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["work.py:nosuch", "nums.jsonl"], "has no attribute 'nosuch'"),
+        (["work.py:square", "missing.jsonl"], "cannot read missing.jsonl"),
+        (["work.py:square", "bad.jsonl"], "input line 2 is not valid JSON"),
+        (["work.py:square", "empty.jsonl"], "the input has no records"),
+    ],
+)
+def test_bench_and_profile_bad_input(
+    work: Path, command: str, args: list[str], message: str
+) -> None:
+    (work / "bad.jsonl").write_text("1\n{\n")
+    (work / "empty.jsonl").write_text("")
+    proc = powerpool(command, *args, cwd=work)
+    assert proc.returncode == 2
+    assert message in proc.stderr
+    assert "Traceback" not in proc.stderr
 
 
 # -- in-process units -------------------------------------------------------------------
@@ -448,3 +502,17 @@ def test_load_function_dotted_attribute() -> None:
     assert loaded.fn is os.path.join
     assert loaded.normalized == "module:os.path:join"
     assert load_function("json:JSONDecoder.decode").normalized == "module:json:JSONDecoder.decode"
+
+
+def test_file_function_reaches_a_worker_without_the_file(tmp_path: Path) -> None:
+    # A Dask worker on another machine can't import tmp_path/remote.py: it gets a copy by value.
+    (tmp_path / "remote.py").write_text("K = 10\n\ndef f(x):\n    return x * K\n")
+    blob = pickle.dumps(call_record_for(load_function(str(tmp_path / "remote.py") + ":f")))
+    (tmp_path / "remote.py").unlink()
+    proc = subprocess.run(
+        [sys.executable, "-c", "import pickle, sys; f = pickle.loads(sys.stdin.buffer.read()); "
+         "print(f(([4], {})))"],
+        input=blob, capture_output=True, timeout=30, check=False,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == b"40"

@@ -644,3 +644,13 @@ def test_processes_with_each_start_method(method: str) -> None:
         assert pool.map(lambda x: x + 1, range(3)) == [1, 2, 3]  # by value (cloudpickle)
         offset = 10
         assert pool.submit(lambda: offset * 2).result(timeout=30) == 20  # a closure
+
+
+def test_auto_honours_a_timeout_on_tiny_work() -> None:
+    # Tiny work plans serial, which cannot stop a late item: auto must not
+    # then refuse timeout= after the sample already ran.
+    with pp.Pool(progress=False) as pool:
+        assert pool.map(abs, [-1, -2, 3] * 10, timeout=5) == [1, 2, 3] * 10
+        assert pool.last_plan is not None
+        assert pool.last_plan.backend == "threads"
+        assert "timeout" in pool.last_plan.reasons[-1]

@@ -159,7 +159,7 @@ async def _bridged(
                     return
                 loop.call_soon_threadsafe(queue.put_nowait, (True, result))
             loop.call_soon_threadsafe(queue.put_nowait, (True, _DONE))
-        except BaseException as exc:  # noqa: BLE001 - handed to the awaiting side
+        except BaseException as exc:
             if not stop.is_set():
                 loop.call_soon_threadsafe(queue.put_nowait, (False, exc))
         finally:

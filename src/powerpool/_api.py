@@ -68,7 +68,7 @@ def _closing(pool: Pool, results: Iterator[Any]) -> Iterator[Any]:
         pool.shutdown(wait=False, cancel_futures=True)
 
 
-def map(  # noqa: A001 - mirrors the builtin on purpose
+def map(
     fn: Callable[..., Any],
     *iterables: Iterable[Any],
     backend: str = "auto",
@@ -89,7 +89,7 @@ def map(  # noqa: A001 - mirrors the builtin on purpose
         if not shared:
             pool.shutdown()
     if explain and pool.last_plan is not None:
-        print(pool.last_plan)  # noqa: T201 - explain=True asks for exactly this
+        print(pool.last_plan)
     return result
 
 

@@ -17,12 +17,15 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from ._run import RunOptions
+from ._system import usable_cores
 from ._task import Item, Outcome
 
 if TYPE_CHECKING:
     from ._plan import Plan
 
 __all__ = ["Choice", "choose"]
+
+_NO_TIMEOUT = ("serial", "dask")
 
 SAMPLE_ITEMS = 8
 """Most items the profiler runs before deciding: enough to average out noise
@@ -79,6 +82,15 @@ def choose(
     if len(outcomes) != len(taken):  # an item taken must never be lost or re-run
         raise AssertionError("profiler consumed items it did not run")
     plan = plan_from_profile(profile, total, address=address)
+    if options.timeout_s is not None and plan.backend in _NO_TIMEOUT:
+        # Only a backend that can stop a late item honours timeout=.
+        plan = dataclasses.replace(
+            plan,
+            backend="threads",
+            workers=usable_cores(),
+            reasons=(*plan.reasons, f"timeout= asks for a backend that can stop a late item, "
+                     f"which {plan.backend} cannot: threads instead"),
+        )
     if workers is not None and plan.backend != "serial":
         plan = dataclasses.replace(plan, workers=workers)
     prefilled: list[tuple[Item, Outcome]] = [((i, args, {}), outcome) for i, (args, outcome) in enumerate(zip(taken, outcomes))]

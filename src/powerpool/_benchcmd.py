@@ -60,6 +60,10 @@ class BenchRow:
     """``speedup / workers``: 1.0 means every worker was fully useful."""
     agree: bool
     """Whether its results equal the serial run's."""
+    failed: int = 0
+    """Items that raised (or crashed, or timed out) in this run."""
+    first_error: str = ""
+    """``Type: message`` of the first failure, or ""."""
 
 
 @dataclass(frozen=True)
@@ -260,8 +264,20 @@ def default_workers_list(cores: int) -> list[int]:
     return counts
 
 
-def _comparable(values: list[Any]) -> list[str]:
-    return [f"!{type(v).__name__}: {v}" if isinstance(v, BaseException) else str(v) for v in values]
+def _comparable(values: list[Any]) -> tuple[list[str], int, str]:
+    """Results as comparable strings, the number of failures, and the first one."""
+    out: list[str] = []
+    failed = 0
+    first = ""
+    for value in values:
+        if isinstance(value, BaseException):
+            text = f"{type(value).__name__}: {value}"
+            failed += 1
+            first = first or text
+            out.append("!" + text)
+        else:
+            out.append(str(value))
+    return out, failed, first
 
 
 def run_bench(
@@ -286,9 +302,9 @@ def run_bench(
     if not calls:
         raise InputError("the input has no records to benchmark")
 
-    def measure(backend: str, workers: int) -> tuple[float, list[str]]:
+    def measure(backend: str, workers: int) -> tuple[float, tuple[list[str], int, str]]:
         best = math.inf
-        results: list[str] = []
+        results: tuple[list[str], int, str] = ([], 0, "")
         for _ in range(repeat):
             start = time.perf_counter()
             with pp.Pool(
@@ -310,18 +326,19 @@ def run_bench(
     # An async function can only run on the asyncio backend; one coroutine at a
     # time is its "serial".
     baseline = "asyncio" if is_async else "serial"
-    serial_s, expected = measure(baseline, 1)
-    rows = [BenchRow(baseline, 1, serial_s, 1.0, 1.0, True)]
+    serial_s, (expected, failed, first) = measure(baseline, 1)
+    rows = [BenchRow(baseline, 1, serial_s, 1.0, 1.0, True, failed, first)]
     if on_row is not None:
         on_row(rows[0])
     for backend in backends:
         if backend == "serial":
             continue
         for workers in workers_list:
-            wall_s, results = measure(backend, workers)
+            wall_s, (results, failed, first) = measure(backend, workers)
             speedup = serial_s / wall_s if wall_s > 0 else math.inf
+            agree = results == expected
             row = BenchRow(
-                backend, workers, wall_s, speedup, speedup / workers, results == expected
+                backend, workers, wall_s, speedup, speedup / workers, agree, failed, first
             )
             rows.append(row)
             if on_row is not None:
@@ -347,6 +364,8 @@ def run_bench(
 def format_row(row: BenchRow) -> str:
     """One table line."""
     agree = "same" if row.agree else "DIFFERENT"
+    if row.failed:
+        agree += f" ({row.failed} failed, first: {row.first_error.splitlines()[0][:60]})"
     return (
         f"{row.backend:<10} {row.workers:>7} {row.wall_s:>9.3f}s {row.speedup:>7.2f}x "
         f"{row.efficiency:>10.0%}  {agree}"
@@ -366,22 +385,27 @@ def format_bench(report: BenchReport, *, with_rows: bool = True) -> str:
     for fit in report.fits:
         amdahl = fit.amdahl
         limit = amdahl.max_speedup
-        limit_text = "no limit" if math.isinf(limit) else f"at most {limit:.1f}x on any number"
+        limit_text = (
+            "no limit in sight" if math.isinf(limit) else f"at most {limit:.1f}x with any workers"
+        )
         peak = fit.usl.peak_workers
         peak_text = "no peak in range" if peak is None else f"peaks near {peak:.0f} workers"
         lines.append(
             f"{fit.backend}: Amdahl serial fraction {amdahl.serial_fraction:.1%} "
             f"(fit rmse {amdahl.rmse:.2f}) -> {limit_text}; USL {peak_text}; "
-            f"best measured {fit.best_workers} workers ({fit.best_speedup:.2f}x)"
+            f"best measured {_workers(fit.best_workers)} ({fit.best_speedup:.2f}x)"
         )
     best = report.best
     lines.append(
-        f"best: {best.backend} with {best.workers} worker{'s' if best.workers != 1 else ''}, "
-        f"{best.speedup:.2f}x the serial time"
+        f"best: {best.backend} with {_workers(best.workers)}, {best.speedup:.2f}x as fast as serial"
     )
     if not report.all_agree:
         lines.append("RESULTS DIFFER from the serial run (see the results column)")
     return "\n".join(lines)
+
+
+def _workers(n: int) -> str:
+    return f"{n} worker" if n == 1 else f"{n} workers"
 
 
 def require_matplotlib() -> None:
@@ -420,6 +444,9 @@ def write_plot(report: BenchReport, path: str) -> None:
                 label=f"{fit.backend} Amdahl fit, serial {fit.amdahl.serial_fraction:.0%}",
             )
         ax.axhline(1.0, color="black", linewidth=0.5)
+        from matplotlib.ticker import MaxNLocator
+
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_xlabel("workers")
         ax.set_ylabel("speedup over serial")
         ax.set_title(f"{report.function}: {report.n_items} items, {report.cpu_count} cores")

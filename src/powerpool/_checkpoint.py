@@ -38,7 +38,8 @@ SCHEMA_VERSION = 1
 
 COMMIT_EVERY_ITEMS = 500
 """Commit after this many buffered rows. Larger batches cost fewer commits
-(each ~10-50 us in WAL mode) but a SIGKILL loses more finished work."""
+(~30 us each in WAL mode, on top of ~4 us per row inserted) but a SIGKILL
+loses more finished work; at 500 the commits are < 2% of journaling."""
 
 COMMIT_EVERY_S = 0.25
 """...or once the oldest buffered row has waited this long, so slow items are

@@ -58,7 +58,10 @@ def _load(spec: str) -> LoadedFunction:
 
 def _read_calls(path: str, *, lines: bool, sample: int | None) -> tuple[list[Call], int]:
     """The first ``sample`` records of INPUT (all if None) as calls, and how many there are."""
-    stream = open_input(path, seekable=False)
+    try:
+        stream = open_input(path, seekable=False)
+    except InputError as exc:
+        raise _Fail(str(exc)) from None
     try:
         calls: list[Call] = []
         count = 0
@@ -185,6 +188,8 @@ def run(
     )
     try:
         summary = execute_run(settings)
+    except BrokenPipeError:
+        raise  # the reader of stdout went away: main() exits quietly
     except Interrupted as exc:
         if exc.journaled is None:
             _note("interrupted")
@@ -192,7 +197,11 @@ def run(
             _note(f"interrupted; {exc.journaled} results kept in {checkpoint_path}")
         return EXIT_INTERRUPTED
     except (InputError, CheckpointMismatchError, BackendUnavailableError, OSError) as exc:
-        if checkpoint_path is not None and os.path.exists(checkpoint_path):
+        if (
+            checkpoint_path is not None
+            and os.path.exists(checkpoint_path)
+            and not isinstance(exc, CheckpointMismatchError)
+        ):
             raise _Fail(f"{exc} (the checkpoint {checkpoint_path} is kept)") from None
         raise _Fail(str(exc)) from None
     if not quiet:
@@ -263,7 +272,7 @@ def bench(
         run_bench,
         write_plot,
     )
-    from ._records import call_record_for
+    from ._records import AsyncCallRecord, call_record_for
     from ._system import usable_cores
 
     backends = [b.strip() for b in backends_text.split(",") if b.strip()]
@@ -281,7 +290,7 @@ def bench(
     workers_list = _positive_list(workers_text) if workers_text else default_workers_list(cores)
     calls, _ = _read_calls(input_path, lines=lines, sample=sample)
     wrapped = call_record_for(loaded)
-    is_async = type(wrapped).__name__ == "AsyncCallRecord"
+    is_async = isinstance(wrapped, AsyncCallRecord)
     if is_async:
         backends = ["asyncio"]
     click.echo(
@@ -307,7 +316,10 @@ def bench(
     click.echo("")
     click.echo(format_bench(report, with_rows=False))
     if plot_path is not None:
-        write_plot(report, plot_path)
+        try:
+            write_plot(report, plot_path)
+        except OSError as exc:
+            raise _Fail(f"cannot write {plot_path}: {exc.strerror or exc}") from None
         _note(f"plot written to {plot_path}")
     if json_path is not None:
         _write_json(json_path, report.to_json())

@@ -44,7 +44,7 @@ def run_items(
                 mark(position)
             try:
                 append((True, fn(*args, **kwargs)))
-            except Exception as exc:  # noqa: BLE001 - every failure becomes that item's outcome
+            except Exception as exc:
                 append((False, exc))
     return outcomes
 

@@ -396,7 +396,7 @@ class Pool:
         with contextlib.suppress(TypeError):  # not weak-referenceable: no memory of it
             self._plans[fn] = choice.plan
         if self._explain:
-            print(choice.plan)  # noqa: T201 - explain=True asks for exactly this
+            print(choice.plan)
         prepared.backend, prepared.workers = choice.plan.backend, choice.plan.workers
         prepared.prefilled, prepared.per_item_s = choice.prefilled, choice.per_item_s
         prepared.fast = choice.fast

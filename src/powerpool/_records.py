@@ -67,7 +67,7 @@ class LoadedFunction:
     workers can import the file themselves."""
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Record:
     """One input item."""
 
@@ -177,8 +177,9 @@ class CallRecord:
     A module-level class so process workers can unpickle it. It decides
     itself how ``fn`` travels: a function from a ``file.py`` as its path and
     name, so each worker imports the file (by-value pickling would lose the
-    file name and source lines from tracebacks); anything else through
-    cloudpickle (by reference when importable, by value otherwise).
+    file name and source lines from tracebacks), plus a copy by value for
+    workers on machines without that file (a Dask cluster); anything else
+    through cloudpickle (by reference when importable, by value otherwise).
     """
 
     __slots__ = ("fn", "origin")
@@ -193,7 +194,7 @@ class CallRecord:
 
     def __reduce__(self) -> tuple[Any, ...]:
         if self.origin is not None:
-            return (_rebuild_from_file, (type(self), *self.origin))
+            return (_rebuild_from_file, (type(self), *self.origin, _by_value(self.fn)))
         return (_rebuild, (type(self), cloudpickle.dumps(self.fn)))
 
 
@@ -211,9 +212,25 @@ def _rebuild(cls: type[CallRecord], fn_bytes: bytes) -> CallRecord:
     return cls(cloudpickle.loads(fn_bytes))
 
 
-def _rebuild_from_file(cls: type[CallRecord], path: str, attr: str) -> CallRecord:
+def _rebuild_from_file(cls: type[CallRecord], path: str, attr: str, fn_bytes: bytes) -> CallRecord:
+    if not os.path.isfile(path):  # a worker on another machine: use the copy by value
+        return cls(cloudpickle.loads(fn_bytes), (path, attr))
     module, _ = _import_file(Path(path))  # once per worker: then it is in sys.modules
     return cls(_attribute(module, attr, path), (path, attr))
+
+
+def _by_value(fn: Callable[..., Any]) -> bytes:
+    """``fn`` pickled with its code, for workers that can't read its file."""
+    module = sys.modules.get(getattr(fn, "__module__", "") or "")
+    if module is None:  # not importable by name: cloudpickle copies it anyway
+        blob: bytes = cloudpickle.dumps(fn)
+        return blob
+    cloudpickle.register_pickle_by_value(module)
+    try:
+        blob = cloudpickle.dumps(fn)
+    finally:
+        cloudpickle.unregister_pickle_by_value(module)
+    return blob
 
 
 def call_record_for(function: LoadedFunction) -> CallRecord:
@@ -223,10 +240,14 @@ def call_record_for(function: LoadedFunction) -> CallRecord:
     return CallRecord(function.fn, function.origin)
 
 
+_ENCODER = json.JSONEncoder(ensure_ascii=False, allow_nan=False)
+"""Made once: ``json.dumps`` with non-default options builds an encoder per call."""
+
+
 def encode_result(value: Any) -> str:
     """Strict JSON (no NaN/Infinity), one line, UTF-8 kept readable."""
     try:
-        return json.dumps(value, ensure_ascii=False, allow_nan=False)
+        return _ENCODER.encode(value)
     except (TypeError, ValueError) as exc:
         raise TypeError(f"the result is not JSON serializable: {exc}") from None
 
@@ -295,7 +316,7 @@ def read_records(stream: Iterable[bytes], *, lines: bool) -> Iterator[Record]:
         if not text.strip():
             continue
         try:
-            value = json.loads(text)
+            value = json.loads(text.rstrip("\r\n"))  # so error columns stay on this line
         except json.JSONDecodeError as exc:
             raise InputError(
                 f"input line {lineno} is not valid JSON: {exc.msg} (column {exc.colno})"

@@ -27,10 +27,10 @@ import time
 import traceback
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import IO, Any, TextIO
+from typing import IO, TYPE_CHECKING, Any, TextIO
 
 from ._checkpoint import Fingerprint, Journal
-from ._errors import RemoteTraceback
+from ._errors import CheckpointMismatchError, RemoteTraceback
 from ._records import (
     InputError,
     LoadedFunction,
@@ -40,6 +40,9 @@ from ._records import (
     read_records,
     scan_input,
 )
+
+if TYPE_CHECKING:
+    from ._pool import Pool
 
 __all__ = ["RunSettings", "RunSummary", "Interrupted", "execute_run"]
 
@@ -272,6 +275,13 @@ def execute_run(settings: RunSettings) -> RunSummary:
             done, resumed, failed = _drive(pool, settings, stream, journal, total)
             stats = pool.stats()
             plan = pool.last_plan
+    except ValueError as exc:
+        if isinstance(exc, CheckpointMismatchError):
+            raise
+        # The pool validates options (some only once auto has chosen a backend,
+        # e.g. a timeout that serial can't enforce). The user's own exceptions
+        # never get here: errors="return" turns them into results.
+        raise InputError(str(exc)) from None
     except KeyboardInterrupt:
         if journal is None:
             raise Interrupted(None) from None
@@ -297,7 +307,7 @@ def execute_run(settings: RunSettings) -> RunSummary:
 
 
 def _drive(
-    pool: Any,
+    pool: Pool,
     settings: RunSettings,
     stream: IO[bytes],
     journal: Journal | None,
@@ -337,8 +347,14 @@ def _drive(
                 if errs is not None:
                     errs.write(_json_line(entry))
                 elif failed <= ERRORS_SHOWN:
-                    _note(f"item {record.index} (input line {record.line}) failed: "
-                          f"{entry['error']}: {_first_line(entry['message'])}")  # fmt: skip
+                    message = (
+                        f"powerpool: item {record.index} (input line {record.line}) failed: "
+                        f"{entry['error']}: {_first_line(entry['message'])}"
+                    )
+                    if bar is not None:
+                        bar.write(message, file=sys.stderr)  # above the bar, not through it
+                    else:
+                        print(message, file=sys.stderr)
             else:
                 done += 1
                 out.write(_result_line(record.index, value))

@@ -20,7 +20,7 @@ Outcome = tuple[bool, Any]
 """(True, result) or (False, exception) for one item."""
 
 
-class ItemLost(Exception):  # noqa: N818 - an outcome marker, not an error users see
+class ItemLost(Exception):
     """Outcome for an item that never ran because its worker died on another item.
 
     The core re-queues such items without counting a retry: they did nothing wrong.
@@ -54,7 +54,7 @@ class Chunk:
 
     def __init__(
         self,
-        id: int,  # noqa: A002 - the natural name; shadows nothing used here
+        id: int,
         fn: Callable[..., Any],
         items: list[Item] | None = None,
         timeout_s: float | None = None,

@@ -58,7 +58,7 @@ class AsyncioBackend:
             result = config.initializer(*config.initargs)
             if asyncio.iscoroutine(result):
                 await result
-        except Exception as exc:  # noqa: BLE001 - every chunk reports it
+        except Exception as exc:
             self._init_error = exc
 
     def _serve(self) -> None:
@@ -145,5 +145,5 @@ class AsyncioBackend:
                         return False, ItemTimeoutError(
                             f"item {item[0]} ran longer than its {chunk.timeout_s:g} s timeout"
                         )
-                except Exception as exc:  # noqa: BLE001 - every failure is that item's outcome
+                except Exception as exc:
                     return False, exc

@@ -74,7 +74,7 @@ def _dumps(obj: Any) -> bytes:
     """pickle, falling back to cloudpickle for lambdas, closures and __main__ code."""
     try:
         return pickle.dumps(obj, _PICKLE)
-    except Exception:  # noqa: BLE001 - any pickling failure: try by value
+    except Exception:
         import cloudpickle
 
         blob: bytes = cloudpickle.dumps(obj, _PICKLE)
@@ -204,7 +204,7 @@ class ProcessBackend:
     def submit(self, chunk: Chunk) -> None:
         try:
             payload = _dumps(list(zip(chunk.args, chunk.kwargs)) if chunk.kwargs else chunk.args)
-        except Exception:  # noqa: BLE001 - isolate the unpicklable item(s) below
+        except Exception:
             self._submit_isolating(chunk)
             return
         with self._lock:
@@ -248,7 +248,7 @@ class ProcessBackend:
                 if worker_problem is not None:
                     pickle.loads(blob)
                 good.append(item)
-            except Exception as exc:  # noqa: BLE001
+            except Exception as exc:
                 error = SerializationError(
                     f"the arguments of item {item[0]} could not be {verb} a worker "
                     f"process: {type(exc).__name__}: {exc}"
@@ -350,7 +350,7 @@ class ProcessBackend:
                 self._context = choose_context(None)
             try:
                 self._workers[index] = self._start_worker(worker.slot)
-            except Exception as exc:  # noqa: BLE001 - e.g. the fork server died
+            except Exception as exc:
                 del self._workers[index]
                 if not self._workers:
                     message = f"no worker process could be started: {type(exc).__name__}: {exc}"
@@ -363,7 +363,7 @@ class ProcessBackend:
     def _dispatch_forever(self) -> None:
         try:
             self._dispatch_loop()
-        except BaseException as exc:  # noqa: BLE001 - never leave a caller waiting
+        except BaseException as exc:
             self._fail_everything(exc)
             raise
         finally:
@@ -415,7 +415,7 @@ class ProcessBackend:
                 continue
             try:
                 fn_id, blob = self._function(chunk.fn)
-            except Exception as exc:  # noqa: BLE001 - fails this chunk, not the dispatcher
+            except Exception as exc:
                 error = SerializationError(
                     f"the function {getattr(chunk.fn, '__qualname__', chunk.fn)!r} could not "
                     f"be pickled to send it to a worker process: {type(exc).__name__}: {exc}"
@@ -599,7 +599,7 @@ def _decoder(
     def decode() -> tuple[list[Outcome] | None, list[Any] | None]:
         try:
             kind, results = pickle.loads(body)
-        except Exception as exc:  # noqa: BLE001 - e.g. a result class the parent can't import
+        except Exception as exc:
             error = SerializationError(f"a result could not be unpickled here: {exc!r}")
             return [(False, error)] * n_items, None
         return (None, results) if kind == "values" else (results, None)

@@ -31,7 +31,7 @@ class SerialBackend:
         if config.initializer is not None:
             try:
                 config.initializer(*config.initargs)
-            except Exception as exc:  # noqa: BLE001 - reported on every chunk below
+            except Exception as exc:
                 self._init_error = exc
 
     def submit(self, chunk: Chunk) -> None:

@@ -133,7 +133,7 @@ class ThreadBackend:
         if self._config.initializer is not None:
             try:
                 self._config.initializer(*self._config.initargs)
-            except Exception as exc:  # noqa: BLE001 - every chunk reports it
+            except Exception as exc:
                 self._init_error = exc
         while True:
             chunk = self._queue.get()

@@ -112,7 +112,7 @@ def worker_main(
         try:
             initializer, initargs = pickle.loads(init_blob)
             initializer(*initargs)
-        except Exception as exc:  # noqa: BLE001 - reported to the parent, which fails the items
+        except Exception as exc:
             conn.send_bytes(_dumps(("init-error", _shippable(exc))))
             return
     functions: OrderedDict[int, Callable[..., Any]] = OrderedDict()
@@ -156,7 +156,7 @@ def worker_main(
             functions.move_to_end(fn_id)
         try:
             payload = pickle.loads(raw)
-        except Exception as exc:  # noqa: BLE001 - e.g. an argument whose class won't rebuild
+        except Exception as exc:
             view[base + 1] = 0.0
             conn.send_bytes(pickle.dumps((chunk_id, 0.0, f"{type(exc).__name__}: {exc}"), _PICKLE))
             conn.send_bytes(b"")
@@ -200,7 +200,7 @@ def _run_chunk(
                     view[base] = position
                     append(fn(*args))
             return "values", values
-        except Exception as exc:  # noqa: BLE001 - this item fails; the rest go below
+        except Exception as exc:
             outcomes = [(True, value) for value in values]
             outcomes.append((False, exc))
     for position in range(len(outcomes), len(payload)):
@@ -214,7 +214,7 @@ def _run_chunk(
             args, kwargs = (entry,) if convention == BARE else entry, _NO_KWARGS
         try:
             outcomes.append((True, fn(*args, **kwargs)))
-        except Exception as exc:  # noqa: BLE001 - every failure is that item's outcome
+        except Exception as exc:
             outcomes.append((False, exc))
     if all(ok for ok, _ in outcomes):
         return "values", [value for _, value in outcomes]
@@ -227,13 +227,13 @@ def _dump_results(kind: str, results: list[Any]) -> bytes:
         results = [(ok, value if ok else _shippable(value)) for ok, value in results]
     try:
         return _dumps((kind, results))
-    except Exception:  # noqa: BLE001 - find the culprit(s) below
+    except Exception:
         pass
     outcomes = results if kind == "outcomes" else [(True, value) for value in results]
     for i, (ok, value) in enumerate(outcomes):
         try:
             _dumps(value)
-        except Exception as exc:  # noqa: BLE001
+        except Exception as exc:
             what = "result" if ok else "exception"
             error = SerializationError(
                 f"the {what} of this item could not be pickled to send it back: "
@@ -253,7 +253,7 @@ def _dumps(obj: Any) -> bytes:
     """
     try:
         return pickle.dumps(obj, _PICKLE)
-    except Exception:  # noqa: BLE001 - any pickling failure: try by value
+    except Exception:
         import cloudpickle
 
         blob: bytes = cloudpickle.dumps(obj, _PICKLE)
@@ -265,7 +265,7 @@ def _shippable(exc: BaseException) -> ShippedError:
     shipped = ShippedError(exc)
     try:
         pickle.loads(_dumps(exc))  # errors are rare: checking is cheap
-    except Exception as problem:  # noqa: BLE001
+    except Exception as problem:
         stand_in = SerializationError(
             f"{type(exc).__name__}: {exc} (the original exception could not be "
             f"pickled: {type(problem).__name__}: {problem})"
@@ -291,7 +291,7 @@ def _load_function(blob: bytes) -> Callable[..., Any]:
     """The pickled function, or a stand-in that fails each item saying why it won't load."""
     try:
         fn: Callable[..., Any] = pickle.loads(blob)
-    except Exception as exc:  # noqa: BLE001 - e.g. its module cannot be imported here
+    except Exception as exc:
         message = (
             f"the function could not be unpickled in the worker process: "
             f"{type(exc).__name__}: {exc}"
