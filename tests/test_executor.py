@@ -133,7 +133,10 @@ def test_map_exception(executor: pp.Executor) -> None:
 
 
 def test_map_timeout(executor: pp.Executor) -> None:
-    results = executor.map(nap, [0, 0, 10], timeout=1)
+    # Start the workers first: the timeout is about the late item, and a fresh
+    # forkserver pool on a loaded 2-core machine can itself take a second.
+    assert executor.submit(nap, 0).result(timeout=30) == 0
+    results = executor.map(nap, [0, 0, 10], timeout=2)
     assert [next(results), next(results)] == [0, 0]
     with pytest.raises(TimeoutError):
         next(results)
