@@ -14,9 +14,9 @@ from collections.abc import Iterator
 
 import psutil
 import pytest
-from dask_cluster import dask_cluster  # noqa: F401  (session fixture: a real dask cluster)
 
 import powerpool
+from dask_cluster import dask_cluster  # noqa: F401  (session fixture: a real dask cluster)
 
 SYNC_BACKENDS = ["serial", "threads", "processes"]
 PARALLEL_BACKENDS = ["threads", "processes"]

@@ -383,6 +383,7 @@ def test_profiler_modules_import_lightly() -> None:
         "heavy = {'asyncio', 'cProfile', 'pstats', 'tracemalloc', 'cloudpickle', 'psutil'}\n"
         "print(sorted(heavy & (set(sys.modules) - before)))\n"
     )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                         timeout=60, check=True)
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True
+    )
     assert out.stdout.strip() == "[]"

@@ -61,7 +61,9 @@ async def aimap(
             raise ValueError(f"workers must be a positive integer, got {workers!r}")
         if timeout is not None and (not isinstance(timeout, (int, float)) or timeout <= 0):
             raise ValueError(f"timeout must be a positive number of seconds, got {timeout!r}")
-        gen = _on_this_loop(fn, iterables, ordered, workers or ASYNC_DEFAULT_WORKERS, timeout, errors)
+        gen = _on_this_loop(
+            fn, iterables, ordered, workers or ASYNC_DEFAULT_WORKERS, timeout, errors
+        )
     else:
         gen = _bridged(fn, iterables, ordered, backend, workers, timeout, errors, options)
     async for result in gen:
@@ -92,7 +94,9 @@ async def _on_this_loop(
         try:
             return await asyncio.wait_for(fn(*args), timeout)
         except asyncio.TimeoutError:
-            raise ItemTimeoutError(f"item {index} ran longer than its {timeout:g} s timeout") from None
+            raise ItemTimeoutError(
+                f"item {index} ran longer than its {timeout:g} s timeout"
+            ) from None
 
     try:
         while True:

@@ -88,12 +88,17 @@ def choose(
             plan,
             backend="threads",
             workers=usable_cores(),
-            reasons=(*plan.reasons, f"timeout= asks for a backend that can stop a late item, "
-                     f"which {plan.backend} cannot: threads instead"),
+            reasons=(
+                *plan.reasons,
+                f"timeout= asks for a backend that can stop a late item, "
+                f"which {plan.backend} cannot: threads instead",
+            ),
         )
     if workers is not None and plan.backend != "serial":
         plan = dataclasses.replace(plan, workers=workers)
-    prefilled: list[tuple[Item, Outcome]] = [((i, args, {}), outcome) for i, (args, outcome) in enumerate(zip(taken, outcomes))]
+    prefilled: list[tuple[Item, Outcome]] = [
+        ((i, args, {}), outcome) for i, (args, outcome) in enumerate(zip(taken, outcomes))
+    ]
     fast = None
     if plan.backend == "serial" and options == dataclasses.replace(
         RunOptions(), progress=options.progress

@@ -118,15 +118,19 @@ class Plan:
             head = f"plan: serial, chunksize {self.chunksize}"
         else:
             who = "cluster workers" if self.workers == 0 else f"{self.workers} workers"
-            head = (f"plan: {self.backend} with {who}, chunksize {self.chunksize}, "
-                    f"expected speed-up {self.expected_speedup:.1f}x")
+            head = (
+                f"plan: {self.backend} with {who}, chunksize {self.chunksize}, "
+                f"expected speed-up {self.expected_speedup:.1f}x"
+            )
         if self.native_threads is not None:
             head += f", {self.native_threads} native thread(s) per worker"
         lines = [head]
         if self.profile is not None:
             p = self.profile
-            lines.append(f"  measured: {p.workload.value}, {format_seconds(p.wall_per_item_s)} "
-                         f"per item over {p.items} items")
+            lines.append(
+                f"  measured: {p.workload.value}, {format_seconds(p.wall_per_item_s)} "
+                f"per item over {p.items} items"
+            )
         lines.extend(f"  - {reason}" for reason in self.reasons)
         if self.basis:
             lines.append(f"  basis: {self.basis}")
@@ -138,8 +142,9 @@ class _Estimate:
 
     __slots__ = ("backend", "basis", "chunksize", "per_item_s", "workers")
 
-    def __init__(self, backend: str, workers: int, chunksize: int, per_item_s: float,
-                 basis: str) -> None:
+    def __init__(
+        self, backend: str, workers: int, chunksize: int, per_item_s: float, basis: str
+    ) -> None:
         self.backend = backend
         self.workers = workers
         self.chunksize = chunksize
@@ -148,8 +153,13 @@ class _Estimate:
 
 
 def plan_from_profile(  # noqa: PLR0911 - one early return per workload, each explained
-    profile: Profile, n_items: int | None, *, cores: int | None = None,
-    address: str | None = None, max_io_workers: int = 512, memory_bytes: int | None = None,
+    profile: Profile,
+    n_items: int | None,
+    *,
+    cores: int | None = None,
+    address: str | None = None,
+    max_io_workers: int = 512,
+    memory_bytes: int | None = None,
 ) -> Plan:
     """Plan a run of ``n_items`` items (None: unknown) from a measured profile.
 
@@ -169,38 +179,59 @@ def plan_from_profile(  # noqa: PLR0911 - one early return per workload, each ex
         speedup = w / est.per_item_s if est.per_item_s > 0 else 1.0
         if est.backend == "serial":
             speedup = 1.0
-        return Plan(backend=est.backend, workers=est.workers, chunksize=est.chunksize,
-                    expected_speedup=round(speedup, 2), reasons=(*reasons, *extra), profile=p,
-                    native_threads=native_threads if est.backend != "serial" else None,
-                    basis=est.basis, n_items=n, cores=cores,
-                    expected_s=est.per_item_s * n if n is not None else None)
+        return Plan(
+            backend=est.backend,
+            workers=est.workers,
+            chunksize=est.chunksize,
+            expected_speedup=round(speedup, 2),
+            reasons=(*reasons, *extra),
+            profile=p,
+            native_threads=native_threads if est.backend != "serial" else None,
+            basis=est.basis,
+            n_items=n,
+            cores=cores,
+            expected_s=est.per_item_s * n if n is not None else None,
+        )
 
-    serial = _Estimate("serial", 1, _serial_chunksize(n, w), w,
-                       f"serial {_times(n, w)}" if n is not None
-                       else f"serial {format_seconds(w)} per item")
+    serial = _Estimate(
+        "serial",
+        1,
+        _serial_chunksize(n, w),
+        w,
+        f"serial {_times(n, w)}" if n is not None else f"serial {format_seconds(w)} per item",
+    )
     if n is None:
-        reasons.append("the number of items is unknown (an iterator): estimates are the "
-                       "long-run rate, start-up costs amortized")
+        reasons.append(
+            "the number of items is unknown (an iterator): estimates are the "
+            "long-run rate, start-up costs amortized"
+        )
     if p.workload is Workload.ASYNC:  # coroutines need an event loop, however few
         if n == 0 or p.items == 0:
-            return done(_Estimate("asyncio", 1, 1, w, "nothing measured"),
-                        "coroutine function, nothing measured: asyncio")
+            return done(
+                _Estimate("asyncio", 1, 1, w, "nothing measured"),
+                "coroutine function, nothing measured: asyncio",
+            )
         return done(_asyncio(p, n, w), *_async_reasons(p, n))
     if p.items == 0 or n == 0:
         return done(serial, "nothing to measure or run: serial")
     if p.workload is Workload.TINY:
-        return done(serial, f"each item takes {format_seconds(w)}, less than any pool spends "
-                            f"handing an item out (~10-20 us): a plain loop is fastest")
+        return done(
+            serial,
+            f"each item takes {format_seconds(w)}, less than any pool spends "
+            f"handing an item out (~10-20 us): a plain loop is fastest",
+        )
     if n == 1:
         return done(serial, "a single item: nothing to run in parallel")
 
     mem_cap = _memory_cap(p, memory_bytes)
     if p.workload is Workload.IO:
         est = _io_threads(p, n, cores, w, min(max_io_workers, mem_cap or max_io_workers))
-        reasons.append(f"the items mostly wait (CPU {p.cpu_ratio:.0%} of wall time): threads "
-                       f"overlap the waiting; {est.workers} threads cover the "
-                       f"{format_seconds(w)} wait while the CPU part (one thread at a time "
-                       f"under the GIL) stays below one core")
+        reasons.append(
+            f"the items mostly wait (CPU {p.cpu_ratio:.0%} of wall time): threads "
+            f"overlap the waiting; {est.workers} threads cover the "
+            f"{format_seconds(w)} wait while the CPU part (one thread at a time "
+            f"under the GIL) stays below one core"
+        )
         return _finish(done, serial, est, reasons)
 
     # CPU-bound: threads and (if everything pickles) processes compete.
@@ -208,27 +239,40 @@ def plan_from_profile(  # noqa: PLR0911 - one early return per workload, each ex
     if p.uses_native_threads:
         single = max(w, p.cpu_per_item_s)  # cost of one item with its native pool capped at 1
         native_threads = 1
-        reasons.append(f"each item already keeps {p.cpu_ratio:.1f} cores busy through native "
-                       f"threads; in parallel, each worker gets 1 native thread (no "
-                       f"oversubscription), so one item costs ~{format_seconds(single)}")
+        reasons.append(
+            f"each item already keeps {p.cpu_ratio:.1f} cores busy through native "
+            f"threads; in parallel, each worker gets 1 native thread (no "
+            f"oversubscription), so one item costs ~{format_seconds(single)}"
+        )
     if p.workload is Workload.CPU_GIL:
         gil = 0.0 if p.gil_disabled else (p.gil_held_fraction if p.gil_measured else 1.0)
         if p.gil_disabled:
-            reasons.append("the items compute in Python, and this interpreter runs without "
-                           "the GIL: threads run them in parallel with no pickling")
+            reasons.append(
+                "the items compute in Python, and this interpreter runs without "
+                "the GIL: threads run them in parallel with no pickling"
+            )
         else:
-            held = (f"the heartbeat measured the GIL held {gil:.0%} of the time"
-                    if p.gil_measured else "GIL holding assumed (items too short to measure)")
-            reasons.append(f"the items compute in Python ({held}): threads would take turns, "
-                           f"processes run them in parallel")
+            held = (
+                f"the heartbeat measured the GIL held {gil:.0%} of the time"
+                if p.gil_measured
+                else "GIL holding assumed (items too short to measure)"
+            )
+            reasons.append(
+                f"the items compute in Python ({held}): threads would take turns, "
+                f"processes run them in parallel"
+            )
     else:
         gil = max(0.0, p.gil_held_fraction - GIL_SCORE_NOISE) if p.gil_measured else 0.0
-        reasons.append("the items compute in native code that releases the GIL: threads run "
-                       "them in parallel, with no start-up and no pickling")
+        reasons.append(
+            "the items compute in native code that releases the GIL: threads run "
+            "them in parallel, with no start-up and no pickling"
+        )
     workers_cap = min(cores, mem_cap) if mem_cap else cores
     if mem_cap is not None and mem_cap < cores:
-        reasons.append(f"each item grew memory by {format_bytes(p.rss_growth_bytes)}: "
-                       f"{mem_cap} workers fit in {format_bytes(memory_bytes or 0)}")
+        reasons.append(
+            f"each item grew memory by {format_bytes(p.rss_growth_bytes)}: "
+            f"{mem_cap} workers fit in {format_bytes(memory_bytes or 0)}"
+        )
     threads = _cpu_threads(p, n, workers_cap, single, gil)
     candidates = [threads]
     if p.unpicklable:
@@ -236,27 +280,42 @@ def plan_from_profile(  # noqa: PLR0911 - one early return per workload, each ex
     else:
         candidates.append(_processes(p, n, workers_cap, single))
     best = min(candidates, key=lambda e: e.per_item_s)
-    if (best.backend == "processes"
-            and threads.per_item_s <= best.per_item_s * PREFER_THREADS_WITHIN):
+    if (
+        best.backend == "processes"
+        and threads.per_item_s <= best.per_item_s * PREFER_THREADS_WITHIN
+    ):
         best = threads
     scale_out = _dask(p, n, cores, single, address)
     if scale_out is not None:
-        reasons.append(f"about {format_seconds(single * (n or 0) / cores)} of work per local "
-                       f"core, and a cluster at {address}: scale out (the cluster's cores add "
-                       f"to the estimate below, which is for this machine)")
-        return done(_Estimate("dask", 0, scale_out.chunksize, best.per_item_s,
-                              f"{serial.basis}; on this machine alone: {best.basis}"))
+        reasons.append(
+            f"about {format_seconds(single * (n or 0) / cores)} of work per local "
+            f"core, and a cluster at {address}: scale out (the cluster's cores add "
+            f"to the estimate below, which is for this machine)"
+        )
+        return done(
+            _Estimate(
+                "dask",
+                0,
+                scale_out.chunksize,
+                best.per_item_s,
+                f"{serial.basis}; on this machine alone: {best.basis}",
+            )
+        )
     # Said only if the parallel plan wins over serial.
     details = []
     if best.backend == "processes" and p.arg_pickle_bytes + p.result_pickle_bytes > 0:
-        details.append(f"processes pay {format_seconds(PROCESS_START_S)} to start and "
-                       f"{format_seconds(_ipc_s(p))} per item to send arguments "
-                       f"({format_bytes(p.arg_pickle_bytes)}) and results "
-                       f"({format_bytes(p.result_pickle_bytes)})")
+        details.append(
+            f"processes pay {format_seconds(PROCESS_START_S)} to start and "
+            f"{format_seconds(_ipc_s(p))} per item to send arguments "
+            f"({format_bytes(p.arg_pickle_bytes)}) and results "
+            f"({format_bytes(p.result_pickle_bytes)})"
+        )
     if best.chunksize > 1:
-        details.append(f"chunksize {best.chunksize}: about {format_seconds(TARGET_CHUNK_S)} of "
-                       f"work per message, with at least {MIN_CHUNKS_PER_WORKER} chunks per "
-                       f"worker when the count allows, so the last chunks balance out")
+        details.append(
+            f"chunksize {best.chunksize}: about {format_seconds(TARGET_CHUNK_S)} of "
+            f"work per message, with at least {MIN_CHUNKS_PER_WORKER} chunks per "
+            f"worker when the count allows, so the last chunks balance out"
+        )
     if best.workers > 1:
         if n is not None and best.workers == n:
             why = "one per item"
@@ -268,17 +327,32 @@ def plan_from_profile(  # noqa: PLR0911 - one early return per workload, each ex
     return _finish(done, serial, best, reasons, details)
 
 
-def _finish(done: Callable[..., Plan], serial: _Estimate, best: _Estimate,
-            reasons: list[str], details: list[str] | None = None) -> Plan:
+def _finish(
+    done: Callable[..., Plan],
+    serial: _Estimate,
+    best: _Estimate,
+    reasons: list[str],
+    details: list[str] | None = None,
+) -> Plan:
     gain = serial.per_item_s / best.per_item_s if best.per_item_s > 0 else 1.0
     if gain < MIN_GAIN:
-        return done(_Estimate("serial", 1, serial.chunksize, serial.per_item_s,
-                              f"{serial.basis}; {best.basis}"),
-                    f"the best parallel choice, {best.backend}, would run at {gain:.2f}x "
-                    f"serial speed here (start-up and per-item overheads eat the gain): serial")
+        return done(
+            _Estimate(
+                "serial", 1, serial.chunksize, serial.per_item_s, f"{serial.basis}; {best.basis}"
+            ),
+            f"the best parallel choice, {best.backend}, would run at {gain:.2f}x "
+            f"serial speed here (start-up and per-item overheads eat the gain): serial",
+        )
     reasons.extend(details or ())
-    return done(_Estimate(best.backend, best.workers, best.chunksize, best.per_item_s,
-                          f"{serial.basis}; {best.basis}; speed-up {gain:.2f}x"))
+    return done(
+        _Estimate(
+            best.backend,
+            best.workers,
+            best.chunksize,
+            best.per_item_s,
+            f"{serial.basis}; {best.basis}; speed-up {gain:.2f}x",
+        )
+    )
 
 
 # --------------------------------------------------------------------------- estimates
@@ -305,8 +379,11 @@ def _serial_chunksize(n: int | None, t: float) -> int:
 
 
 def _ipc_s(p: Profile) -> float:
-    return (PROCESS_ITEM_S + p.pickle_per_item_s
-            + (p.arg_pickle_bytes + p.result_pickle_bytes) / PIPE_BYTES_PER_S)
+    return (
+        PROCESS_ITEM_S
+        + p.pickle_per_item_s
+        + (p.arg_pickle_bytes + p.result_pickle_bytes) / PIPE_BYTES_PER_S
+    )
 
 
 def _times(n: int | None, t: float) -> str:
@@ -322,8 +399,10 @@ def _processes(p: Profile, n: int | None, cores: int, t: float) -> _Estimate:
     ipc = _ipc_s(p)
     share = _share(n, chunksize, workers)
     per_item = (start / n if n else 0.0) + ipc + t * share
-    basis = (f"processes {format_seconds(start)} start + {_times(n, ipc)} to send + "
-             f"{_times(n, t)} / {workers} workers")
+    basis = (
+        f"processes {format_seconds(start)} start + {_times(n, ipc)} to send + "
+        f"{_times(n, t)} / {workers} workers"
+    )
     if n is not None:
         basis += f" = {format_seconds(per_item * n)}"
     return _Estimate("processes", workers, chunksize, per_item, basis)
@@ -334,10 +413,16 @@ def _cpu_threads(p: Profile, n: int | None, cores: int, t: float, gil: float) ->
     chunksize = _chunksize(n, workers, t)
     start = workers * THREAD_START_S
     handoff = THREAD_CHUNK_S / chunksize + THREAD_ITEM_S
-    per_item = ((start / n if n else 0.0) + handoff + t * gil
-                + t * (1 - gil) * _share(n, chunksize, workers))
-    basis = (f"threads {format_seconds(start)} start + {_times(n, handoff)} hand-off + "
-             f"{gil:.0%} of the work one at a time under the GIL, the rest / {workers} workers")
+    per_item = (
+        (start / n if n else 0.0)
+        + handoff
+        + t * gil
+        + t * (1 - gil) * _share(n, chunksize, workers)
+    )
+    basis = (
+        f"threads {format_seconds(start)} start + {_times(n, handoff)} hand-off + "
+        f"{gil:.0%} of the work one at a time under the GIL, the rest / {workers} workers"
+    )
     if n is not None:
         basis += f" = {format_seconds(per_item * n)}"
     return _Estimate("threads", workers, chunksize, per_item, basis)
@@ -363,8 +448,10 @@ def _io_threads(p: Profile, n: int | None, cores: int, t: float, cap: int) -> _E
         fastest = min(per_item(k) for k in options)
         best = min(k for k in options if per_item(k) <= fastest * IO_WORKER_TIE)
     cost = per_item(best)
-    basis = (f"threads {_times(n, handoff)} hand-off + the larger of the CPU part "
-             f"({_times(n, cpu)}) and the waiting in {best} parallel lanes")
+    basis = (
+        f"threads {_times(n, handoff)} hand-off + the larger of the CPU part "
+        f"({_times(n, cpu)}) and the waiting in {best} parallel lanes"
+    )
     if n is not None:
         basis += f" = {format_seconds(cost * n)}"
     return _Estimate("threads", best, 1, cost, basis)
@@ -375,18 +462,24 @@ def _asyncio(p: Profile, n: int | None, t: float) -> _Estimate:
     cpu = min(p.thread_cpu_per_item_s, t)
     rounds = math.ceil(n / workers) / n if n is not None else 1.0 / workers
     per_item = (ASYNC_START_S / n if n else 0.0) + ASYNC_ITEM_S + max(cpu, t * rounds)
-    basis = (f"asyncio {_times(n, ASYNC_ITEM_S)} scheduling + the larger of the CPU part "
-             f"({_times(n, cpu)}) and the waiting with {workers} in flight")
+    basis = (
+        f"asyncio {_times(n, ASYNC_ITEM_S)} scheduling + the larger of the CPU part "
+        f"({_times(n, cpu)}) and the waiting with {workers} in flight"
+    )
     return _Estimate("asyncio", workers, 1, per_item, basis)
 
 
 def _async_reasons(p: Profile, n: int | None) -> tuple[str, ...]:
     workers = min(n, MAX_ASYNC_CONCURRENCY) if n is not None else MAX_ASYNC_CONCURRENCY
-    out = [f"coroutine function: an event loop runs up to {workers} coroutines at once "
-           f"(cap {MAX_ASYNC_CONCURRENCY}, to spare file descriptors and servers)"]
+    out = [
+        f"coroutine function: an event loop runs up to {workers} coroutines at once "
+        f"(cap {MAX_ASYNC_CONCURRENCY}, to spare file descriptors and servers)"
+    ]
     if p.thread_cpu_per_item_s >= 0.5 * p.wall_per_item_s:
-        out.append("but the coroutines mostly compute: an event loop overlaps only waiting, "
-                   "so expect little gain; a plain function could use processes")
+        out.append(
+            "but the coroutines mostly compute: an event loop overlaps only waiting, "
+            "so expect little gain; a plain function could use processes"
+        )
     return tuple(out)
 
 
@@ -408,8 +501,14 @@ def _memory_cap(p: Profile, memory_bytes: int | None) -> int | None:
 # --------------------------------------------------------------------------- cores and plan()
 
 
-def plan(fn: Callable[..., Any], items: Iterable[Any], *, sample: int = 8,
-         address: str | None = None, star: bool = False) -> Plan:
+def plan(
+    fn: Callable[..., Any],
+    items: Iterable[Any],
+    *,
+    sample: int = 8,
+    address: str | None = None,
+    star: bool = False,
+) -> Plan:
     """Profile ``fn`` on the first ``sample`` items and plan a run over all of them.
 
     ``items`` may be a list (its length is used) or an iterator (only the
@@ -419,8 +518,9 @@ def plan(fn: Callable[..., Any], items: Iterable[Any], *, sample: int = 8,
     n = len(items) if isinstance(items, Sized) else None
     head = islice(iter(items), sample)
     calls: Iterator[Call] = ((tuple(x), {}) if star else ((x,), {}) for x in head)
-    prof, _ = profile_calls(fn, calls, max_items=max(1, sample), max_seconds=0.5,
-                            stop_early=False, thorough=True)
+    prof, _ = profile_calls(
+        fn, calls, max_items=max(1, sample), max_seconds=0.5, stop_early=False, thorough=True
+    )
     return plan_from_profile(prof, n, address=address, memory_bytes=_available_memory())
 
 

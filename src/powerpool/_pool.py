@@ -165,10 +165,8 @@ class Pool:
         if wait:
             for future in futures:
                 if not future.cancelled():
-                    try:
+                    with contextlib.suppress(CancelledError):  # cancelled while we waited
                         future.exception()
-                    except CancelledError:
-                        pass
         with self._lock:
             backends = list(self._backends.values())
             self._backends.clear()
@@ -244,7 +242,9 @@ class Pool:
         self._ledger.begin(backend.name, backend.workers)
         future.add_done_callback(self._future_done)
         item: Item = (0, args, kwargs)
-        self._submit_one(backend, fn, item, future, epoch, attempt=0, claim=future.set_running_or_notify_cancel)
+        self._submit_one(
+            backend, fn, item, future, epoch, attempt=0, claim=future.set_running_or_notify_cancel
+        )
         return future
 
     def map(self, fn: Callable[..., Any], *iterables: Iterable[Any], **overrides: Any) -> list[Any]:
@@ -325,7 +325,9 @@ class Pool:
             ):
                 if not isinstance(value, ItemLost):
                     self._ledger.items(retried=1)
-                self._submit_one(backend, fn, item, future, epoch, attempt + 1, _not_cancelled(future))
+                self._submit_one(
+                    backend, fn, item, future, epoch, attempt + 1, _not_cancelled(future)
+                )
                 return
             self._ledger.items(failed=1)
             future.set_exception(value)
@@ -361,7 +363,9 @@ class Pool:
             _check_fn_fits(fn, self._backend_name)
             _check_timeout(self._backend_name, options)
         if eager:
-            return self._results(self._prepare(fn, iterables, options), options, ordered, with_index)
+            return self._results(
+                self._prepare(fn, iterables, options), options, ordered, with_index
+            )
         return self._lazy(fn, iterables, options, ordered, with_index)
 
     def _lazy(
@@ -372,7 +376,9 @@ class Pool:
         ordered: bool,
         with_index: bool,
     ) -> Iterator[Any]:
-        yield from self._results(self._prepare(fn, iterables, options), options, ordered, with_index)
+        yield from self._results(
+            self._prepare(fn, iterables, options), options, ordered, with_index
+        )
 
     def _prepare(
         self, fn: Callable[..., Any], iterables: tuple[Iterable[Any], ...], options: RunOptions
@@ -389,8 +395,13 @@ class Pool:
         from ._auto import choose
 
         choice = choose(
-            fn, source, star, prepared.total, options,
-            workers=self._workers, address=self._backend_options.get("address"),
+            fn,
+            source,
+            star,
+            prepared.total,
+            options,
+            workers=self._workers,
+            address=self._backend_options.get("address"),
         )
         self.last_plan = choice.plan
         with contextlib.suppress(TypeError):  # not weak-referenceable: no memory of it

@@ -46,8 +46,11 @@ class SchedClock:
     """
 
     def __init__(self, native_id: int | None = None) -> None:
-        path = ("/proc/thread-self/schedstat" if native_id is None
-                else f"/proc/self/task/{native_id}/schedstat")
+        path = (
+            "/proc/thread-self/schedstat"
+            if native_id is None
+            else f"/proc/self/task/{native_id}/schedstat"
+        )
         try:
             self._fd = os.open(path, os.O_RDONLY)
         except OSError:
@@ -124,7 +127,7 @@ class SwitchCounter:
         try:
             data = os.pread(self._fd, 8192, 0)
             at = data.index(b"\nvoluntary_ctxt_switches:") + 25
-            return int(data[at:data.index(b"\n", at)])
+            return int(data[at : data.index(b"\n", at)])
         except (OSError, ValueError):
             return None
 
@@ -173,8 +176,9 @@ class Heartbeat:
         """Highest RSS seen, bytes (valid after :meth:`stop`)."""
         self.rss_growth = 0
         """Rise of RSS above its level at the start, bytes (valid after :meth:`stop`)."""
-        self._thread = threading.Thread(target=self._run, name="powerpool-profile-heartbeat",
-                                        daemon=True)
+        self._thread = threading.Thread(
+            target=self._run, name="powerpool-profile-heartbeat", daemon=True
+        )
         try:
             self._thread.start()
         except RuntimeError:  # no thread to be had: leave nothing open behind

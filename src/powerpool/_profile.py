@@ -45,8 +45,15 @@ from typing import Any
 from . import _probes
 from ._probes import Heartbeat, SchedClock, pickle_cost
 
-__all__ = ["Hotspot", "Profile", "Workload", "format_bytes", "format_seconds", "profile",
-           "profile_calls"]
+__all__ = [
+    "Hotspot",
+    "Profile",
+    "Workload",
+    "format_bytes",
+    "format_seconds",
+    "profile",
+    "profile_calls",
+]
 
 Call = tuple[tuple[Any, ...], dict[str, Any]]
 """One call of the function: (positional args, keyword args)."""
@@ -134,8 +141,10 @@ class Hotspot:
     """Seconds spent in its own code, callees excluded."""
 
     def __str__(self) -> str:
-        return (f"{self.function}: {format_seconds(self.cumulative_s)} cumulative, "
-                f"{format_seconds(self.own_s)} own, {self.calls} calls")
+        return (
+            f"{self.function}: {format_seconds(self.cumulative_s)} cumulative, "
+            f"{format_seconds(self.own_s)} own, {self.calls} calls"
+        )
 
 
 @dataclass(frozen=True)
@@ -218,27 +227,41 @@ class Profile:
 
     def __str__(self) -> str:
         name = self.function or "function"
-        lines = [f"{name}: {self.workload.value} ({self.items} items sampled in "
-                 f"{format_seconds(self.profiling_s)})"]
-        gil = (f"GIL held {self.gil_held_fraction:.0%}" if self.gil_measured
-               else "GIL off" if self.gil_disabled else "GIL not measured")
-        lines.append(f"  per item  {format_seconds(self.wall_per_item_s)} wall, "
-                     f"{format_seconds(self.cpu_per_item_s)} CPU (calling thread "
-                     f"{format_seconds(self.thread_cpu_per_item_s)}), {gil}")
+        lines = [
+            f"{name}: {self.workload.value} ({self.items} items sampled in "
+            f"{format_seconds(self.profiling_s)})"
+        ]
+        gil = (
+            f"GIL held {self.gil_held_fraction:.0%}"
+            if self.gil_measured
+            else "GIL off"
+            if self.gil_disabled
+            else "GIL not measured"
+        )
+        lines.append(
+            f"  per item  {format_seconds(self.wall_per_item_s)} wall, "
+            f"{format_seconds(self.cpu_per_item_s)} CPU (calling thread "
+            f"{format_seconds(self.thread_cpu_per_item_s)}), {gil}"
+        )
         if self.unpicklable:
             lines.append(f"  pickling  impossible: {self.unpicklable}")
         elif not (self.arg_pickle_bytes or self.result_pickle_bytes or self.fn_pickle_bytes):
             lines.append("  pickling  not measured (only CPU work could go to processes)")
         else:
-            fn_size = (f", function {format_bytes(self.fn_pickle_bytes)}"
-                       if self.fn_pickle_bytes else "")
-            lines.append(f"  pickling  args {format_bytes(self.arg_pickle_bytes)}, result "
-                         f"{format_bytes(self.result_pickle_bytes)}, "
-                         f"{format_seconds(self.pickle_per_item_s)} per item{fn_size}"
-                         + (" (cloudpickle)" if self.needs_cloudpickle else ""))
+            fn_size = (
+                f", function {format_bytes(self.fn_pickle_bytes)}" if self.fn_pickle_bytes else ""
+            )
+            lines.append(
+                f"  pickling  args {format_bytes(self.arg_pickle_bytes)}, result "
+                f"{format_bytes(self.result_pickle_bytes)}, "
+                f"{format_seconds(self.pickle_per_item_s)} per item{fn_size}"
+                + (" (cloudpickle)" if self.needs_cloudpickle else "")
+            )
         if self.peak_rss_bytes:
-            lines.append(f"  memory    peak RSS {format_bytes(self.peak_rss_bytes)} "
-                         f"(+{format_bytes(self.rss_growth_bytes)} while sampling)")
+            lines.append(
+                f"  memory    peak RSS {format_bytes(self.peak_rss_bytes)} "
+                f"(+{format_bytes(self.rss_growth_bytes)} while sampling)"
+            )
         if self.errors:
             lines.append(f"  errors    {self.errors} of {self.items} items raised")
         lines.extend(f"  - {line}" for line in self.evidence)
@@ -269,8 +292,15 @@ def format_bytes(size: float) -> str:
 # --------------------------------------------------------------------------- public entry points
 
 
-def profile(fn: Callable[..., Any], sample: Iterable[Any], *, max_items: int = 8,
-            max_seconds: float = 0.5, hotspots: bool = False, star: bool = False) -> Profile:
+def profile(
+    fn: Callable[..., Any],
+    sample: Iterable[Any],
+    *,
+    max_items: int = 8,
+    max_seconds: float = 0.5,
+    hotspots: bool = False,
+    star: bool = False,
+) -> Profile:
     """Run ``fn`` on up to ``max_items`` items of ``sample`` and describe the work.
 
     Each element of ``sample`` is one argument (``star=True``: a tuple of
@@ -280,16 +310,30 @@ def profile(fn: Callable[..., Any], sample: Iterable[Any], *, max_items: int = 8
     ``hotspots=True`` also runs cProfile (slows pure Python ~2x).
     """
     calls: Iterator[Call] = ((tuple(x), {}) if star else ((x,), {}) for x in sample)
-    prof, _ = profile_calls(fn, calls, max_items=max_items, max_seconds=max_seconds,
-                            hotspots=hotspots, stop_early=False, thorough=True)
+    prof, _ = profile_calls(
+        fn,
+        calls,
+        max_items=max_items,
+        max_seconds=max_seconds,
+        hotspots=hotspots,
+        stop_early=False,
+        thorough=True,
+    )
     if prof.items == 0:
         raise ValueError("profile() needs a sample with at least one item")
     return prof
 
 
-def profile_calls(fn: Callable[..., Any], calls: Iterable[Call], *, max_items: int = 8,
-                  max_seconds: float = 0.3, hotspots: bool = False, stop_early: bool = True,
-                  thorough: bool = False) -> tuple[Profile, list[Outcome]]:
+def profile_calls(
+    fn: Callable[..., Any],
+    calls: Iterable[Call],
+    *,
+    max_items: int = 8,
+    max_seconds: float = 0.3,
+    hotspots: bool = False,
+    stop_early: bool = True,
+    thorough: bool = False,
+) -> tuple[Profile, list[Outcome]]:
     """Profile ``fn`` on calls pulled one at a time from ``calls``; keep the outcomes.
 
     Each consumed call runs exactly once in the calling thread (a coroutine
@@ -330,8 +374,9 @@ class _Budget:
 
     __slots__ = ("hotspots", "max_items", "max_seconds", "stop_early", "t_start")
 
-    def __init__(self, max_items: int, max_seconds: float, hotspots: bool, stop_early: bool,
-                 t_start: float) -> None:
+    def __init__(
+        self, max_items: int, max_seconds: float, hotspots: bool, stop_early: bool, t_start: float
+    ) -> None:
         self.max_items = max_items
         self.max_seconds = max_seconds
         self.hotspots = hotspots
@@ -342,8 +387,21 @@ class _Budget:
 class _Raw:
     """Measurements collected while sampling, one list entry per item."""
 
-    __slots__ = ("calls", "gil", "gil_window_s", "hotspots", "is_async", "notes", "outcomes",
-                 "peak_rss", "process_cpus", "rss_growth", "runqueues", "thread_cpus", "walls")
+    __slots__ = (
+        "calls",
+        "gil",
+        "gil_window_s",
+        "hotspots",
+        "is_async",
+        "notes",
+        "outcomes",
+        "peak_rss",
+        "process_cpus",
+        "rss_growth",
+        "runqueues",
+        "thread_cpus",
+        "walls",
+    )
 
     def __init__(self, *, is_async: bool = False) -> None:
         self.outcomes: list[Outcome] = []
@@ -428,33 +486,47 @@ def _sample_sync(fn: Callable[..., Any], it: Iterator[Call], budget: _Budget) ->
                 heavy = False
             heavy = heavy or wall >= HEAVY_CALL_S
             spent = w1 - t_start
-            if (n == 2 and limit == 2 < max_items and wall < SLOW_ITEM_S
-                    and wall * WARMUP_FACTOR < raw.walls[0]):
+            if (
+                n == 2
+                and limit == 2 < max_items
+                and wall < SLOW_ITEM_S
+                and wall * WARMUP_FACTOR < raw.walls[0]
+            ):
                 # The slow first item was warm-up (a lazy import, a cold cache)
                 # and the real items are light: sample them as light items.
                 limit = max_items
-            if (n >= limit and limit < min(max_items, SLOW_MAX_ITEMS) and beat is not None
-                    and not gil_disabled
-                    and spent + wall <= max_seconds and _unclear(beat)):
+            if (
+                n >= limit
+                and limit < min(max_items, SLOW_MAX_ITEMS)
+                and beat is not None
+                and not gil_disabled
+                and spent + wall <= max_seconds
+                and _unclear(beat)
+            ):
                 limit += 1  # the GIL evidence is mixed (a loaded machine): one more item
             if n >= limit:
-                raw.notes.append(f"stopped after {n} items (max_items)" if n == max_items
-                                 else f"stopped after {n} items: the first was slow and busy, "
-                                      f"the others ran with the heartbeat to measure the GIL")
+                raw.notes.append(
+                    f"stopped after {n} items (max_items)"
+                    if n == max_items
+                    else f"stopped after {n} items: the first was slow and busy, "
+                    f"the others ran with the heartbeat to measure the GIL"
+                )
                 break
             if spent + total_wall / n > max_seconds:
-                raw.notes.append(f"stopped after {n} items: time budget "
-                                 f"{format_seconds(max_seconds)} spent")
+                raw.notes.append(
+                    f"stopped after {n} items: time budget {format_seconds(max_seconds)} spent"
+                )
                 break
             if n == 1 and budget.stop_early and wall >= SLOW_ITEM_S:
                 busy = _busy(wall, c1 - c0, p1 - p0, raw.runqueues[0])
                 if busy < IO_MAX_BUSY or gil_disabled:
-                    raw.notes.append(f"stopped after 1 item: one slow item "
-                                     f"({format_seconds(wall)}) is enough evidence")
+                    raw.notes.append(
+                        f"stopped after 1 item: one slow item "
+                        f"({format_seconds(wall)}) is enough evidence"
+                    )
                     break
                 if spent + wall > max_seconds:
-                    raw.notes.append("stopped after 1 item: a second would overrun the "
-                                     "time budget")
+                    raw.notes.append("stopped after 1 item: a second would overrun the time budget")
                     break
                 limit = 2
     finally:
@@ -479,8 +551,9 @@ def _unclear(beat: Heartbeat) -> bool:
     return GIL_UNCLEAR[0] < estimate[0] < GIL_UNCLEAR[1]
 
 
-def _sample_async(fn: Callable[..., Any], it: Iterator[Call], first: tuple[Call, Any] | None,
-                  budget: _Budget) -> _Raw:
+def _sample_async(
+    fn: Callable[..., Any], it: Iterator[Call], first: tuple[Call, Any] | None, budget: _Budget
+) -> _Raw:
     import asyncio
 
     try:
@@ -506,8 +579,9 @@ def _sample_async(fn: Callable[..., Any], it: Iterator[Call], first: tuple[Call,
     return result
 
 
-def _run_async_sample(fn: Callable[..., Any], it: Iterator[Call],
-                      first: tuple[Call, Any] | None, budget: _Budget) -> _Raw:
+def _run_async_sample(
+    fn: Callable[..., Any], it: Iterator[Call], first: tuple[Call, Any] | None, budget: _Budget
+) -> _Raw:
     import asyncio
 
     perf = time.perf_counter
@@ -564,8 +638,10 @@ def _run_async_sample(fn: Callable[..., Any], it: Iterator[Call],
                 raw.notes.append(f"stopped after {n} coroutine(s): time budget spent")
                 break
             batch_size = ASYNC_BATCH
-        raw.notes.append(f"coroutine function: ran {len(raw.outcomes)} coroutine(s) on a "
-                         f"private event loop, up to {ASYNC_BATCH} at a time")
+        raw.notes.append(
+            f"coroutine function: ran {len(raw.outcomes)} coroutine(s) on a "
+            f"private event loop, up to {ASYNC_BATCH} at a time"
+        )
     finally:
         if prof is not None:
             prof.disable()
@@ -638,17 +714,26 @@ def _hotspots(prof: Any) -> tuple[Hotspot, ...]:
         changed = False
         for key, entry in stats.items():
             callers = entry[4]
-            if (key not in excluded and not any(c in entries for c in callers)
-                    and all(c in excluded or ours(c) for c in callers)):
+            if (
+                key not in excluded
+                and not any(c in entries for c in callers)
+                and all(c in excluded or ours(c) for c in callers)
+            ):
                 excluded.add(key)
                 changed = True
-    ranked = sorted((item for item in stats.items() if item[0] not in excluded),
-                    key=lambda item: item[1][3], reverse=True)
+    ranked = sorted(
+        (item for item in stats.items() if item[0] not in excluded),
+        key=lambda item: item[1][3],
+        reverse=True,
+    )
     spots = []
     for (filename, line, name), (_cc, calls, own, cumulative, _callers) in ranked[:HOTSPOT_LIMIT]:
         label = name if filename == "~" else f"{name} ({os.path.basename(filename)}:{line})"
-        spots.append(Hotspot(function=label, calls=int(calls), cumulative_s=float(cumulative),
-                             own_s=float(own)))
+        spots.append(
+            Hotspot(
+                function=label, calls=int(calls), cumulative_s=float(cumulative), own_s=float(own)
+            )
+        )
     return tuple(spots)
 
 
@@ -660,22 +745,34 @@ def _build_profile(fn: Callable[..., Any], raw: _Raw, t_start: float, thorough: 
     n = len(raw.outcomes)
     gil_disabled = _gil_disabled()
     if n == 0:
-        return Profile(items=0, wall_per_item_s=0.0, cpu_per_item_s=0.0,
-                       thread_cpu_per_item_s=0.0, gil_held_fraction=0.0, arg_pickle_bytes=0,
-                       result_pickle_bytes=0, pickle_per_item_s=0.0, peak_rss_bytes=0,
-                       workload=Workload.ASYNC if raw.is_async else Workload.TINY,
-                       evidence=("no items to sample",), hotspots=(),
-                       profiling_s=time.perf_counter() - t_start, function=name,
-                       gil_disabled=gil_disabled)
+        return Profile(
+            items=0,
+            wall_per_item_s=0.0,
+            cpu_per_item_s=0.0,
+            thread_cpu_per_item_s=0.0,
+            gil_held_fraction=0.0,
+            arg_pickle_bytes=0,
+            result_pickle_bytes=0,
+            pickle_per_item_s=0.0,
+            peak_rss_bytes=0,
+            workload=Workload.ASYNC if raw.is_async else Workload.TINY,
+            evidence=("no items to sample",),
+            hotspots=(),
+            profiling_s=time.perf_counter() - t_start,
+            function=name,
+            gil_disabled=gil_disabled,
+        )
     evidence: list[str] = []
     walls, tcpu, pcpu = raw.walls, raw.thread_cpus, raw.process_cpus
     if n >= 2 and not raw.is_async:
         rest = sorted(walls[1:])
         median = rest[len(rest) // 2]
         if walls[0] > WARMUP_FACTOR * median and walls[0] - median > 1e-4:
-            evidence.append(f"first call took {format_seconds(walls[0])}, the others "
-                            f"~{format_seconds(median)}: treated as warm-up, left out of "
-                            f"the means")
+            evidence.append(
+                f"first call took {format_seconds(walls[0])}, the others "
+                f"~{format_seconds(median)}: treated as warm-up, left out of "
+                f"the means"
+            )
             walls, tcpu, pcpu = walls[1:], tcpu[1:], pcpu[1:]
     runqueues = raw.runqueues[1:] if len(walls) < n else raw.runqueues
     queued = sum(runqueues) / len(walls)
@@ -687,8 +784,9 @@ def _build_profile(fn: Callable[..., Any], raw: _Raw, t_start: float, thorough: 
     else:
         gil_fraction, gil_measured = 0.0, False
 
-    workload = _classify(raw, (wall, thread_cpu, process_cpu, max(0.0, queued)), gil_disabled,
-                         evidence)
+    workload = _classify(
+        raw, (wall, thread_cpu, process_cpu, max(0.0, queued)), gil_disabled, evidence
+    )
 
     # Pickling only decides between processes and threads for CPU work, so it
     # is skipped for other work unless asked (``thorough``).
@@ -707,69 +805,99 @@ def _build_profile(fn: Callable[..., Any], raw: _Raw, t_start: float, thorough: 
     errors = sum(1 for ok, _ in raw.outcomes if not ok)
     if errors:
         first_error = next(value for ok, value in raw.outcomes if not ok)
-        evidence.append(f"{errors} of {n} items raised, e.g. {type(first_error).__name__}: "
-                        f"{first_error}")
+        evidence.append(
+            f"{errors} of {n} items raised, e.g. {type(first_error).__name__}: {first_error}"
+        )
     evidence.extend(raw.notes)
     elapsed = time.perf_counter() - t_start
     return Profile(
-        items=n, wall_per_item_s=wall, cpu_per_item_s=process_cpu,
-        thread_cpu_per_item_s=thread_cpu, gil_held_fraction=gil_fraction,
-        arg_pickle_bytes=args_cost[0], result_pickle_bytes=result_cost[0],
-        pickle_per_item_s=args_cost[1] + result_cost[1], peak_rss_bytes=raw.peak_rss,
-        workload=workload, evidence=tuple(evidence), hotspots=raw.hotspots, profiling_s=elapsed,
-        function=name, max_wall_s=max(raw.walls), errors=errors, gil_measured=gil_measured,
-        gil_disabled=gil_disabled, fn_pickle_bytes=fn_cost[0],
-        needs_cloudpickle=args_cost[3] or result_cost[3] or fn_cost[3], unpicklable=unpicklable,
-        rss_growth_bytes=raw.rss_growth, overhead_s=max(0.0, elapsed - sum(raw.walls)),
+        items=n,
+        wall_per_item_s=wall,
+        cpu_per_item_s=process_cpu,
+        thread_cpu_per_item_s=thread_cpu,
+        gil_held_fraction=gil_fraction,
+        arg_pickle_bytes=args_cost[0],
+        result_pickle_bytes=result_cost[0],
+        pickle_per_item_s=args_cost[1] + result_cost[1],
+        peak_rss_bytes=raw.peak_rss,
+        workload=workload,
+        evidence=tuple(evidence),
+        hotspots=raw.hotspots,
+        profiling_s=elapsed,
+        function=name,
+        max_wall_s=max(raw.walls),
+        errors=errors,
+        gil_measured=gil_measured,
+        gil_disabled=gil_disabled,
+        fn_pickle_bytes=fn_cost[0],
+        needs_cloudpickle=args_cost[3] or result_cost[3] or fn_cost[3],
+        unpicklable=unpicklable,
+        rss_growth_bytes=raw.rss_growth,
+        overhead_s=max(0.0, elapsed - sum(raw.walls)),
         runqueue_per_item_s=max(0.0, queued),
     )
 
 
 def _classify(  # noqa: PLR0911 - a decision ladder reads best as early returns
-        raw: _Raw, means: tuple[float, float, float, float], gil_disabled: bool,
-        evidence: list[str]) -> Workload:
+    raw: _Raw, means: tuple[float, float, float, float], gil_disabled: bool, evidence: list[str]
+) -> Workload:
     wall, thread_cpu, process_cpu, queued = means
-    per_item = (f"{format_seconds(wall)} wall, {format_seconds(thread_cpu)} CPU in the "
-                f"calling thread, {format_seconds(process_cpu)} in the whole process per item")
+    per_item = (
+        f"{format_seconds(wall)} wall, {format_seconds(thread_cpu)} CPU in the "
+        f"calling thread, {format_seconds(process_cpu)} in the whole process per item"
+    )
     if queued > 0.1 * wall:
-        per_item += (f"; the calling thread also waited {format_seconds(queued)} for a CPU "
-                     f"(a busy machine), which is neither computing nor waiting")
+        per_item += (
+            f"; the calling thread also waited {format_seconds(queued)} for a CPU "
+            f"(a busy machine), which is neither computing nor waiting"
+        )
     busy = _busy(wall, thread_cpu, process_cpu, queued)
     if raw.is_async:
         evidence.append(per_item)
         if busy >= IO_MAX_BUSY:
-            evidence.append(f"the coroutines compute {busy:.0%} of the time: an event loop "
-                            f"overlaps only their waiting")
+            evidence.append(
+                f"the coroutines compute {busy:.0%} of the time: an event loop "
+                f"overlaps only their waiting"
+            )
         return Workload.ASYNC
     typical = sorted(raw.walls)[len(raw.walls) // 2]  # a preempted item cannot move a median
     if min(wall, typical) < TINY_S:
-        evidence.append(f"{format_seconds(typical)} per item (median) is below "
-                        f"{format_seconds(TINY_S)}: cheaper than any pool's per-item overhead")
+        evidence.append(
+            f"{format_seconds(typical)} per item (median) is below "
+            f"{format_seconds(TINY_S)}: cheaper than any pool's per-item overhead"
+        )
         return Workload.TINY
     evidence.append(per_item)
     if busy < IO_MAX_BUSY:
-        evidence.append(f"it computes {busy:.0%} of the time and waits the rest: it mostly "
-                        f"waits")
+        evidence.append(f"it computes {busy:.0%} of the time and waits the rest: it mostly waits")
         return Workload.IO
     evidence.append(f"it computes {busy:.0%} of the time: it mostly computes")
     if gil_disabled:
-        evidence.append("the GIL is disabled (free-threaded build): threads run Python code "
-                        "in parallel")
+        evidence.append(
+            "the GIL is disabled (free-threaded build): threads run Python code in parallel"
+        )
         return Workload.CPU_GIL
     if process_cpu > NATIVE_THREADS_RATIO * wall:
-        evidence.append(f"process CPU is {process_cpu / wall:.1f}x wall time: native threads "
-                        f"ran outside the GIL")
+        evidence.append(
+            f"process CPU is {process_cpu / wall:.1f}x wall time: native threads "
+            f"ran outside the GIL"
+        )
         return Workload.CPU_NATIVE
     si = sys.getswitchinterval()
     if raw.gil is None:
-        window = (f" ({format_seconds(raw.gil_window_s)} heartbeat window)"
-                  if raw.gil_window_s else "")
-        evidence.append(f"GIL not measured, items too short or too few{window}: assumed held, "
-                        f"as pure Python holds it")
+        window = (
+            f" ({format_seconds(raw.gil_window_s)} heartbeat window)" if raw.gil_window_s else ""
+        )
+        evidence.append(
+            f"GIL not measured, items too short or too few{window}: assumed held, "
+            f"as pure Python holds it"
+        )
         return Workload.CPU_GIL
     fraction, ticks, median = raw.gil
-    evidence.append(f"heartbeat thread woke {format_seconds(median)} late (median of {ticks} "
-                    f"ticks) = {fraction:.0%} of the {format_seconds(si)} switch interval")
+    evidence.append(
+        f"heartbeat thread woke {format_seconds(median)} late (median of {ticks} "
+        f"ticks) = {fraction:.0%} of the {format_seconds(si)} switch interval"
+    )
     if fraction >= GIL_HELD_MIN:
         evidence.append("so the function holds the GIL: threads would take turns")
         return Workload.CPU_GIL

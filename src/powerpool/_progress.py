@@ -28,7 +28,7 @@ class Progress:
             return
         from tqdm.auto import tqdm
 
-        class _Bar(tqdm):  # type: ignore[misc, valid-type]
+        class _Bar(tqdm):  # type: ignore[misc]
             # tqdm's monitor thread lives as long as the process and exists to
             # unstick bars updated too rarely; ours update once per chunk.
             monitor_interval = 0

@@ -265,7 +265,7 @@ class Run:
     def _handover(self) -> tuple[list[Any], BaseException | None]:
         """The results the caller may have now (one block), and an error to raise after it."""
         block, self._block = self._block, []
-        with_index, policy = self._with_index, self._options.errors
+        with_index = self._with_index
         if not self._ordered:
             pairs, self._ready = self._ready, []
         else:
@@ -292,16 +292,15 @@ class Run:
             self._next_out = index
         return block, self._append(block, pairs)
 
-    def _append(
-        self, block: list[Any], pairs: list[tuple[int, Outcome]]
-    ) -> BaseException | None:
-        """Add per-item outcomes to ``block`` under the errors policy; the error to raise, if any."""
+    def _append(self, block: list[Any], pairs: list[tuple[int, Outcome]]) -> BaseException | None:
+        """Add outcomes to ``block`` under the errors policy; return the error to raise, if any."""
         with_index, policy = self._with_index, self._options.errors
         for index, (ok, value) in pairs:
             if ok or policy == "return":
                 block.append((index, value) if with_index else value)
             elif policy == "raise":
-                return value  # results before the failure still reach the caller
+                error: BaseException = value
+                return error  # results before the failure still reach the caller
         return None
 
     # -- input ----------------------------------------------------------------

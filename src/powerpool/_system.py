@@ -51,8 +51,11 @@ def _cgroup_quota() -> int | None:
                 if text is not None:
                     return _parse_cpu_max(text)
         elif "cpu" in controllers.split(","):  # cgroup v1
-            for base in (f"/sys/fs/cgroup/{controllers}{path}", f"/sys/fs/cgroup/{controllers}",
-                         "/sys/fs/cgroup/cpu"):
+            for base in (
+                f"/sys/fs/cgroup/{controllers}{path}",
+                f"/sys/fs/cgroup/{controllers}",
+                "/sys/fs/cgroup/cpu",
+            ):
                 quota = _read(os.path.join(base, "cpu.cfs_quota_us"))
                 period = _read(os.path.join(base, "cpu.cfs_period_us"))
                 if quota is not None and period is not None:

@@ -49,7 +49,16 @@ class Chunk:
     """
 
     __slots__ = (
-        "args", "claim", "epoch", "fn", "id", "indices", "kwargs", "on_done", "star", "timeout_s",
+        "args",
+        "claim",
+        "epoch",
+        "fn",
+        "id",
+        "indices",
+        "kwargs",
+        "on_done",
+        "star",
+        "timeout_s",
     )
 
     def __init__(

@@ -47,9 +47,7 @@ class AsyncioBackend:
         self._thread.start()
         self._ready.wait()
         if config.initializer is not None:
-            future = asyncio.run_coroutine_threadsafe(
-                self._initialize(config), self._loop
-            )
+            future = asyncio.run_coroutine_threadsafe(self._initialize(config), self._loop)
             future.result()
 
     async def _initialize(self, config: BackendConfig) -> None:
@@ -121,7 +119,9 @@ class AsyncioBackend:
             else:
                 token = StopToken(self._flag, chunk.epoch)
                 outcomes = list(
-                    await asyncio.gather(*(self._run_item(chunk, item, token) for item in chunk.items))
+                    await asyncio.gather(
+                        *(self._run_item(chunk, item, token) for item in chunk.items)
+                    )
                 )
         except asyncio.CancelledError:
             outcomes = [(False, CancelledError())] * len(chunk)

@@ -23,6 +23,7 @@ and sentinels: a death is seen the moment it happens, with no polling.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import itertools
 import multiprocessing
@@ -263,8 +264,9 @@ class ProcessBackend:
         if not good:
             self._deliver(ChunkResult(chunk, [outcome for _, outcome in bad], "parent", 0.0))
             return
-        sent = Chunk(chunk.id, chunk.fn, good, chunk.timeout_s, chunk.epoch, chunk.claim,
-                     chunk.on_done)
+        sent = Chunk(
+            chunk.id, chunk.fn, good, chunk.timeout_s, chunk.epoch, chunk.claim, chunk.on_done
+        )
         with self._lock:
             self._partials[sent] = (chunk, bad)
         self.submit(sent)
@@ -328,8 +330,15 @@ class ProcessBackend:
         self._status[2 * slot + 1] = 0.0
         process: BaseProcess = self._context.Process(  # type: ignore[attr-defined]
             target=worker_main,
-            args=(child_end, slot, self._status, self._cancel_flag, self._init_blob,
-                  self._native_threads, self._alive),
+            args=(
+                child_end,
+                slot,
+                self._status,
+                self._cancel_flag,
+                self._init_blob,
+                self._native_threads,
+                self._alive,
+            ),
             name=f"powerpool-worker-{slot}",
             daemon=True,
         )
@@ -425,8 +434,14 @@ class ProcessBackend:
             worker = idle.pop()
             first = worker.remember(fn_id)
             header = pickle.dumps(
-                (chunk.id, fn_id, blob if first else None, chunk.epoch, _calling_convention(chunk),
-                 chunk.timeout_s is not None),
+                (
+                    chunk.id,
+                    fn_id,
+                    blob if first else None,
+                    chunk.epoch,
+                    _calling_convention(chunk),
+                    chunk.timeout_s is not None,
+                ),
                 _PICKLE,
             )
             worker.chunk = chunk
@@ -459,7 +474,9 @@ class ProcessBackend:
         if len(header) > 2:  # the worker could not unpickle the arguments
             self._submit_isolating(chunk, worker_problem=header[2])
             return
-        self._deliver(ChunkResult(chunk, None, worker.name, header[1], decode=_decoder(body, len(chunk))))
+        self._deliver(
+            ChunkResult(chunk, None, worker.name, header[1], decode=_decoder(body, len(chunk)))
+        )
 
     def _on_death(self, worker: _Worker) -> None:
         chunk, worker.chunk = worker.chunk, None
@@ -525,8 +542,9 @@ class ProcessBackend:
                 f"item {chunk.indices[position]} ran longer than its {chunk.timeout_s:g} s "
                 f"timeout; its worker process {worker.process.pid} was killed and replaced"
             )
-            self._deliver(ChunkResult(chunk, _blame(chunk, position, error), worker.name,
-                                      chunk.timeout_s))
+            self._deliver(
+                ChunkResult(chunk, _blame(chunk, position, error), worker.name, chunk.timeout_s)
+            )
             self._replace(worker)
 
     # -- endings ------------------------------------------------------------------
@@ -553,10 +571,8 @@ class ProcessBackend:
             if self._kill:
                 worker.process.kill()
             else:
-                try:
+                with contextlib.suppress(OSError):  # already gone: nothing to ask
                     worker.conn.send_bytes(b"")
-                except OSError:
-                    pass
         deadline = time.monotonic() + JOIN_GRACE_S
         for worker in self._workers:
             worker.process.join(max(0.0, deadline - time.monotonic()))

@@ -118,7 +118,7 @@ def worker_main(
     functions: OrderedDict[int, Callable[..., Any]] = OrderedDict()
     # A typed view of the shared status array: item assignment through it
     # costs ~30 ns, a third of ctypes' own __setitem__ (paid once per item).
-    view = memoryview(status).cast("B").cast("d")  # type: ignore[arg-type]
+    view: Any = memoryview(status).cast("B").cast("d")
     base = 2 * slot
     # Started: a chunk sent meanwhile has been waiting since now (time first:
     # the parent reads the position, then trusts the time). The message wakes
@@ -178,7 +178,7 @@ def _run_chunk(
     payload: list[Any],
     convention: int,
     timed: bool,
-    view: memoryview,
+    view: Any,
     base: int,
 ) -> tuple[str, list[Any]]:
     """Run every item; ("values", results) if all succeeded, else ("outcomes", [(ok, value)]).
