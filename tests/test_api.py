@@ -24,6 +24,7 @@ import pytest
 import powerpool as pp
 from powerpool import _api
 from powerpool._chunking import MAX_CHUNK_ITEMS
+from tasks import flaky, nap, square
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -38,10 +39,6 @@ refill, each at most MAX_CHUNK_ITEMS (trivial items grow chunks to that cap)."""
 
 class CustomError(Exception):
     """An error type of the caller's own (module-level, so it pickles)."""
-
-
-def square(x: int) -> int:
-    return x * x
 
 
 def add(x: int, y: int) -> int:
@@ -68,26 +65,6 @@ def slower_first(x: int) -> int:
     """Earlier items finish later, so completion order is the reverse of input order."""
     time.sleep(0.03 * (5 - x))
     return x
-
-
-def flaky(marker_dir: str, x: int) -> int:
-    """Odd items fail their first two calls (the call count lives in a file)."""
-    calls = Path(marker_dir) / f"calls-{x}"
-    with calls.open("a") as f:
-        f.write(".")
-    if x % 2 and calls.stat().st_size <= 2:
-        raise OSError(f"transient failure {calls.stat().st_size} for {x}")
-    return x
-
-
-def nap(seconds: float) -> float:
-    """Sleep, but return early once powerpool asks the task to stop."""
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        if pp.should_stop():
-            break
-        time.sleep(0.01)
-    return seconds
 
 
 async def async_square(x: int) -> int:

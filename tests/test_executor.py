@@ -29,6 +29,7 @@ from typing import Any
 import pytest
 
 import powerpool as pp
+from tasks import nap
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -42,16 +43,6 @@ def mul(x: int, y: int) -> int:
 
 def capture(*args: Any, **kwargs: Any) -> tuple[tuple[Any, ...], dict[str, Any]]:
     return args, kwargs
-
-
-def nap(seconds: float) -> float:
-    """Sleep, but return early once powerpool asks the task to stop."""
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        if pp.should_stop():
-            break
-        time.sleep(0.01)
-    return seconds
 
 
 def raise_zero_division(x: int) -> float:

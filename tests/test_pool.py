@@ -24,6 +24,7 @@ import pytest
 
 import powerpool as pp
 from powerpool import Pool, PoolState
+from tasks import flaky, nap, square
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -37,10 +38,6 @@ test machine has 2 shared cores)."""
 
 class CustomError(Exception):
     """An error type of the caller's own."""
-
-
-def square(x: int) -> int:
-    return x * x
 
 
 def slow_square(x: int) -> int:
@@ -66,16 +63,6 @@ def fail_on_three(x: int) -> int:
     return x
 
 
-def flaky(marker_dir: str, x: int) -> int:
-    """Odd items fail their first two calls (the call count lives in a file)."""
-    calls = Path(marker_dir) / f"calls-{x}"
-    with calls.open("a") as f:
-        f.write(".")
-    if x % 2 and calls.stat().st_size <= 2:
-        raise OSError(f"transient failure for {x}")
-    return x
-
-
 def sleep_until_stopped(marker_dir: str, x: int) -> str:
     """Run up to 20 s, polling should_stop(); markers say it started and saw the stop."""
     directory = Path(marker_dir)
@@ -97,16 +84,6 @@ def wait_for_gate(marker_dir: str, x: int) -> int:
     while not (directory / "gate").exists() and time.monotonic() < deadline:
         time.sleep(0.01)
     return x
-
-
-def nap(seconds: float) -> float:
-    """Sleep, but return early once powerpool asks the task to stop."""
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        if pp.should_stop():
-            break
-        time.sleep(0.01)
-    return seconds
 
 
 def worker_identity(_: int) -> tuple[int, int]:
