@@ -45,8 +45,26 @@ def _sleeps(job: Job) -> list[object]:
     return []
 
 
-def _no_leaks(threads_before: int) -> None:
-    assert psutil.Process().children(recursive=True) == []
+# Session-long helpers multiprocessing (and loky) start once, not leaks.
+_HELPERS = ("multiprocessing.forkserver import main", "resource_tracker import main")
+
+
+def _children() -> set[int]:
+    pids = set()
+    for child in psutil.Process().children(recursive=True):
+        try:
+            cmdline = " ".join(child.cmdline())
+        except psutil.Error:
+            continue
+        if not any(marker in cmdline for marker in _HELPERS):
+            pids.add(child.pid)
+    return pids
+
+
+def _no_leaks(threads_before: int, children_before: set[int]) -> None:
+    # Relative to the start: other tests in the session may hold a forkserver
+    # or warm pools of their own.
+    assert _children() <= children_before
     deadline = time.monotonic() + 5
     while threading.active_count() > threads_before and time.monotonic() < deadline:
         time.sleep(0.05)
@@ -58,12 +76,20 @@ def test_suite_end_to_end(tmp_path: Path) -> None:
     from benchmarks.contenders import CONTENDERS
 
     threads_before = threading.active_count()
+    children_before = _children()
     contenders = [
         CONTENDERS["serial"],
         CONTENDERS["tpe"],
         CONTENDERS["ppe-tuned"],
         Contender(slug="wrong", name="wrong results", how="-", run=_wrong),
         Contender(slug="raises", name="raises", how="-", run=_raises),
+        Contender(
+            slug="capped",
+            name="capped threads",
+            how="-",
+            run=CONTENDERS["tpe"].run,
+            item_caps={"trivial": 100},
+        ),
     ]
     config = Config(
         quick=True,
@@ -83,6 +109,12 @@ def test_suite_end_to_end(tmp_path: Path) -> None:
             assert status[(workload, slug)] == "ok", (workload, slug)
         assert status[(workload, "wrong")] == "FAIL"
         assert status[(workload, "raises")] == "error"
+    capped = next(c for c in results.cells if c.contender == "capped" and c.workload == "trivial")
+    assert capped.status == "ok"
+    assert (capped.n_items, capped.n_total) == (100, 300)
+    assert capped.scaled_s is not None
+    assert capped.fixed_s is not None
+    assert capped.scaled_s >= capped.fixed_s
     assert {(p.workload, p.workers) for p in results.sweep} == {
         ("cpu5ms", 1),
         ("cpu5ms", 2),
@@ -98,7 +130,7 @@ def test_suite_end_to_end(tmp_path: Path) -> None:
     assert "ThreadPoolExecutor" in md
     assert {p.name for p in written} == {"results.md", "times.png", "speedup.png"}
     assert all(p.stat().st_size > 1000 for p in written)
-    _no_leaks(threads_before)
+    _no_leaks(threads_before, children_before)
 
 
 @pytest.mark.timeout(30)
@@ -106,6 +138,7 @@ def test_watchdog_records_timeout(tmp_path: Path) -> None:
     from benchmarks.contenders import CONTENDERS
 
     threads_before = threading.active_count()
+    children_before = _children()
     config = Config(
         quick=True,
         workloads=("trivial",),
@@ -124,4 +157,4 @@ def test_watchdog_records_timeout(tmp_path: Path) -> None:
     cell = next(c for c in results.cells if c.contender == "sleeps")
     assert cell.status == "timeout"
     assert cell.median_s is None
-    _no_leaks(threads_before)
+    _no_leaks(threads_before, children_before)

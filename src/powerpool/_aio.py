@@ -36,7 +36,12 @@ _DONE = object()
 
 
 async def amap(fn: Callable[..., Any], *iterables: Iterable[Any], **options: Any) -> list[Any]:
-    """Await all results, in input order. Options as for :func:`powerpool.map`."""
+    """Await all results, in input order.
+
+    Plain functions take every option of :func:`powerpool.map`. Coroutine
+    functions run on this loop and take ``workers`` (how many in flight),
+    ``timeout`` (per item) and ``errors``.
+    """
     return [result async for result in aimap(fn, *iterables, **options)]
 
 
@@ -150,6 +155,9 @@ async def _bridged(
     queue: asyncio.Queue[Any] = asyncio.Queue()
     room = threading.Semaphore(_BRIDGE_BUFFER)
     stop = threading.Event()
+    # A pool of its own, not a warm shared one: cancelling the awaiting task
+    # cancels this pool's work (should_stop() turns true in running tasks),
+    # which must not touch anybody else's. The price is a pool start per call.
     pool = Pool(backend, workers=workers, progress=False, **options)
     results = (pool.imap if ordered else pool.imap_unordered)(
         fn, *iterables, timeout=timeout, errors=errors
@@ -168,7 +176,7 @@ async def _bridged(
                 loop.call_soon_threadsafe(queue.put_nowait, (False, exc))
         finally:
             results.close()  # type: ignore[attr-defined]
-            pool.shutdown(wait=False) if stop.is_set() else pool.shutdown()
+            pool.shutdown(wait=not stop.is_set())
 
     thread = threading.Thread(target=produce, name="powerpool-aimap", daemon=True)
     thread.start()

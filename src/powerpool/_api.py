@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import atexit
 import threading
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 from collections.abc import Callable, Hashable, Iterable, Iterator
 from typing import Any
 
@@ -26,6 +26,7 @@ MAX_WARM_POOLS = 4
 
 _lock = threading.Lock()
 _warm: OrderedDict[Hashable, Pool] = OrderedDict()
+_leases: Counter[Pool] = Counter()  # callers holding each warm pool right now
 
 
 def _split(options: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -33,11 +34,13 @@ def _split(options: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
     return options, run
 
 
-def _warm_pool(backend: str, pool_options: dict[str, Any]) -> tuple[Pool, bool]:
-    """The shared pool for these options, and whether it is shared (kept warm).
+def _lease(backend: str, pool_options: dict[str, Any]) -> tuple[Pool, bool]:
+    """A pool for these options, leased to the caller, and whether it is shared.
 
-    Options that cannot be hashed (a client object, a dict of cluster
-    settings) get a pool of their own, which the caller must shut down.
+    Shared pools stay warm for the next call; a leased one is never evicted
+    (a lazy imap may not have started yet). Options that cannot be hashed
+    (a client object, a dict of cluster settings) get a private pool, shut
+    down when the caller is done. Pair every call with :func:`_release`.
     """
     try:
         key: Hashable = (backend, tuple(sorted(pool_options.items())))
@@ -46,26 +49,36 @@ def _warm_pool(backend: str, pool_options: dict[str, Any]) -> tuple[Pool, bool]:
         return Pool(backend, progress=False, **pool_options), False
     with _lock:
         pool = _warm.get(key)
-        if pool is not None and pool.state.value == "open":
-            _warm.move_to_end(key)
-            return pool, True
-        pool = Pool(backend, progress=False, **pool_options)
-        _warm[key] = pool
+        if pool is None or pool.state.value != "open":
+            pool = Pool(backend, progress=False, **pool_options)
+            _warm[key] = pool
+        _warm.move_to_end(key)
+        _leases[pool] += 1
         if len(_warm) > MAX_WARM_POOLS:
-            # Evict the least recently used pool that is idle: one with a live
-            # imap or pending futures stays (over the limit) until it is done.
-            idle = next((k for k, p in _warm.items() if p is not pool and p.idle()), None)
-            if idle is not None:
-                _warm.pop(idle).shutdown(wait=False)
+            # Evict the least recently used pool nobody holds; if all are
+            # held, stay over the limit until one is released.
+            spare = next((k for k, p in _warm.items() if not _leases[p] and p.idle()), None)
+            if spare is not None:
+                _warm.pop(spare).shutdown(wait=False)
         return pool, True
 
 
-def _closing(pool: Pool, results: Iterator[Any]) -> Iterator[Any]:
-    """Iterate ``results``, then shut down the private ``pool`` they come from."""
+def _release(pool: Pool, shared: bool) -> None:
+    if not shared:
+        pool.shutdown(wait=False, cancel_futures=True)
+        return
+    with _lock:
+        _leases[pool] -= 1
+        if not _leases[pool]:
+            del _leases[pool]
+
+
+def _leased(pool: Pool, shared: bool, results: Iterator[Any]) -> Iterator[Any]:
+    """Iterate ``results``, then give the pool they come from back."""
     try:
         yield from results
     finally:
-        pool.shutdown(wait=False, cancel_futures=True)
+        _release(pool, shared)
 
 
 def map(
@@ -82,12 +95,11 @@ def map(
     [1, 2, 3]
     """
     pool_options, run_options = _split(options)
-    pool, shared = _warm_pool(backend, pool_options)
+    pool, shared = _lease(backend, pool_options)
     try:
         result = pool.map(fn, *iterables, **run_options)
     finally:
-        if not shared:
-            pool.shutdown()
+        _release(pool, shared)
     if explain and pool.last_plan is not None:
         print(pool.last_plan)
     return result
@@ -98,9 +110,13 @@ def imap(
 ) -> Iterator[Any]:
     """Lazy :func:`map`: results in input order, bounded memory for endless input."""
     pool_options, run_options = _split(options)
-    pool, shared = _warm_pool(backend, pool_options)
-    results = pool.imap(fn, *iterables, **run_options)
-    return results if shared else _closing(pool, results)
+    pool, shared = _lease(backend, pool_options)
+    try:
+        results = pool.imap(fn, *iterables, **run_options)
+    except BaseException:
+        _release(pool, shared)
+        raise
+    return _leased(pool, shared, results)
 
 
 def imap_unordered(
@@ -112,9 +128,13 @@ def imap_unordered(
 ) -> Iterator[Any]:
     """Results as they complete; ``with_index=True`` yields ``(input_index, result)``."""
     pool_options, run_options = _split(options)
-    pool, shared = _warm_pool(backend, pool_options)
-    results = pool.imap_unordered(fn, *iterables, with_index=with_index, **run_options)
-    return results if shared else _closing(pool, results)
+    pool, shared = _lease(backend, pool_options)
+    try:
+        results = pool.imap_unordered(fn, *iterables, with_index=with_index, **run_options)
+    except BaseException:
+        _release(pool, shared)
+        raise
+    return _leased(pool, shared, results)
 
 
 def shutdown_warm_pools() -> None:

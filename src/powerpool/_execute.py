@@ -44,7 +44,11 @@ def run_items(
                 mark(position)
             try:
                 append((True, fn(*args, **kwargs)))
-            except Exception as exc:
+            except KeyboardInterrupt:
+                raise  # Ctrl-C in the caller's thread (serial backend) stops the run
+            except BaseException as exc:
+                # SystemExit included: a task calling sys.exit() must fail its
+                # item, not silently end a worker thread its caller waits on.
                 append((False, exc))
     return outcomes
 

@@ -23,7 +23,7 @@ from ._backends import BackendConfig, load
 from ._errors import PoolClosedError
 from ._execute import is_coroutine_function
 from ._progress import ProgressMode
-from ._run import ErrorPolicy, Run, RunOptions, is_retryable
+from ._run import Attempts, ErrorPolicy, Run, RunOptions
 from ._stats import PoolStats, StatsLedger
 from ._system import usable_cores
 from ._task import Chunk, ChunkResult, Item, ItemLost, Outcome
@@ -37,6 +37,11 @@ __all__ = ["Pool", "PoolState"]
 _BACKEND_NAMES = ("auto", "serial", "threads", "asyncio", "processes", "dask")
 _ASYNC_BACKENDS = ("asyncio",)
 _ERROR_POLICIES = ("raise", "return", "skip")
+
+FAST_BLOCK_ITEMS = 16384
+"""Items auto's in-thread fast path computes between checks for cancel and
+shutdown: large enough that the checks cost nothing per item, small enough
+that a cancel takes effect within milliseconds of tiny work."""
 
 MAX_LIVE_BACKENDS = 4
 """Backends kept warm per pool (auto may start one per kind of work); the
@@ -56,7 +61,9 @@ def default_workers(backend: str) -> int:
     if backend == "serial":
         return 1
     if backend == "asyncio":
-        return 100  # coroutines in flight: waits overlap, the loop thread does the rest
+        from ._aio import ASYNC_DEFAULT_WORKERS
+
+        return ASYNC_DEFAULT_WORKERS
     cores = usable_cores()
     if backend == "threads":
         return min(32, cores + 4)  # ThreadPoolExecutor's default, for the same reasons
@@ -135,6 +142,9 @@ class Pool:
         )
         self.last_plan: Plan | None = None
         """The plan ``auto`` made for the most recent run (None before one)."""
+        # A pool dropped without shutdown() must not leave workers behind until
+        # exit. The finalizer holds the backends, never the pool itself.
+        weakref.finalize(self, _release_backends, self._backends)
 
     # -- lifecycle ----------------------------------------------------------
 
@@ -153,7 +163,12 @@ class Pool:
             self.shutdown(wait=True)
 
     def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
-        """Stop accepting work, then release the workers. Safe to call twice."""
+        """Stop accepting work, then release the workers. Safe to call twice.
+
+        ``wait`` waits for submitted futures. A map or imap already running
+        (in another thread, or a generator not yet exhausted) is allowed to
+        finish: the workers are released when the last one ends.
+        """
         with self._lock:
             if self._state is PoolState.CLOSED:
                 return
@@ -168,19 +183,24 @@ class Pool:
                     with contextlib.suppress(CancelledError):  # cancelled while we waited
                         future.exception()
         with self._lock:
-            backends = list(self._backends.values())
-            self._backends.clear()
-            self._state = PoolState.CLOSED
+            if self._runs:
+                return  # the last run to end closes the backends (see _blocks)
+            backends = self._close_locked()
         for backend in backends:
             backend.shutdown(wait=wait)
+
+    def _close_locked(self) -> list[Backend]:
+        """Mark the pool closed and hand back its backends to shut down. Call under _lock."""
+        backends = list(self._backends.values())
+        self._backends.clear()
+        self._state = PoolState.CLOSED
+        return backends
 
     def terminate(self) -> None:
         """Stop at once: cancel everything, kill worker processes, don't wait for threads."""
         self.cancel()
         with self._lock:
-            backends = list(self._backends.values())
-            self._backends.clear()
-            self._state = PoolState.CLOSED
+            backends = self._close_locked()
         for backend in backends:
             backend.shutdown(wait=False, kill=True)
 
@@ -242,9 +262,8 @@ class Pool:
         self._ledger.begin(backend.name, backend.workers)
         future.add_done_callback(self._future_done)
         item: Item = (0, args, kwargs)
-        self._submit_one(
-            backend, fn, item, future, epoch, attempt=0, claim=future.set_running_or_notify_cancel
-        )
+        claim = future.set_running_or_notify_cancel
+        self._submit_one(backend, fn, item, future, epoch, Attempts(), claim)
         return future
 
     def map(self, fn: Callable[..., Any], *iterables: Iterable[Any], **overrides: Any) -> list[Any]:
@@ -293,7 +312,8 @@ class Pool:
         )
         backend = load(name)(config, _route)
         self._backends[key] = backend
-        if len(self._backends) > MAX_LIVE_BACKENDS:
+        if len(self._backends) > MAX_LIVE_BACKENDS and not self._runs and not self._futures:
+            # Only while nothing runs: a live map may be using the oldest one.
             _, oldest = self._backends.popitem(last=False)
             oldest.shutdown(wait=False)
         return backend
@@ -310,7 +330,7 @@ class Pool:
         item: Item,
         future: Future[Any],
         epoch: int,
-        attempt: int,
+        attempts: Attempts,
         claim: Callable[[], bool],
     ) -> None:
         def on_done(result: ChunkResult) -> None:
@@ -320,17 +340,15 @@ class Pool:
                 self._ledger.items(done=1)
                 future.set_result(value)
                 return
-            if isinstance(value, ItemLost) or (
-                attempt < self._defaults.retries and is_retryable(value, self._defaults)
-            ):
+            error = attempts.after(value, self._defaults)
+            if error is None:
                 if not isinstance(value, ItemLost):
                     self._ledger.items(retried=1)
-                self._submit_one(
-                    backend, fn, item, future, epoch, attempt + 1, _not_cancelled(future)
-                )
+                again = _not_cancelled(future)
+                self._submit_one(backend, fn, item, future, epoch, attempts, again)
                 return
             self._ledger.items(failed=1)
-            future.set_exception(value)
+            future.set_exception(error)
 
         chunk = Chunk(
             id=next(self._chunk_ids),
@@ -419,34 +437,60 @@ class Pool:
         self, prepared: _Prepared, options: RunOptions, ordered: bool, with_index: bool
     ) -> Iterator[Any]:
         if prepared.fast is not None:
-            self._ledger.items(done=prepared.total or 0)
-            return enumerate(prepared.fast) if with_index else prepared.fast
+            values = itertools.chain.from_iterable(self._fast_blocks(prepared.fast))
+            return enumerate(values) if with_index else values
         blocks = self._blocks(prepared, options, ordered, with_index)
         return itertools.chain.from_iterable(blocks)
+
+    def _fast_blocks(self, values: Iterator[Any]) -> Iterator[list[Any]]:
+        """auto's fast path (serial, in this thread) in blocks: counted, and cancellable.
+
+        Between blocks it checks that nobody cancelled the pool's work; per
+        item it costs nothing beyond the builtin map.
+        """
+        with self._lock:
+            self._check_open()
+            epoch = self._epoch
+        self._ledger.begin("serial", 1)
+        try:
+            while True:
+                try:
+                    block = list(itertools.islice(values, FAST_BLOCK_ITEMS))
+                except Exception:
+                    self._ledger.items(failed=1)
+                    raise
+                if not block:
+                    return
+                self._ledger.items(done=len(block))
+                yield block
+                if self._epoch != epoch:
+                    raise CancelledError("the pool's work was cancelled")
+        finally:
+            self._ledger.end()
 
     def _blocks(
         self, prepared: _Prepared, options: RunOptions, ordered: bool, with_index: bool
     ) -> Iterator[list[Any]]:
+        # Registered in the same critical section that checks the state, so a
+        # concurrent shutdown() either refuses this run or waits for its end.
         with self._lock:
             self._check_open()
             backend = self._backend(prepared.backend, prepared.workers)
-            epoch = self._epoch
-        run = Run(
-            backend=backend,
-            fn=prepared.fn,
-            source=prepared.source,
-            star=prepared.star,
-            options=options,
-            ordered=ordered,
-            with_index=with_index,
-            total=prepared.total,
-            epoch=epoch,
-            ledger=self._ledger,
-            new_chunk_id=self._chunk_ids.__next__,
-            prefilled=prepared.prefilled,
-            per_item_s=prepared.per_item_s,
-        )
-        with self._lock:
+            run = Run(
+                backend=backend,
+                fn=prepared.fn,
+                source=prepared.source,
+                star=prepared.star,
+                options=options,
+                ordered=ordered,
+                with_index=with_index,
+                total=prepared.total,
+                epoch=self._epoch,
+                ledger=self._ledger,
+                new_chunk_id=self._chunk_ids.__next__,
+                prefilled=prepared.prefilled,
+                per_item_s=prepared.per_item_s,
+            )
             self._runs.add(run)
         try:
             yield from run
@@ -462,6 +506,10 @@ class Pool:
         finally:
             with self._lock:
                 self._runs.discard(run)
+                last = self._state is PoolState.CLOSING and not self._runs
+                backends = self._close_locked() if last else []
+            for backend in backends:  # shutdown() left this to the last run
+                backend.shutdown(wait=False)
 
 
 @dataclass
@@ -500,6 +548,12 @@ def _check_backend_options(backend: str, options: dict[str, Any]) -> None:
         unknown = sorted(options)
     if unknown:
         raise TypeError(f"unexpected option(s) for backend {backend!r}: {', '.join(unknown)}")
+
+
+def _release_backends(backends: OrderedDict[tuple[str, int], Backend]) -> None:
+    for backend in list(backends.values()):
+        backend.shutdown(wait=False)
+    backends.clear()
 
 
 def _route(result: ChunkResult) -> None:

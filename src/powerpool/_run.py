@@ -37,7 +37,7 @@ from ._progress import Progress, ProgressMode
 from ._stats import StatsLedger
 from ._task import Chunk, ChunkResult, Item, ItemLost, Outcome
 
-__all__ = ["ErrorPolicy", "Run", "RunOptions", "is_retryable"]
+__all__ = ["Attempts", "ErrorPolicy", "Run", "RunOptions", "is_retryable"]
 
 ErrorPolicy = Literal["raise", "return", "skip"]
 
@@ -78,6 +78,33 @@ def is_retryable(exc: BaseException, options: RunOptions) -> bool:
     if isinstance(exc, (WorkerError, ItemTimeoutError)):
         return True
     return isinstance(exc, options.retry_on)
+
+
+@dataclass
+class Attempts:
+    """How often one item ran and failed, and what to do about its latest failure."""
+
+    retries: int = 0
+    """Re-runs after failures (limited by ``RunOptions.retries``)."""
+    losses: int = 0
+    """Re-runs because a crash elsewhere took the item down (limited by MAX_LOSSES)."""
+
+    def after(self, exc: BaseException, options: RunOptions) -> BaseException | None:
+        """None if the item should run again (counted here); else the error to report.
+
+        The one retry policy of the core: map runs and submit() both use it.
+        """
+        if isinstance(exc, ItemLost):
+            self.losses += 1
+            if self.losses <= MAX_LOSSES:
+                return None
+            return WorkerCrashedError(
+                f"the item was lost {self.losses} times with crashing workers"
+            )
+        if self.retries < options.retries and is_retryable(exc, options):
+            self.retries += 1
+            return None
+        return exc
 
 
 class Run:
@@ -136,8 +163,7 @@ class Run:
         self._closed = False
         # Iteration state (caller's thread only).
         self._retry: deque[Item] = deque()
-        self._attempts: dict[int, int] = {}
-        self._losses: dict[int, int] = {}
+        self._attempts: dict[int, Attempts] = {}  # items that failed and will run again
         # Ordered runs: finished but waiting for an earlier item. Whole chunks
         # that succeeded wait as one block (start -> (stop, values)); items
         # from failed or re-queued chunks wait one by one.
@@ -210,8 +236,9 @@ class Run:
         self._ledger.chunk(result.worker, result.busy_s)
         chunk = result.chunk
         n = len(chunk)
-        self._sizer.observe(n, result.busy_s)
         values = result.values
+        if values is not None:  # failed chunks report no (or a made-up) compute time
+            self._sizer.observe(n, result.busy_s)
         if values is None:
             for item, outcome in zip(chunk.items, result.outcomes):
                 self._settle(item, outcome)
@@ -234,21 +261,15 @@ class Run:
         ok, value = outcome
         index = item[0]
         if not ok:
-            if isinstance(value, ItemLost):
-                self._losses[index] = self._losses.get(index, 0) + 1
-                if self._losses[index] <= MAX_LOSSES:
-                    self._retry.append(item)
-                    return
-                value = WorkerCrashedError(
-                    f"item {index} was lost {MAX_LOSSES + 1} times with crashing workers"
-                )
-            elif self._attempts.get(index, 0) < self._options.retries and is_retryable(
-                value, self._options
-            ):
-                self._attempts[index] = self._attempts.get(index, 0) + 1
-                self._ledger.items(retried=1)
+            attempts = self._attempts.setdefault(index, Attempts())
+            error = attempts.after(value, self._options)
+            if error is None:
+                if not isinstance(value, ItemLost):
+                    self._ledger.items(retried=1)
                 self._retry.append(item)
                 return
+            value = error
+            del self._attempts[index]
         assert self._progress is not None
         if ok:
             self._ledger.items(done=1)

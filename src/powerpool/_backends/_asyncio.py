@@ -43,6 +43,9 @@ class AsyncioBackend:
         self._tasks: dict[Chunk, asyncio.Task[None]] = {}
         self._init_error: BaseException | None = None
         self._semaphore = asyncio.Semaphore(self.workers)
+        # Invariant: once _closed is set (under _submit_lock), no callback is
+        # added to the loop; submit() then fails the chunk instead.
+        self._submit_lock = threading.Lock()
         self._closed = False
         self._thread.start()
         self._ready.wait()
@@ -69,7 +72,13 @@ class AsyncioBackend:
     # -- protocol -------------------------------------------------------------
 
     def submit(self, chunk: Chunk) -> None:
-        self._loop.call_soon_threadsafe(self._start, chunk)
+        with self._submit_lock:
+            if not self._closed:
+                self._loop.call_soon_threadsafe(self._start, chunk)
+                return
+        if chunk.claim():
+            error = CancelledError("the pool was shut down")
+            self._deliver(ChunkResult(chunk, [(False, error)] * len(chunk), "asyncio", 0.0))
 
     def cancel(self, epoch: int) -> None:
         self._flag.value = max(self._flag.value, epoch)
@@ -83,17 +92,17 @@ class AsyncioBackend:
             self._loop.call_soon_threadsafe(cancel_tasks)
 
     def shutdown(self, *, wait: bool = True, kill: bool = False) -> None:
-        if self._closed:
-            return
-        self._closed = True
-
         def stop() -> None:
             for task in self._tasks.values():
                 task.cancel()
             if not self._tasks:
                 self._loop.stop()
 
-        self._loop.call_soon_threadsafe(stop if kill else self._stop_when_idle)
+        with self._submit_lock:  # no submit slips in between: it would never run
+            if self._closed:
+                return
+            self._closed = True
+            self._loop.call_soon_threadsafe(stop if kill else self._stop_when_idle)
         if wait or kill:
             self._thread.join()
 
@@ -145,5 +154,7 @@ class AsyncioBackend:
                         return False, ItemTimeoutError(
                             f"item {item[0]} ran longer than its {chunk.timeout_s:g} s timeout"
                         )
-                except Exception as exc:
-                    return False, exc
+                except asyncio.CancelledError:
+                    raise  # the chunk's task was cancelled: _run_chunk reports it
+                except BaseException as exc:
+                    return False, exc  # SystemExit too: it must not stop the loop

@@ -163,7 +163,9 @@ class ProcessBackend:
         self._init_blob = (
             None
             if config.initializer is None
-            else _dumps((config.initializer, tuple(config.initargs)))
+            # The initializer by the same rule as functions (by value when it
+            # lives in __main__), so forkserver/spawn workers can load it.
+            else _dumps((_dumps_function(config.initializer), tuple(config.initargs)))
         )
         # Shared with workers: per-slot (position, started) and the cancel epoch.
         self._status = self._context.RawArray("d", 2 * self.workers)

@@ -43,6 +43,10 @@ class _Running:
     outcomes: list[Outcome] = field(default_factory=list)
 
 
+class _Abandoned(BaseException):  # a control-flow signal, never seen by users
+    """Raised inside an abandoned thread to stop it before its next item."""
+
+
 class ThreadBackend:
     name: ClassVar[str] = "threads"
     chunk_target_s: ClassVar[float] = 0.002
@@ -84,13 +88,16 @@ class ThreadBackend:
             closed = self._closed
             if not closed:
                 self._queue.put(chunk)
+                # Decided here too: a shutdown between the put and a later
+                # grow would leave the chunk with no thread to take it.
+                thread = None if self._idle.acquire(blocking=False) else self._new_thread()
         if closed:
             if chunk.claim():
                 error = CancelledError("the pool was shut down")
                 self._deliver(ChunkResult(chunk, [(False, error)] * len(chunk), "threads", 0.0))
             return
-        if not self._idle.acquire(blocking=False):
-            self._grow()
+        if thread is not None:
+            thread.start()
 
     def cancel(self, epoch: int) -> None:
         self._flag.value = max(self._flag.value, epoch)
@@ -117,16 +124,15 @@ class ThreadBackend:
 
     # -- workers --------------------------------------------------------------
 
-    def _grow(self) -> None:
-        """Start one more worker thread, unless there are enough."""
-        with self._lock:
-            if self._closed or len(self._threads) >= self.workers:
-                return
-            thread = threading.Thread(
-                target=self._work, name=f"powerpool-thread-{next(self._names)}", daemon=True
-            )
-            self._threads.add(thread)
-        thread.start()
+    def _new_thread(self) -> threading.Thread | None:
+        """A new worker thread (not started yet), unless there are enough. Call under _lock."""
+        if self._closed or len(self._threads) >= self.workers:
+            return None
+        thread = threading.Thread(
+            target=self._work, name=f"powerpool-thread-{next(self._names)}", daemon=True
+        )
+        self._threads.add(thread)
+        return thread
 
     def _work(self) -> None:
         me = threading.current_thread()
@@ -165,9 +171,17 @@ class ThreadBackend:
 
             def mark(position: int) -> None:
                 with self._lock:
+                    if record.abandoned:
+                        # The watchdog reported this chunk and the core re-queued
+                        # the items after the late one: running them here too
+                        # would run them twice.
+                        raise _Abandoned
                     record.position, record.started = position, time.monotonic()
 
-            outcomes = run_items(chunk.fn, chunk, token, mark, record.outcomes)
+            try:
+                outcomes = run_items(chunk.fn, chunk, token, mark, record.outcomes)
+            except _Abandoned:
+                outcomes = []
             with self._lock:
                 del self._running[me]
                 if record.abandoned:
@@ -182,41 +196,46 @@ class ThreadBackend:
         with self._lock:
             while not self._closed:
                 now = time.monotonic()
-                expired: list[tuple[threading.Thread, _Running]] = []
+                expired: list[tuple[threading.Thread, _Running, int]] = []
                 next_deadline = float("inf")
                 for thread, record in self._running.items():
                     deadline = record.started + (record.chunk.timeout_s or float("inf"))
                     if deadline <= now and not record.abandoned:
-                        expired.append((thread, record))
+                        # The position is read now: once abandoned, it cannot move.
+                        expired.append((thread, record, record.position))
                     else:
                         next_deadline = min(next_deadline, deadline)
-                for thread, record in expired:
+                replacements = []
+                for thread, record, _ in expired:
                     record.abandoned = True
                     record.token.abandon()
                     self._threads.discard(thread)
+                    replacements.append(self._new_thread())  # keeps the capacity
                 if expired:
                     self._lock.release()
                     try:
-                        for thread, record in expired:
-                            self._grow()  # a replacement keeps the capacity
-                            self._report_timeout(thread, record)
+                        for replacement in replacements:
+                            if replacement is not None:
+                                replacement.start()
+                        for thread, record, position in expired:
+                            self._report_timeout(thread, record, position)
                     finally:
                         self._lock.acquire()
                     continue
                 wait = None if next_deadline == float("inf") else max(0.0, next_deadline - now)
                 self._wake.wait(wait)
 
-    def _report_timeout(self, thread: threading.Thread, record: _Running) -> None:
+    def _report_timeout(self, thread: threading.Thread, record: _Running, position: int) -> None:
         chunk = record.chunk
         # Items before the late one finished (their outcomes are in the record:
         # the worker appends item i's outcome before it marks item i+1); items
         # after it never started and are re-queued by the core (ItemLost).
         late = ItemTimeoutError(
-            f"item {chunk.indices[record.position]} ran longer than its "
+            f"item {chunk.indices[position]} ran longer than its "
             f"{chunk.timeout_s:g} s timeout; its thread was abandoned"
         )
-        done = record.outcomes[: record.position]
-        lost: list[Outcome] = [(False, ItemLost())] * (len(chunk) - record.position - 1)
+        done = record.outcomes[:position]
+        lost: list[Outcome] = [(False, ItemLost())] * (len(chunk) - position - 1)
         outcomes = [*done, (False, late), *lost]
         self._deliver(ChunkResult(chunk, outcomes, thread.name, float(chunk.timeout_s or 0.0)))
 

@@ -33,6 +33,7 @@ message per item.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import pickle
 import signal
@@ -110,10 +111,11 @@ def worker_main(
     _watch_parent(*alive)
     if init_blob is not None:
         try:
-            initializer, initargs = pickle.loads(init_blob)
-            initializer(*initargs)
+            initializer_blob, initargs = pickle.loads(init_blob)
+            pickle.loads(initializer_blob)(*initargs)
         except Exception as exc:
-            conn.send_bytes(_dumps(("init-error", _shippable(exc))))
+            with contextlib.suppress(OSError):  # the parent may be gone already
+                conn.send_bytes(_dumps(("init-error", _shippable(exc))))
             return
     functions: OrderedDict[int, Callable[..., Any]] = OrderedDict()
     # A typed view of the shared status array: item assignment through it
@@ -125,7 +127,10 @@ def worker_main(
     # the parent, which does not run a chunk's timeout while we are STARTING.
     view[base + 1] = time.monotonic()
     view[base] = -1
-    conn.send_bytes(pickle.dumps(("ready",), _PICKLE))
+    try:
+        conn.send_bytes(pickle.dumps(("ready",), _PICKLE))
+    except OSError:
+        return  # the pool was shut down while we started
     while True:
         try:
             header = conn.recv_bytes()
