@@ -43,10 +43,8 @@ class ChunkSizer:
         self._per_item_s: float | None = None
         self._busy_s = 0.0
         self._items = 0.0
-        if total is None:
-            self._cap = MAX_CHUNK_ITEMS
-        else:
-            self._cap = max(1, math.ceil(total / (max(1, workers) * CHUNKS_PER_WORKER)))
+        self._workers = max(1, workers)
+        self._remaining = total  # items not yet cut into chunks (None: unknown)
 
     @property
     def per_item_s(self) -> float | None:
@@ -57,14 +55,27 @@ class ChunkSizer:
         """Start from a known per-item time (e.g. from the profiler)."""
         self._per_item_s = per_item_s
 
+    def _cap(self) -> int:
+        # Guided self-scheduling: the cap shrinks with what is left, so the
+        # last chunks are small and a slow item near the end holds up one
+        # small chunk, not a quarter of a worker's share.
+        if self._remaining is None:
+            return MAX_CHUNK_ITEMS
+        return max(1, math.ceil(self._remaining / (self._workers * CHUNKS_PER_WORKER)))
+
     def next_size(self) -> int:
         if self._fixed is not None:
             return self._fixed
         if self._per_item_s is None:
             return 1
         if self._per_item_s <= 0:
-            return self._cap
-        return max(1, min(self._cap, int(self._target_s / self._per_item_s)))
+            return self._cap()
+        return max(1, min(self._cap(), int(self._target_s / self._per_item_s)))
+
+    def taken(self, n_items: int) -> None:
+        """Note that ``n_items`` fresh items were cut into a chunk."""
+        if self._remaining is not None:
+            self._remaining = max(0, self._remaining - n_items)
 
     def observe(self, n_items: int, busy_s: float) -> None:
         """Feed back one finished chunk."""

@@ -122,6 +122,7 @@ class Pool:
             _check_timeout(backend, self._defaults)
         self._initializer = initializer
         self._initargs = tuple(initargs)
+        self._initialized_here = False  # auto ran the initializer in this thread
         self._native_threads = native_threads
         self._start_method = start_method
         self._explain = explain
@@ -412,6 +413,11 @@ class Pool:
             return prepared
         from ._auto import choose
 
+        if self._initializer is not None and not self._initialized_here:
+            # auto measures the first items here, in the caller's thread, and
+            # they may need what the initializer sets up: run it here once too.
+            self._initialized_here = True
+            self._initializer(*self._initargs)
         choice = choose(
             fn,
             source,

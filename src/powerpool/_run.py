@@ -349,4 +349,5 @@ class Run:
             return None
         chunk.indices = range(self._next_input, self._next_input + len(chunk.args))
         self._next_input = chunk.indices.stop
+        self._sizer.taken(len(chunk.args))
         return chunk

@@ -162,6 +162,13 @@ class ChunkResult:
             self._outcomes, self._values = self._decode()
             self._decode = None
 
+    @classmethod
+    def of(cls, chunk: Chunk, outcomes: list[Outcome], worker: str, busy_s: float) -> ChunkResult:
+        """The result of ``outcomes``, as plain values when all succeeded (the core's fast path)."""
+        if all(ok for ok, _ in outcomes):
+            return cls(chunk, None, worker, busy_s, values=[value for _, value in outcomes])
+        return cls(chunk, outcomes, worker, busy_s)
+
     @property
     def values(self) -> list[Any] | None:
         """The results, in item order, if every item succeeded; else None."""
