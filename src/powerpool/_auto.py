@@ -36,7 +36,7 @@ SAMPLE_SECONDS = 0.2
 time the other cores sit idle."""
 
 
-@dataclass
+@dataclass(frozen=True)
 class Choice:
     """What auto decided for one run."""
 

@@ -523,14 +523,23 @@ class _Prepared:
     """A run whose backend is decided but which has not started."""
 
     fn: Callable[..., Any]
+    """The function to run."""
     source: Iterator[Any]
+    """The inputs not consumed yet: argument tuples if ``star``, else single arguments."""
     star: bool
+    """Whether ``source`` yields argument tuples (several iterables were given)."""
     total: int | None
+    """Number of inputs, when every iterable has a length."""
     backend: str
+    """The backend that will run them (never "auto" once prepared)."""
     workers: int | None
+    """Its workers (None: the backend's default)."""
     prefilled: list[tuple[Item, Outcome]] = field(default_factory=list)
+    """Items auto already ran while measuring, with their outcomes."""
     per_item_s: float | None = None
+    """Measured seconds per item, to seed the chunk sizer."""
     fast: Iterator[Any] | None = None
+    """All results, lazily, when auto chose to run in this thread (see _fast_blocks)."""
 
 
 def _check_timeout(name: str, options: RunOptions) -> None:

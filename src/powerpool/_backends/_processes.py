@@ -114,11 +114,15 @@ class _Worker:
     """One worker process and the ledger of what it holds."""
 
     process: BaseProcess
+    """The worker process (its sentinel tells the dispatcher when it dies)."""
     conn: Connection
+    """The parent's end of this worker's pipe."""
     slot: int
+    """Index of its (position, started) pair in the shared status array."""
     chunk: Chunk | None = None
     """The chunk it is running; None when idle (the ledger)."""
     sent_at: float = 0.0
+    """time.monotonic() when the chunk was sent: a deadline never starts earlier."""
     functions: OrderedDict[int, None] = field(default_factory=OrderedDict)
     """Ids of the functions this worker holds, least recently used first."""
 

@@ -33,14 +33,24 @@ __all__ = ["ThreadBackend"]
 
 @dataclass(eq=False)
 class _Running:
-    """What one worker thread is doing; guarded by the backend's lock."""
+    """What one worker thread is doing (only with a timeout); guarded by the backend's lock.
+
+    Invariant: the worker appends item i's outcome before it marks item i+1,
+    so when ``position`` is p, ``outcomes[:p]`` are the finished items.
+    """
 
     chunk: Chunk
+    """The chunk being run."""
     token: StopToken
+    """Its stop token; abandoning the thread sets it."""
     position: int = 0
+    """Index in the chunk of the item running now."""
     started: float = field(default_factory=time.monotonic)
+    """time.monotonic() when that item started."""
     abandoned: bool = False
+    """Set by the watchdog when the item ran late: the thread stops at its next item."""
     outcomes: list[Outcome] = field(default_factory=list)
+    """Outcomes of the chunk's finished items, appended as they finish."""
 
 
 class _Abandoned(BaseException):  # a control-flow signal, never seen by users
