@@ -62,9 +62,9 @@ def test_lambdas_closures_and_partials_run_in_workers() -> None:
 @pytest.mark.timeout(90)
 @pytest.mark.parametrize("start_method", ["fork", "forkserver", "spawn"])
 def test_functions_and_classes_defined_in_main_work(tmp_path: Path, start_method: str) -> None:
-    """A worker that does not fork from the caller cannot import ``__main__``'s functions
-    by name: they travel by value, and so do the classes they use, whose instances must
-    still come back as the caller's own classes."""
+    """``__main__``'s functions, classes and exceptions work whatever the start method:
+    workers load them from the script's file (by value where there is no file), and
+    instances come back as the caller's own classes."""
     script = tmp_path / "child.py"
     script.write_text(
         textwrap.dedent(
@@ -113,6 +113,50 @@ def test_functions_and_classes_defined_in_main_work(tmp_path: Path, start_method
     assert cubes == [x**3 for x in range(10)]
     assert boxes == [0, 1, 2]
     assert doubled == [0, 2, 4]
+
+
+@pytest.mark.timeout(90)
+@pytest.mark.parametrize("start_method", ["fork", "forkserver"])
+def test_an_initializer_in_main_sets_state_the_function_sees(
+    tmp_path: Path, start_method: str
+) -> None:
+    """The per-worker model pattern in a script: initializer and function share the
+    script's globals in each worker (by-value copies would each get their own)."""
+    script = tmp_path / "model.py"
+    script.write_text(
+        textwrap.dedent(
+            """
+            import sys
+            import powerpool as pp
+
+            MODEL = None
+
+            def load(factor):
+                global MODEL
+                MODEL = factor
+
+            def use(x):
+                if MODEL is None:
+                    raise RuntimeError("model not loaded")
+                return x * MODEL
+
+            if __name__ == "__main__":
+                with pp.Pool("processes", workers=2, start_method=sys.argv[1],
+                             initializer=load, initargs=(3,)) as pool:
+                    print(pool.map(use, range(5)))
+                print(pp.map(use, range(5), initializer=load, initargs=(4,)))
+            """
+        )
+    )
+    done = subprocess.run(
+        [sys.executable, str(script), start_method],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split("\n")[:2] == ["[0, 3, 6, 9, 12]", "[0, 4, 8, 12, 16]"]
 
 
 def test_the_function_is_pickled_once_and_sent_once_per_worker(

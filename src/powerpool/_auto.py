@@ -108,6 +108,32 @@ def choose(
     return Choice(plan=plan, prefilled=prefilled, per_item_s=profile.wall_per_item_s, fast=fast)
 
 
+def choose_with_initializer(total: int | None, workers: int | None) -> Plan:
+    """The plan when the pool has an initializer: processes, without a sample.
+
+    An initializer sets up per-worker state (a model, a connection) that the
+    items need, so they cannot run in the caller's thread to be measured;
+    per-worker state is what worker processes are for. The chunk sizer still
+    measures the items as they run.
+    """
+    from ._plan import Plan
+
+    count = workers or usable_cores()
+    return Plan(
+        backend="processes",
+        workers=count,
+        chunksize=1,
+        expected_speedup=float(count),
+        reasons=(
+            "the pool has an initializer: items need per-worker state, so they are not "
+            "sampled in your thread; processes, one per core, each initialized once",
+        ),
+        profile=None,
+        n_items=total,
+        cores=usable_cores(),
+    )
+
+
 def _values(outcomes: list[Outcome]) -> Iterator[Any]:
     for ok, value in outcomes:
         if not ok:

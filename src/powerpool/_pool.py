@@ -122,7 +122,6 @@ class Pool:
             _check_timeout(backend, self._defaults)
         self._initializer = initializer
         self._initargs = tuple(initargs)
-        self._initialized_here = False  # auto ran the initializer in this thread
         self._native_threads = native_threads
         self._start_method = start_method
         self._explain = explain
@@ -411,13 +410,14 @@ class Pool:
         )
         if prepared.backend != "auto":
             return prepared
-        from ._auto import choose
+        from ._auto import choose, choose_with_initializer
 
-        if self._initializer is not None and not self._initialized_here:
-            # auto measures the first items here, in the caller's thread, and
-            # they may need what the initializer sets up: run it here once too.
-            self._initialized_here = True
-            self._initializer(*self._initargs)
+        if self._initializer is not None:
+            # Items may need what the initializer sets up in each worker, so
+            # they cannot be measured here, in the caller's thread.
+            prepared.backend, prepared.workers = "processes", self._workers
+            self.last_plan = choose_with_initializer(prepared.total, self._workers)
+            return prepared
         choice = choose(
             fn,
             source,

@@ -20,6 +20,7 @@ __all__ = ["SerialBackend"]
 
 class SerialBackend:
     name: ClassVar[str] = "serial"
+    # No hand-off at all; 10 ms chunks just keep progress and cancel responsive.
     chunk_target_s: ClassVar[float] = 0.01
     supports_timeout: ClassVar[bool] = False
 

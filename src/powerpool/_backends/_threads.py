@@ -59,6 +59,8 @@ class _Abandoned(BaseException):  # a control-flow signal, never seen by users
 
 class ThreadBackend:
     name: ClassVar[str] = "threads"
+    # A queue hand-off costs ~10-20 us: 2 ms chunks keep that near 1% while
+    # leaving plenty of chunks to spread over hundreds of I/O threads.
     chunk_target_s: ClassVar[float] = 0.002
     supports_timeout: ClassVar[bool] = True
 
