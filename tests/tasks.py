@@ -35,3 +35,27 @@ def flaky(marker_dir: str, x: int) -> int:
     if x % 2 and calls.stat().st_size <= 2:
         raise OSError(f"transient failure {calls.stat().st_size} for {x}")
     return x
+
+
+def wait_for_gate(marker_dir: str, x: int) -> int:
+    """Block until the test creates the file ``gate`` (at most 20 s)."""
+    directory = Path(marker_dir)
+    (directory / f"started-{x}").touch()
+    deadline = time.monotonic() + 20
+    while not (directory / "gate").exists() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    return x
+
+
+def sleep_20ms(x: int) -> int:
+    """Waits: I/O-like."""
+    time.sleep(0.02)
+    return x
+
+
+def spin(x: int) -> int:
+    """Pure Python, holds the GIL: ~5-10 ms idle, more on a loaded machine."""
+    total = 0
+    for i in range(60_000):
+        total += i * i
+    return total + x

@@ -29,7 +29,7 @@ from typing import Any
 import pytest
 
 import powerpool as pp
-from tasks import nap
+from tasks import nap, wait_for_gate
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -52,15 +52,6 @@ def raise_zero_division(x: int) -> float:
 def pid(_: int) -> int:
     time.sleep(0.02)
     return os.getpid()
-
-
-def wait_for_gate(marker_dir: str, x: int) -> int:
-    directory = Path(marker_dir)
-    (directory / f"started-{x}").touch()
-    deadline = time.monotonic() + 20
-    while not (directory / "gate").exists() and time.monotonic() < deadline:
-        time.sleep(0.01)
-    return x
 
 
 class Holder:

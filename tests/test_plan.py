@@ -12,7 +12,6 @@ import dataclasses
 import hashlib
 import math
 import os
-import time
 from typing import Any
 
 import pytest
@@ -26,6 +25,8 @@ from powerpool._plan import (
     plan_from_profile,
 )
 from powerpool._profile import Profile, Workload, profile
+from tasks import sleep_20ms as nap
+from tasks import spin
 
 
 def made(workload: Workload, wall_s: float, **overrides: Any) -> Profile:
@@ -241,18 +242,6 @@ def test_cgroup_v1_quota() -> None:
 CORES = 4
 """Planned for a 4-core machine whatever runs the test: the choice of backend
 is what is checked, not this machine's core count."""
-
-
-def nap(x: int) -> int:
-    time.sleep(0.02)
-    return x
-
-
-def spin(x: int) -> int:
-    total = 0
-    for i in range(60_000):
-        total += i * i
-    return total + x
 
 
 BUFFER = bytes(8 * 2**20)

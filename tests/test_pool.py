@@ -24,7 +24,7 @@ import pytest
 
 import powerpool as pp
 from powerpool import Pool, PoolState
-from tasks import flaky, nap, square
+from tasks import flaky, nap, square, wait_for_gate
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -74,16 +74,6 @@ def sleep_until_stopped(marker_dir: str, x: int) -> str:
             return "stopped"
         time.sleep(0.01)
     return "ran to the end"
-
-
-def wait_for_gate(marker_dir: str, x: int) -> int:
-    """Block until the test creates the file ``gate`` (at most 20 s)."""
-    directory = Path(marker_dir)
-    (directory / f"started-{x}").touch()
-    deadline = time.monotonic() + 20
-    while not (directory / "gate").exists() and time.monotonic() < deadline:
-        time.sleep(0.01)
-    return x
 
 
 def worker_identity(_: int) -> tuple[int, int]:

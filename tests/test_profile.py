@@ -16,7 +16,6 @@ import socket
 import subprocess
 import sys
 import threading
-import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -24,6 +23,8 @@ import pytest
 
 from powerpool import _profile
 from powerpool._profile import Hotspot, Profile, Workload, profile, profile_calls
+from tasks import sleep_20ms as nap
+from tasks import spin
 
 SLACK_S = 5.0
 """Time budget for the classification tests: they test the measurement, not
@@ -35,19 +36,6 @@ BUFFER = bytes(8 * 2**20)
 
 def trivial(x: int) -> int:
     return x + 1
-
-
-def nap(x: int) -> int:
-    time.sleep(0.02)
-    return x
-
-
-def spin(x: int) -> int:
-    """Pure Python, holds the GIL: ~5-10 ms idle, more on a loaded machine."""
-    total = 0
-    for i in range(60_000):
-        total += i * i
-    return total + x
 
 
 def digest(_: int) -> bytes:
