@@ -368,3 +368,14 @@ def test_workers_ignore_sigint_sent_to_them() -> None:
             os.kill(pid, signal.SIGINT)
         assert set(pool.map(fh.pid_of, range(20))) <= pids
         assert worker_pids() == pids
+
+
+@pytest.mark.timeout(60)
+def test_big_arguments_and_results_do_not_deadlock_the_pipes() -> None:
+    # A chunk queued behind a running one must never fill the worker's pipe:
+    # the dispatcher would block writing it while the worker blocks writing
+    # its (big) results back. Big messages wait for an idle worker instead.
+    blobs = [bytes([i]) * 300_000 for i in range(12)]
+    with pp.Pool("processes", workers=1, progress=False) as pool:
+        assert pool.map(bytes.upper, blobs, chunksize=1) == blobs
+        assert pool.map(bytes.upper, blobs, chunksize=3) == blobs
