@@ -9,6 +9,7 @@ per-item hook lets backends that enforce timeouts know which item is running.
 from __future__ import annotations
 
 import inspect
+import pickle
 import traceback
 from collections.abc import Callable
 from functools import partial
@@ -18,7 +19,7 @@ from ._errors import RemoteTraceback
 from ._stop import StopToken, running
 from ._task import NO_KWARGS, Chunk, Outcome
 
-__all__ = ["ShippedError", "is_coroutine_function", "run_items"]
+__all__ = ["ShippedError", "dumps", "is_coroutine_function", "run_items"]
 
 
 def run_items(
@@ -84,3 +85,21 @@ def is_coroutine_function(fn: object) -> bool:
         return True
     call = getattr(fn, "__call__", None)  # noqa: B004 - we want the bound __call__ itself
     return call is not None and inspect.iscoroutinefunction(call)
+
+
+def dumps(obj: Any) -> bytes:
+    """pickle, else cloudpickle: what has to cross a process boundary, either way.
+
+    Plain pickle first (fast, and by name, so workers import the real
+    module); cloudpickle for what it refuses: lambdas, closures, and
+    instances of ``__main__`` classes that reached a worker by value (plain
+    pickle finds a different ``__main__.Cls`` there; cloudpickle's class
+    tracking hands the caller back its own class).
+    """
+    try:
+        return pickle.dumps(obj, pickle.HIGHEST_PROTOCOL)
+    except Exception:
+        import cloudpickle
+
+        blob: bytes = cloudpickle.dumps(obj, pickle.HIGHEST_PROTOCOL)
+        return blob

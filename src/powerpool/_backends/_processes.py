@@ -49,6 +49,7 @@ from .._errors import (
     SerializationError,
     WorkerCrashedError,
 )
+from .._execute import dumps
 from .._system import usable_cores
 from .._task import Chunk, ChunkResult, Item, ItemLost, Outcome
 from ._base import BackendConfig, Deliver
@@ -73,17 +74,6 @@ broken: one may be bad luck (the OOM killer); three mean no worker can start
 here, and replacing them forever would only burn CPU."""
 
 
-def _dumps(obj: Any) -> bytes:
-    """pickle, falling back to cloudpickle for lambdas, closures and __main__ code."""
-    try:
-        return pickle.dumps(obj, _PICKLE)
-    except Exception:
-        import cloudpickle
-
-        blob: bytes = cloudpickle.dumps(obj, _PICKLE)
-        return blob
-
-
 def _dumps_function(fn: Callable[..., Any]) -> bytes:
     """Pickle a function (or initializer) for the workers.
 
@@ -99,7 +89,7 @@ def _dumps_function(fn: Callable[..., Any]) -> bytes:
 
         blob: bytes = cloudpickle.dumps(fn, _PICKLE)
         return blob
-    return _dumps(fn)
+    return dumps(fn)
 
 
 def _main_has_file() -> bool:
@@ -200,7 +190,7 @@ class ProcessBackend:
             if config.initializer is None
             # The initializer by the same rule as functions (by value when it
             # lives in __main__), so forkserver/spawn workers can load it.
-            else _dumps((_dumps_function(config.initializer), tuple(config.initargs)))
+            else dumps((_dumps_function(config.initializer), tuple(config.initargs)))
         )
         # Shared with workers: per-slot (position, started) and the cancel epoch.
         self._status = self._context.RawArray("d", 2 * self.workers)
@@ -241,7 +231,7 @@ class ProcessBackend:
 
     def submit(self, chunk: Chunk) -> None:
         try:
-            payload = _dumps(list(zip(chunk.args, chunk.kwargs)) if chunk.kwargs else chunk.args)
+            payload = dumps(list(zip(chunk.args, chunk.kwargs)) if chunk.kwargs else chunk.args)
         except Exception:
             self._submit_isolating(chunk)
             return
@@ -282,7 +272,7 @@ class ProcessBackend:
         verb = "pickled to send them to" if worker_problem is None else "unpickled in"
         for item in chunk.items:
             try:
-                blob = _dumps(item[1:])
+                blob = dumps(item[1:])
                 if worker_problem is not None:
                     pickle.loads(blob)
                 good.append(item)

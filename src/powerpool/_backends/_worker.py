@@ -46,7 +46,7 @@ from multiprocessing.connection import Connection
 from typing import Any
 
 from .._errors import SerializationError
-from .._execute import ShippedError
+from .._execute import ShippedError, dumps
 from .._stop import StopToken, running
 from .._task import Outcome
 
@@ -115,7 +115,7 @@ def worker_main(
             pickle.loads(initializer_blob)(*initargs)
         except Exception as exc:
             with contextlib.suppress(OSError):  # the parent may be gone already
-                conn.send_bytes(_dumps(("init-error", _shippable(exc))))
+                conn.send_bytes(dumps(("init-error", _shippable(exc))))
             return
     functions: OrderedDict[int, Callable[..., Any]] = OrderedDict()
     # A typed view of the shared status array: item assignment through it
@@ -231,13 +231,13 @@ def _dump_results(kind: str, results: list[Any]) -> bytes:
     if kind == "outcomes":
         results = [(ok, value if ok else _shippable(value)) for ok, value in results]
     try:
-        return _dumps((kind, results))
+        return dumps((kind, results))
     except Exception:
         pass
     outcomes = results if kind == "outcomes" else [(True, value) for value in results]
     for i, (ok, value) in enumerate(outcomes):
         try:
-            _dumps(value)
+            dumps(value)
         except Exception as exc:
             what = "result" if ok else "exception"
             error = SerializationError(
@@ -245,31 +245,14 @@ def _dump_results(kind: str, results: list[Any]) -> bytes:
                 f"{type(exc).__name__}: {exc}"
             )
             outcomes[i] = (False, ShippedError(error))
-    return _dumps(("outcomes", outcomes))
-
-
-def _dumps(obj: Any) -> bytes:
-    """pickle, else cloudpickle: for instances of classes defined in ``__main__``.
-
-    Such classes reach this process by value (inside a cloudpickled function),
-    so plain pickle, which stores a class by name, finds a different
-    ``__main__.Cls`` here and refuses; cloudpickle stores them by value too,
-    and its class tracking hands the caller back its own class.
-    """
-    try:
-        return pickle.dumps(obj, _PICKLE)
-    except Exception:
-        import cloudpickle
-
-        blob: bytes = cloudpickle.dumps(obj, _PICKLE)
-        return blob
+    return dumps(("outcomes", outcomes))
 
 
 def _shippable(exc: BaseException) -> ShippedError:
     """The exception with its traceback, or a stand-in if it would not survive pickling."""
     shipped = ShippedError(exc)
     try:
-        pickle.loads(_dumps(exc))  # errors are rare: checking is cheap
+        pickle.loads(dumps(exc))  # errors are rare: checking is cheap
     except Exception as problem:
         stand_in = SerializationError(
             f"{type(exc).__name__}: {exc} (the original exception could not be "
