@@ -71,8 +71,6 @@ class Chunk:
         claim: Callable[[], bool] = _always,
         on_done: Callable[[ChunkResult], None] | None = None,
         *,
-        args: list[Any] | None = None,
-        start: int = 0,
         star: bool = True,
     ) -> None:
         self.id = id
@@ -100,9 +98,9 @@ class Chunk:
         """Keyword arguments of each call, or None when every call has none."""
         if items is not None:
             self.items = items
-        else:
-            self.args = args or []
-            self.indices = range(start, start + len(self.args))
+        else:  # filled in by the core as it cuts fresh input (see Run._take)
+            self.args = []
+            self.indices = range(0)
             self.kwargs = None
 
     @property
