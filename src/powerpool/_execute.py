@@ -16,6 +16,7 @@ from functools import partial
 from typing import Any
 
 from ._errors import RemoteTraceback
+from ._mainfn import by_value
 from ._stop import StopToken, running
 from ._task import NO_KWARGS, Chunk, Outcome
 
@@ -91,15 +92,20 @@ def dumps(obj: Any) -> bytes:
     """pickle, else cloudpickle: what has to cross a process boundary, either way.
 
     Plain pickle first (fast, and by name, so workers import the real
-    module); cloudpickle for what it refuses: lambdas, closures, and
-    instances of ``__main__`` classes that reached a worker by value (plain
-    pickle finds a different ``__main__.Cls`` there; cloudpickle's class
-    tracking hands the caller back its own class).
+    module); cloudpickle for what it refuses (lambdas, closures) and for
+    anything that names ``__main__``: workers never import the user's
+    script, so its functions and classes travel by value (see
+    :mod:`powerpool._mainfn`, which also explains how they share globals).
     """
     try:
-        return pickle.dumps(obj, pickle.HIGHEST_PROTOCOL)
+        blob = pickle.dumps(obj, pickle.HIGHEST_PROTOCOL)
     except Exception:
-        import cloudpickle
+        return by_value(obj)
+    # A byte search (memchr speed): false positives, a "__main__" string in
+    # the data, only cost a cloudpickle pass.
+    if _MAIN in blob:
+        return by_value(obj)
+    return blob
 
-        blob: bytes = cloudpickle.dumps(obj, pickle.HIGHEST_PROTOCOL)
-        return blob
+
+_MAIN = b"__main__"

@@ -6,17 +6,43 @@ import functools
 import math
 import os
 
-__all__ = ["usable_cores"]
+__all__ = ["set_worker_cores", "usable_cores", "worker_cores"]
+
+# This process's share of the cores when it is a worker of powerpool's
+# process backend (None otherwise). Set once, at the worker's start.
+_worker_cores: int | None = None
 
 
-@functools.lru_cache(maxsize=1)
+def set_worker_cores(cores: int) -> None:
+    """Declare this process a process-backend worker entitled to ``cores`` cores."""
+    global _worker_cores  # process-wide fact, set once per worker
+    _worker_cores = max(1, cores)
+
+
+def worker_cores() -> int | None:
+    """This worker's share of the cores, or None outside powerpool's worker processes.
+
+    Work started inside a worker (a nested map) must stay within it: the other
+    cores are the other workers'.
+    """
+    return _worker_cores
+
+
 def usable_cores() -> int:
     """Cores this process may use: its CPU affinity, capped by a cgroup CPU quota.
 
     ``os.cpu_count()`` reports the machine's cores even inside a container
-    limited to two; sizing pools by it oversubscribes such containers.
-    Cached: it is asked for on every pool start.
+    limited to two; sizing pools by it oversubscribes such containers. In a
+    worker process, its share of them (see :func:`worker_cores`).
     """
+    if _worker_cores is not None:
+        return _worker_cores
+    return _machine_cores()
+
+
+@functools.lru_cache(maxsize=1)
+def _machine_cores() -> int:
+    """usable_cores() outside workers; cached: it is asked for on every pool start."""
     count = _affinity_count()
     quota = _cgroup_quota()
     if quota is not None:

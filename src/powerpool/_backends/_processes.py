@@ -23,14 +23,13 @@ and sentinels: a death is seen the moment it happens, with no polling.
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import functools
-import itertools
 import multiprocessing
 import multiprocessing.forkserver
 import os
 import pickle
-import sys
 import threading
 import time
 import weakref
@@ -50,6 +49,7 @@ from .._errors import (
     WorkerCrashedError,
 )
 from .._execute import dumps
+from .._mainfn import WORKER_NAME_PREFIX, digest, require_guard
 from .._system import usable_cores
 from .._task import Chunk, ChunkResult, Item, ItemLost, Outcome
 from ._base import BackendConfig, Deliver
@@ -73,35 +73,39 @@ MAX_START_DEATHS = 3
 broken: one may be bad luck (the OOM killer); three mean no worker can start
 here, and replacing them forever would only burn CPU."""
 
+# Every backend not yet shut down, for the exit handler below.
+_live: weakref.WeakSet[ProcessBackend] = weakref.WeakSet()
+_exiting = False
+
+
+def _shut_down_at_exit() -> None:
+    """Shut every live process backend down in order, before multiprocessing's own
+    exit handler (atexit runs handlers last-registered first, and this module
+    registers after importing multiprocessing): otherwise that handler kills
+    our workers first, the dispatchers see deaths and start replacements while
+    the interpreter and the fork server go away (EOFError tracebacks)."""
+    global _exiting  # read by dispatcher threads: no new workers from now on
+    _exiting = True
+    for backend in list(_live):
+        backend.shutdown(wait=True)
+
+
+atexit.register(_shut_down_at_exit)
+
 
 def _dumps_function(fn: Callable[..., Any]) -> bytes:
-    """Pickle a function (or initializer) for the workers.
-
-    By name where the workers can import it — including functions of a
-    script run as ``__main__``, which workers load from the same file, so an
-    initializer and the function share that module's globals (the usual way
-    to keep a model per worker). By value (cloudpickle) otherwise: lambdas,
-    closures, and ``__main__`` without a file (``python -c``, notebooks),
-    where each function then gets its own copy of the globals it uses.
-    """
-    if getattr(fn, "__module__", None) == "__main__" and not _main_has_file():
-        import cloudpickle
-
-        blob: bytes = cloudpickle.dumps(fn, _PICKLE)
-        return blob
+    """Pickle a function (or initializer) for the workers: by name where they
+    can import it, by value otherwise, ``__main__``'s always (see _mainfn)."""
     return dumps(fn)
-
-
-def _main_has_file() -> bool:
-    main = sys.modules.get("__main__")
-    return bool(getattr(main, "__file__", None))
 
 
 def choose_context(start_method: str | None) -> BaseContext:
     """The user's start method, else fork while this process is single-threaded.
 
     fork is the fastest start (no re-import) but unsafe once other threads may
-    hold locks; then forkserver (fast, safe), else spawn.
+    hold locks; then forkserver (fast, safe), else spawn. Raises
+    PowerpoolError where the start method would run an unguarded script again
+    in every worker (spawn; see _mainfn).
     """
     methods = multiprocessing.get_all_start_methods()
     if start_method is None:
@@ -110,21 +114,31 @@ def choose_context(start_method: str | None) -> BaseContext:
         else:
             start_method = "forkserver" if "forkserver" in methods else "spawn"
     context = multiprocessing.get_context(start_method)
-    if start_method == "forkserver":
-        _preload_worker(context)
+    if start_method == "spawn" or (start_method == "forkserver" and not _preload_worker(context)):
+        require_guard(start_method)
     return context
 
 
-def _preload_worker(context: BaseContext) -> None:
-    """Have the fork server import the worker module once, so each worker it forks
-    starts with powerpool loaded (measured here: 2-worker pool start 0.09 s -> 0.02 s).
+_PRELOAD = __name__.rsplit(".", 1)[0] + "._preload"
 
-    Only while the preload list is still multiprocessing's default
-    (``["__main__"]``, kept): a list the user set is theirs.
+
+def _preload_worker(context: BaseContext) -> bool:
+    """Have the fork server import :mod:`._preload`; True if its workers will skip the script.
+
+    The user's own preload modules are kept. Once the server runs, its list is
+    fixed: then only a list that already names ours is trusted.
     """
     server = getattr(multiprocessing.forkserver, "_forkserver", None)
-    if getattr(server, "_preload_modules", None) == ["__main__"]:
-        context.set_forkserver_preload(["__main__", __name__.rsplit(".", 1)[0] + "._worker"])
+    modules = list(getattr(server, "_preload_modules", None) or [])
+    if _PRELOAD in modules:
+        return True
+    if getattr(server, "_forkserver_pid", None) is not None:
+        return False  # started without it
+    # "__main__" is dropped from the default list: nothing of ours needs the
+    # script there (see _mainfn), and a server that ran it would run an
+    # unguarded script's work.
+    context.set_forkserver_preload([m for m in modules if m != "__main__"] + [_PRELOAD])
+    return True
 
 
 @dataclass(eq=False)
@@ -141,14 +155,14 @@ class _Worker:
     """The chunk it is running; None when idle (the ledger)."""
     sent_at: float = 0.0
     """time.monotonic() when the chunk was sent: a deadline never starts earlier."""
-    functions: OrderedDict[int, None] = field(default_factory=OrderedDict)
-    """Ids of the functions this worker holds, least recently used first."""
+    functions: OrderedDict[bytes, None] = field(default_factory=OrderedDict)
+    """Digests of the functions this worker holds, least recently used first."""
 
     @property
     def name(self) -> str:
         return f"process-{self.slot}"
 
-    def remember(self, fn_id: int) -> bool:
+    def remember(self, fn_id: bytes) -> bool:
         """Note that ``fn_id`` is sent or used; True if the worker lacks it.
 
         Mirrors the worker's own cache (same LRU rule, same sequence of ids),
@@ -201,12 +215,14 @@ class ProcessBackend:
         self._pending: deque[_Pending] = deque()
         self._closing = False
         self._kill = False
-        # id(fn) -> (reference to fn, fn_id, pickled fn). Weak where possible:
-        # the cache must not keep a function (and what its closure or bound
-        # object holds) alive after the caller dropped it; the entry goes
-        # with the function, so an id is never reused for a stale entry.
-        self._fn_ids: OrderedDict[int, tuple[Callable[[], Any], int, bytes]] = OrderedDict()
-        self._fn_counter = itertools.count()
+        # id(fn) -> (reference to fn, to the run it was pickled for, content
+        # digest, pickled fn). Weak where possible: the cache must not keep a
+        # function (and what its closure or bound object holds) alive after
+        # the caller dropped it; the entry goes with the function, so an id is
+        # never reused for a stale entry.
+        self._fn_ids: OrderedDict[
+            int, tuple[Callable[[], Any], Callable[[], Any], bytes, bytes]
+        ] = OrderedDict()
         # Set when workers cannot run anything (initializer raised, or no
         # worker can be started): every chunk then fails with a fresh error.
         self._broken: Callable[[], BaseException] | None = None
@@ -226,6 +242,7 @@ class ProcessBackend:
             target=self._dispatch_forever, name="powerpool-dispatcher", daemon=True
         )
         self._dispatcher.start()
+        _live.add(self)
 
     # -- protocol (any thread) --------------------------------------------------
 
@@ -253,6 +270,7 @@ class ProcessBackend:
         with self._lock:
             self._closing = True
             self._kill = self._kill or kill
+        _live.discard(self)
         self._wake()
         if (wait or kill) and threading.current_thread() is not self._dispatcher:
             self._dispatcher.join()
@@ -320,16 +338,30 @@ class ProcessBackend:
         except OSError:
             pass  # closed during shutdown
 
-    def _function(self, fn: Callable[..., Any]) -> tuple[int, bytes]:
-        """(id, pickled bytes) for ``fn``, pickled once however many chunks use it."""
+    def _function(self, chunk: Chunk) -> tuple[bytes, bytes]:
+        """(content digest, pickled bytes) of the chunk's function.
+
+        Pickled once per run (a map, a submit): what a function captures by
+        value (a ``__main__`` global, a closure cell, a partial's arguments)
+        may have changed since the last run, and the workers must see that.
+        Workers cache functions by this digest, so an unchanged function is
+        still never sent twice. Within a run the pickle is reused: pickling
+        a closure over a large array once per chunk is what this avoids.
+        """
+        fn = chunk.fn
+        run = _run_of(chunk)
         key = id(fn)
         with self._lock:
             entry = self._fn_ids.get(key)
-            if entry is not None and entry[0]() is fn:
+            if entry is not None and entry[0]() is fn and entry[1]() is run:
                 self._fn_ids.move_to_end(key)
-                return entry[1], entry[2]
+                return entry[2], entry[3]
         blob = _dumps_function(fn)
-        fn_id = next(self._fn_counter)
+        fn_id = digest(blob)
+        try:
+            run_ref: Callable[[], Any] = weakref.ref(run)
+        except TypeError:
+            return fn_id, blob  # nothing to recognise the run by: pickle per chunk
         cache = self._fn_ids
         ref: Callable[[], Any]
         try:
@@ -344,7 +376,7 @@ class ProcessBackend:
         except TypeError:  # builtins and the like: they outlive us anyway
             ref = functools.partial(_same, fn)
         with self._lock:
-            cache[key] = (ref, fn_id, blob)
+            cache[key] = (ref, run_ref, fn_id, blob)
             if len(cache) > FN_CACHE:
                 cache.popitem(last=False)
         return fn_id, blob
@@ -366,7 +398,7 @@ class ProcessBackend:
                 self._native_threads,
                 self._alive,
             ),
-            name=f"powerpool-worker-{slot}",
+            name=f"{WORKER_NAME_PREFIX}{slot}",
             daemon=True,
         )
         process.start()
@@ -378,7 +410,7 @@ class ProcessBackend:
         worker.conn.close()
         worker.process.join()
         index = self._workers.index(worker)
-        if self._closing or self._broken is not None:
+        if self._closing or self._broken is not None or _exiting:
             del self._workers[index]
         else:
             if self._context.get_start_method() == "fork":
@@ -450,7 +482,7 @@ class ProcessBackend:
                     self._partials.pop(chunk, None)
                 continue
             try:
-                fn_id, blob = self._function(chunk.fn)
+                fn_id, blob = self._function(chunk)
             except Exception as exc:
                 error = SerializationError(
                     f"the function {getattr(chunk.fn, '__qualname__', chunk.fn)!r} could not "
@@ -625,6 +657,12 @@ def _blame(chunk: Chunk, position: int, error: BaseException) -> list[Outcome]:
 
 def _same(value: Any) -> Any:
     return value
+
+
+def _run_of(chunk: Chunk) -> object:
+    """What the chunk belongs to: the chunks of one map share their ``claim``'s
+    owner (the core's Run), a ``submit``'s its future (or retry closure)."""
+    return getattr(chunk.claim, "__self__", chunk.claim)
 
 
 def _calling_convention(chunk: Chunk) -> int:

@@ -2,7 +2,7 @@
 
 Protocol on the worker's pipe (parent -> worker), one chunk per two messages::
 
-    header  = pickle((chunk_id, fn_id, fn_blob | None, epoch, convention, timed))
+    header  = pickle((chunk_id, fn_digest, fn_blob | None, epoch, convention, timed))
     payload = pickle([x, ...])                  convention BARE:     fn(x)
               pickle([args, ...])               convention STAR:     fn(*args)
               pickle([(args, kwargs), ...])     convention KEYWORDS: fn(*args, **kwargs)
@@ -47,7 +47,9 @@ from typing import Any
 
 from .._errors import SerializationError
 from .._execute import ShippedError, dumps
+from .._mainfn import Install, load, refresh
 from .._stop import StopToken, running
+from .._system import set_worker_cores
 from .._task import Outcome
 
 __all__ = [
@@ -76,8 +78,9 @@ ORPHAN_CHECK_S = 0.5
 daemon thread); bounds how long workers outlive a SIGKILLed parent."""
 
 WORKER_FN_CACHE = 64
-"""Functions a worker keeps unpickled, least recently used dropped first; the
-parent mirrors this cache to know when it must send a function again."""
+"""Functions a worker keeps unpickled, by content digest, least recently used
+dropped first; the parent mirrors this cache to know when it must send a
+function again (a changed function has a new digest: it is sent again)."""
 
 _PICKLE = pickle.HIGHEST_PROTOCOL
 _NO_KWARGS: dict[str, Any] = {}
@@ -108,6 +111,7 @@ def worker_main(
     # Ctrl-C goes to the whole process group; the parent decides what stops.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     _limit_native_threads(native_threads)
+    set_worker_cores(native_threads)  # nested maps stay within this share
     _watch_parent(*alive)
     if init_blob is not None:
         try:
@@ -117,7 +121,7 @@ def worker_main(
             with contextlib.suppress(OSError):  # the parent may be gone already
                 conn.send_bytes(dumps(("init-error", _shippable(exc))))
             return
-    functions: OrderedDict[int, Callable[..., Any]] = OrderedDict()
+    functions: OrderedDict[bytes, tuple[Callable[..., Any], list[Install]]] = OrderedDict()
     # A typed view of the shared status array: item assignment through it
     # costs ~30 ns, a third of ctypes' own __setitem__ (paid once per item).
     view: Any = memoryview(status).cast("B").cast("d")
@@ -159,6 +163,7 @@ def worker_main(
                 conn.send_bytes(pickle.dumps(("ready",), _PICKLE))
         else:
             functions.move_to_end(fn_id)
+            refresh(functions[fn_id][1])  # __main__ globals another function replaced
         try:
             payload = pickle.loads(raw)
         except Exception as exc:
@@ -168,7 +173,7 @@ def worker_main(
             continue
         started = time.perf_counter()
         with running(StopToken(cancel_flag, epoch)):
-            kind, results = _run_chunk(functions[fn_id], payload, convention, timed, view, base)
+            kind, results = _run_chunk(functions[fn_id][0], payload, convention, timed, view, base)
         busy_s = time.perf_counter() - started
         conn.send_bytes(pickle.dumps((chunk_id, busy_s), _PICKLE))
         conn.send_bytes(_dump_results(kind, results))
@@ -275,10 +280,11 @@ def _limit_native_threads(threads: int) -> None:
         threadpool_limits(limits=threads)
 
 
-def _load_function(blob: bytes) -> Callable[..., Any]:
-    """The pickled function, or a stand-in that fails each item saying why it won't load."""
+def _load_function(blob: bytes) -> tuple[Callable[..., Any], list[Install]]:
+    """The pickled function (and the ``__main__`` globals it brought), or a
+    stand-in that fails each item saying why it won't load."""
     try:
-        fn: Callable[..., Any] = pickle.loads(blob)
+        return load(blob)
     except Exception as exc:
         message = (
             f"the function could not be unpickled in the worker process: "
@@ -288,8 +294,7 @@ def _load_function(blob: bytes) -> Callable[..., Any]:
         def unloadable(*args: Any, **kwargs: Any) -> Any:
             raise SerializationError(message)
 
-        return unloadable
-    return fn
+        return unloadable, []
 
 
 def _watch_parent(alive_r: Connection, alive_w: Connection) -> None:
