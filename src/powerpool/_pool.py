@@ -9,6 +9,7 @@ a single map is done by :class:`~powerpool._run.Run`.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import enum
 import itertools
 import threading
@@ -25,7 +26,7 @@ from ._execute import is_coroutine_function
 from ._progress import ProgressMode
 from ._run import Attempts, ErrorPolicy, Run, RunOptions
 from ._stats import PoolStats, StatsLedger
-from ._system import usable_cores
+from ._system import usable_cores, worker_cores
 from ._task import Chunk, ChunkResult, Item, ItemLost, Outcome
 
 if TYPE_CHECKING:
@@ -296,6 +297,7 @@ class Pool:
 
     def _backend(self, name: str, workers: int | None) -> Backend:
         """The live backend for (name, workers), started on first use. Call under _lock."""
+        name, workers = nested_backend(name, workers)
         count = workers if workers is not None else default_workers(name)
         key = (name, count)
         backend = self._backends.get(key)
@@ -427,12 +429,13 @@ class Pool:
             workers=self._workers,
             address=self._backend_options.get("address"),
         )
-        self.last_plan = choice.plan
+        plan = choice.plan if worker_cores() is None else _nested_plan(choice.plan)
+        self.last_plan = plan
         with contextlib.suppress(TypeError):  # not weak-referenceable: no memory of it
-            self._plans[fn] = choice.plan
+            self._plans[fn] = plan
         if self._explain:
-            print(choice.plan)
-        prepared.backend, prepared.workers = choice.plan.backend, choice.plan.workers
+            print(plan)
+        prepared.backend, prepared.workers = plan.backend, plan.workers
         prepared.prefilled, prepared.per_item_s = choice.prefilled, choice.per_item_s
         prepared.fast = choice.fast
         if prepared.fast is None:
@@ -460,10 +463,13 @@ class Pool:
         self._ledger.begin("serial", 1)
         try:
             while True:
+                block: list[Any] = []
                 try:
-                    block = list(itertools.islice(values, FAST_BLOCK_ITEMS))
+                    block.extend(itertools.islice(values, FAST_BLOCK_ITEMS))
                 except Exception:
-                    self._ledger.items(failed=1)
+                    # Like the builtin map: every earlier result, then the error.
+                    self._ledger.items(done=len(block), failed=1)
+                    yield block
                     raise
                 if not block:
                     return
@@ -540,6 +546,35 @@ class _Prepared:
     """Measured seconds per item, to seed the chunk sizer."""
     fast: Iterator[Any] | None = None
     """All results, lazily, when auto chose to run in this thread (see _fast_blocks)."""
+
+
+def nested_backend(name: str, workers: int | None) -> tuple[str, int | None]:
+    """Where a map started inside a process-backend worker runs (joblib's nested rule).
+
+    A worker may not start processes (multiprocessing refuses: "daemonic
+    processes are not allowed to have children"), and the other cores are the
+    other workers': the work runs on threads within this worker's share of
+    the cores, or in-line when the share is one core. Never more processes
+    than cores in total.
+    """
+    share = worker_cores()
+    if share is None or name != "processes":
+        return name, workers
+    count = min(workers or share, share)
+    return ("threads", count) if count > 1 else ("serial", 1)
+
+
+def _nested_plan(plan: Plan) -> Plan:
+    """auto's plan, adjusted and explained for a map inside a worker process."""
+    name, workers = nested_backend(plan.backend, plan.workers)
+    share = worker_cores()
+    why = (
+        f"inside a powerpool worker process: nested work stays within this worker's "
+        f"share of the cores ({share}), on threads or in-line, never on more processes"
+    )
+    return dataclasses.replace(
+        plan, backend=name, workers=workers or plan.workers, reasons=(*plan.reasons, why)
+    )
 
 
 def _check_timeout(name: str, options: RunOptions) -> None:

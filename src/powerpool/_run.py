@@ -174,6 +174,7 @@ class Run:
         self._next_out = 0
         self._block: list[Any] = []  # a ready-made block from the in-order fast path
         self._progress: Progress | None = None
+        self._input_error: Exception | None = None  # what the caller's input raised
 
     def _claim(self) -> bool:
         return not self._closed
@@ -216,6 +217,8 @@ class Run:
                 if error is not None:
                     raise error
                 if in_flight == 0 and not self._retry and input_done:
+                    if self._input_error is not None:
+                        raise self._input_error
                     return
                 if in_flight == 0:
                     continue
@@ -344,7 +347,17 @@ class Run:
             return chunk
         if input_done:
             return None
-        chunk.args = list(itertools.islice(self._source, size))  # no Python work per item
+        if self._input_error is not None:
+            return None
+        # extend() keeps what the input yielded before it raised (no Python
+        # work per item either way).
+        chunk.args = []
+        try:
+            chunk.args.extend(itertools.islice(self._source, size))
+        except Exception as exc:
+            # Like the builtin map: the results of every earlier item first,
+            # then this error (raised by __iter__ once they are handed over).
+            self._input_error = exc
         if not chunk.args:
             return None
         chunk.indices = range(self._next_input, self._next_input + len(chunk.args))
