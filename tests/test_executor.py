@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import gc
+import itertools
 import os
 import threading
 import time
@@ -148,9 +149,9 @@ def test_no_stale_references(executor: pp.Executor) -> None:
 
 
 def test_max_workers_must_be_positive() -> None:
-    with pytest.raises(ValueError, match="workers"):
+    with pytest.raises(ValueError, match="max_workers"):
         pp.Executor(max_workers=0)
-    with pytest.raises(ValueError, match="workers"):
+    with pytest.raises(ValueError, match="max_workers"):
         pp.Executor(max_workers=-1)
 
 
@@ -332,3 +333,55 @@ def test_default_executor_runs_work() -> None:
     with pp.Executor() as executor:
         assert executor.submit(mul, 3, 5).result(timeout=10) == 15
         assert list(executor.map(mul, [1, 2], [3, 4], timeout=10)) == [3, 8]
+
+
+# -- what Python 3.14 added, on every supported Python ------------------------------
+
+
+def test_max_workers_error_names_max_workers() -> None:
+    with pytest.raises(ValueError, match="max_workers must be greater than 0"):
+        pp.Executor(max_workers=0)
+
+
+def test_map_buffersize_bounds_the_tasks_submitted_ahead(executor: pp.Executor) -> None:
+    pulled = 0
+
+    def endless() -> Iterator[int]:
+        nonlocal pulled
+        for i in itertools.count():
+            pulled += 1
+            yield i
+
+    results = executor.map(abs, endless(), buffersize=3)
+    assert [next(results) for _ in range(10)] == list(range(10))
+    # 3 ahead, plus one submitted per result taken: never the whole input.
+    assert pulled <= 10 + 3
+    results.close()
+
+
+def test_map_buffersize_keeps_order_errors_and_timeout(executor: pp.Executor) -> None:
+    assert list(executor.map(mul, range(8), range(8), buffersize=2)) == [x * x for x in range(8)]
+    with pytest.raises(ZeroDivisionError):
+        list(executor.map(raise_zero_division, [1, 2], buffersize=1))
+    with pytest.raises(TypeError, match="buffersize must be an integer or None"):
+        executor.map(abs, [1], buffersize=2.5)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="buffersize must be None or > 0"):
+        executor.map(abs, [1], buffersize=0)
+
+
+@pytest.mark.parametrize("method", ["terminate_workers", "kill_workers"])
+def test_terminate_and_kill_workers_stop_running_work(
+    parallel_backend: str, method: str, tmp_path: Path
+) -> None:
+    executor = pp.Executor(max_workers=1, backend=parallel_backend)
+    running = executor.submit(wait_for_gate, str(tmp_path), 0)
+    waiting = executor.submit(pow, 2, 3)
+    wait_until_exists(tmp_path / "started-0")
+    getattr(executor, method)()
+    assert waiting.cancelled()
+    with pytest.raises(RuntimeError):
+        executor.submit(pow, 2, 2)
+    (tmp_path / "gate").touch()  # threads cannot be killed: let it end
+    if parallel_backend == "processes":
+        with pytest.raises(CancelledError):
+            running.result(timeout=10)
