@@ -5,7 +5,10 @@ run the caller's function on a few real items in the calling thread and
 return a frozen :class:`Profile`: time per item (wall, calling-thread CPU,
 whole-process CPU), how much of that time the GIL was held, how big and how
 slow the arguments and results are to pickle, memory, optional cProfile hot
-spots, and a :class:`Workload` class with the evidence for it.
+spots, and a :class:`Workload` class with the evidence for it. On request,
+line timings (``lines=``, :mod:`~powerpool._lineprof`) and memory per item
+(``memory=True``, :mod:`~powerpool._memprof`) are taken by item probes that
+bracket each sampled item.
 
 How the GIL is measured: while the items run, a heartbeat thread sleeps
 1 ms again and again (:class:`~powerpool._probes.Heartbeat`). Waking needs
@@ -32,18 +35,24 @@ thin or mixed (at most ``SLOW_MAX_ITEMS``).
 
 from __future__ import annotations
 
+import dataclasses
 import enum
 import inspect
 import os
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from . import _probes
 from ._probes import Heartbeat, SchedClock, pickle_cost
+
+if TYPE_CHECKING:
+    from ._itemprobe import ItemProbe
+    from ._lineprof import LineTiming
+    from ._memprof import ItemMemory
 
 __all__ = [
     "Hotspot",
@@ -214,6 +223,14 @@ class Profile:
     """Seconds per item the calling thread was ready but waited for a CPU (a
     loaded machine); left out when judging computing against waiting. Linux
     only, else 0."""
+    line_timings: tuple[LineTiming, ...] = ()
+    """Slowest source lines, slowest first (empty unless ``lines=``)."""
+    memory_items: tuple[ItemMemory, ...] = ()
+    """Memory peak and top allocation sites of each sampled item (empty unless
+    ``memory=True``)."""
+    peak_alloc_bytes: int = 0
+    """The largest memory peak one item allocated, bytes, from tracemalloc
+    (0: not measured, see ``memory_items``)."""
 
     @property
     def cpu_ratio(self) -> float:
@@ -268,6 +285,14 @@ class Profile:
         if self.hotspots:
             lines.append("  hot spots")
             lines.extend(f"    {i}. {spot}" for i, spot in enumerate(self.hotspots, 1))
+        if self.line_timings:
+            from ._lineprof import format_lines
+
+            lines.extend(format_lines(self.line_timings))
+        if self.memory_items:
+            from ._memprof import format_memory
+
+            lines.extend(format_memory(self.memory_items, self.peak_alloc_bytes))
         return "\n".join(lines)
 
 
@@ -299,6 +324,8 @@ def profile(
     max_items: int = 8,
     max_seconds: float = 0.5,
     hotspots: bool = False,
+    lines: bool | str = False,
+    memory: bool = False,
     star: bool = False,
 ) -> Profile:
     """Run ``fn`` on up to ``max_items`` items of ``sample`` and describe the work.
@@ -308,7 +335,16 @@ def profile(
     ``max_items`` ran or the next one would overrun ``max_seconds``.
     Exceptions from ``fn`` are counted in ``errors``, not raised.
     ``hotspots=True`` also runs cProfile (slows pure Python ~2x).
+    ``lines=True`` times each line of ``fn`` with line_profiler
+    (``pip install "powerpool[profile]"``); ``lines="file"`` also the lines
+    of every function and method defined in ``fn``'s source file.
+    ``memory=True`` records each item's memory peak and the lines that
+    allocated it, with tracemalloc. Both slow the items and show in
+    ``line_timings``, ``memory_items`` and the printed report.
     """
+    from ._itemprobe import item_probes
+
+    probes = item_probes(fn, lines=lines, memory=memory)
     calls: Iterator[Call] = ((tuple(x), {}) if star else ((x,), {}) for x in sample)
     prof, _ = profile_calls(
         fn,
@@ -318,6 +354,7 @@ def profile(
         hotspots=hotspots,
         stop_early=False,
         thorough=True,
+        probes=probes,
     )
     if prof.items == 0:
         raise ValueError("profile() needs a sample with at least one item")
@@ -333,6 +370,7 @@ def profile_calls(
     hotspots: bool = False,
     stop_early: bool = True,
     thorough: bool = False,
+    probes: Sequence[ItemProbe] = (),
 ) -> tuple[Profile, list[Outcome]]:
     """Profile ``fn`` on calls pulled one at a time from ``calls``; keep the outcomes.
 
@@ -348,17 +386,26 @@ def profile_calls(
     item, or 2 to 4 slow computing ones (more while the heartbeat's evidence
     is thin or mixed). ``thorough`` (used by :func:`profile`)
     measures pickling even for work that no process pool would get.
+    ``probes`` (see :func:`~powerpool._itemprobe.item_probes`) bracket each item.
     An empty ``calls`` gives a profile with ``items == 0``.
     """
     if max_items < 1:
         raise ValueError(f"max_items must be at least 1, got {max_items}")
-    budget = _Budget(max_items, max_seconds, hotspots, stop_early, time.perf_counter())
+    budget = _Budget(max_items, max_seconds, hotspots, stop_early, time.perf_counter(), probes)
     it = iter(calls)
     if _is_coroutine_function(fn):
         raw = _sample_async(fn, it, None, budget)
     else:
         raw = _sample_sync(fn, it, budget)
-    return _build_profile(fn, raw, budget.t_start, thorough), raw.outcomes
+    prof = _build_profile(fn, raw, budget.t_start, thorough)
+    if probes:
+        fields: dict[str, Any] = {}
+        notes: list[str] = []
+        for probe in probes:
+            fields.update(probe.fields(sum(raw.walls)))
+            notes.extend(probe.notes)
+        prof = dataclasses.replace(prof, evidence=(*prof.evidence, *notes), **fields)
+    return prof, raw.outcomes
 
 
 # --------------------------------------------------------------------------- sampling
@@ -372,16 +419,23 @@ def profile_calls(
 class _Budget:
     """How much sampling a call of :func:`profile_calls` may do."""
 
-    __slots__ = ("hotspots", "max_items", "max_seconds", "stop_early", "t_start")
+    __slots__ = ("hotspots", "max_items", "max_seconds", "probes", "stop_early", "t_start")
 
     def __init__(
-        self, max_items: int, max_seconds: float, hotspots: bool, stop_early: bool, t_start: float
+        self,
+        max_items: int,
+        max_seconds: float,
+        hotspots: bool,
+        stop_early: bool,
+        t_start: float,
+        probes: Sequence[ItemProbe] = (),
     ) -> None:
         self.max_items = max_items
         self.max_seconds = max_seconds
         self.hotspots = hotspots
         self.stop_early = stop_early
         self.t_start = t_start
+        self.probes = probes
 
 
 class _Raw:
@@ -454,11 +508,15 @@ def _sample_sync(fn: Callable[..., Any], it: Iterator[Call], budget: _Budget) ->
             # The run-queue clock costs a microsecond or two: read around the
             # first item and heavy ones only, where a loaded machine matters.
             queued = sched.waited_s() if heavy or not raw.outcomes else None
+            for probe in budget.probes:
+                probe.before()
             c0, p0 = thread_time(), process_time()
             w0 = perf()  # innermost, so the CPU clocks' own cost is not wall time
             outcome = _invoke(fn, args, kwargs)
             w1 = perf()
             p1, c1 = process_time(), thread_time()
+            for probe in reversed(budget.probes):  # nested: line_profiler wraps the tracer
+                probe.after(len(raw.outcomes), 1)
             if beat is not None:
                 beat.end(w0, w1)
             if queued is not None:
@@ -530,6 +588,8 @@ def _sample_sync(fn: Callable[..., Any], it: Iterator[Call], budget: _Budget) ->
                     break
                 limit = 2
     finally:
+        for probe in reversed(budget.probes):  # an item interrupted (Ctrl-C) leaves none on
+            probe.after(len(raw.outcomes), 1)
         if prof is not None:
             prof.disable()
         if beat is not None:
@@ -616,9 +676,13 @@ def _run_async_sample(
                 pending.append((call, None))
             if not pending:
                 break
+            for probe in budget.probes:
+                probe.before()
             c0, p0 = time.thread_time(), time.process_time()
             done = loop.run_until_complete(gather(pending))
             c1, p1 = time.thread_time(), time.process_time()
+            for probe in reversed(budget.probes):
+                probe.after(len(raw.outcomes), len(pending))
             for (call, _), (outcome, wall, own_cpu) in zip(pending, done, strict=True):
                 raw.outcomes.append(outcome)
                 raw.walls.append(wall)
@@ -643,6 +707,8 @@ def _run_async_sample(
             f"private event loop, up to {ASYNC_BATCH} at a time"
         )
     finally:
+        for probe in reversed(budget.probes):
+            probe.after(len(raw.outcomes), 1)
         if prof is not None:
             prof.disable()
         _close_loop(loop)
