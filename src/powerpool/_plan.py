@@ -18,6 +18,12 @@ The backend with the smallest estimate wins, threads over processes when
 they are within ``PREFER_THREADS_WITHIN``, and serial unless the winner is at
 least ``MIN_GAIN`` times faster: a loop has no start-up, no pickling and the
 plainest tracebacks.
+
+Memory caps the workers: an item that needs ``m`` bytes at its peak (the
+profile's tracemalloc peak with ``memory=True``, else how far resident memory
+rose while sampling) gets at most ``available / m`` threads, or
+``available / (m + WORKER_BASE_BYTES)`` processes, and the reasons say so
+when that is what limits them.
 """
 
 from __future__ import annotations
@@ -164,9 +170,11 @@ def plan_from_profile(  # noqa: PLR0911 - one early return per workload, each ex
     """Plan a run of ``n_items`` items (None: unknown) from a measured profile.
 
     ``cores`` defaults to :func:`cpu_count`. ``address`` (a dask scheduler)
-    allows scaling out. ``memory_bytes`` (memory available, e.g. psutil's
-    ``virtual_memory().available``) caps the workers when items grew memory.
-    Pure: reads no clock, no file, no environment (except the default cores).
+    allows scaling out. ``memory_bytes`` (memory available) caps the workers
+    when items use memory; it defaults to what this machine has available
+    now, read only when the profile measured memory per item.
+    Pure otherwise: reads no clock, no file, no environment (except these
+    two defaults).
     """
     cores = max(1, cores if cores is not None else cpu_count())
     n = n_items if n_items is None else max(0, n_items)
@@ -223,15 +231,24 @@ def plan_from_profile(  # noqa: PLR0911 - one early return per workload, each ex
     if n == 1:
         return done(serial, "a single item: nothing to run in parallel")
 
-    mem_cap = _memory_cap(p, memory_bytes)
+    item_bytes = _item_bytes(p)
+    if memory_bytes is None and item_bytes > 0:
+        memory_bytes = _available_memory()
+    thread_cap = _memory_cap(item_bytes, memory_bytes, 0)
+    process_cap = _memory_cap(item_bytes, memory_bytes, WORKER_BASE_BYTES)
     if p.workload is Workload.IO:
-        est = _io_threads(p, n, cores, w, min(max_io_workers, mem_cap or max_io_workers))
+        est = _io_threads(p, n, cores, w, min(max_io_workers, thread_cap or max_io_workers))
         reasons.append(
             f"the items mostly wait (CPU {p.cpu_ratio:.0%} of wall time): threads "
             f"overlap the waiting; {est.workers} threads cover the "
             f"{format_seconds(w)} wait while the CPU part (one thread at a time "
             f"under the GIL) stays below one core"
         )
+        if (
+            thread_cap is not None
+            and est.workers < _io_threads(p, n, cores, w, max_io_workers).workers
+        ):
+            reasons.append(_memory_reason(p, "threads", est.workers, memory_bytes))
         return _finish(done, serial, est, reasons)
 
     # CPU-bound: threads and (if everything pickles) processes compete.
@@ -267,18 +284,12 @@ def plan_from_profile(  # noqa: PLR0911 - one early return per workload, each ex
             "the items compute in native code that releases the GIL: threads run "
             "them in parallel, with no start-up and no pickling"
         )
-    workers_cap = min(cores, mem_cap) if mem_cap else cores
-    if mem_cap is not None and mem_cap < cores:
-        reasons.append(
-            f"each item grew memory by {format_bytes(p.rss_growth_bytes)}: "
-            f"{mem_cap} workers fit in {format_bytes(memory_bytes or 0)}"
-        )
-    threads = _cpu_threads(p, n, workers_cap, single, gil)
+    threads = _cpu_threads(p, n, min(cores, thread_cap or cores), single, gil)
     candidates = [threads]
     if p.unpicklable:
         reasons.append(f"no processes: {p.unpicklable}")
     else:
-        candidates.append(_processes(p, n, workers_cap, single))
+        candidates.append(_processes(p, n, min(cores, process_cap or cores), single))
     best = min(candidates, key=lambda e: e.per_item_s)
     if (
         best.backend == "processes"
@@ -316,10 +327,14 @@ def plan_from_profile(  # noqa: PLR0911 - one early return per workload, each ex
             f"work per message, with at least {MIN_CHUNKS_PER_WORKER} chunks per "
             f"worker when the count allows, so the last chunks balance out"
         )
+    best_cap = thread_cap if best.backend == "threads" else process_cap
+    memory_bound = best_cap is not None and best.workers == best_cap < min(cores, n or cores)
+    if memory_bound:
+        details.append(_memory_reason(p, best.backend, best.workers, memory_bytes))
     if best.workers > 1:
         if n is not None and best.workers == n:
             why = "one per item"
-        elif mem_cap is not None and best.workers == mem_cap < cores:
+        elif memory_bound:
             why = "as many as fit in memory"
         else:
             why = f"one per usable core ({cores})"
@@ -492,10 +507,34 @@ def _dask(p: Profile, n: int | None, cores: int, t: float, address: str | None) 
     return _Estimate("dask", 0, chunksize, 0.0, "")
 
 
-def _memory_cap(p: Profile, memory_bytes: int | None) -> int | None:
-    if memory_bytes is None or p.rss_growth_bytes <= 0:
+def _item_bytes(p: Profile) -> int:
+    """Memory one item needs at its peak: tracemalloc's measure when taken, else RSS growth."""
+    return p.peak_alloc_bytes if p.peak_alloc_bytes > 0 else p.rss_growth_bytes
+
+
+def _memory_cap(item_bytes: int, memory_bytes: int | None, base_bytes: int) -> int | None:
+    """Most workers whose items fit in ``memory_bytes`` at once (None: no limit known)."""
+    if memory_bytes is None or item_bytes <= 0:
         return None
-    return max(1, memory_bytes // (p.rss_growth_bytes + WORKER_BASE_BYTES))
+    return max(1, memory_bytes // (item_bytes + base_bytes))
+
+
+def _memory_reason(p: Profile, backend: str, workers: int, memory_bytes: int | None) -> str:
+    measured = (
+        "its tracemalloc peak"
+        if p.peak_alloc_bytes > 0
+        else "how far resident memory rose while sampling"
+    )
+    base = (
+        f" plus {format_bytes(WORKER_BASE_BYTES)} per worker process"
+        if backend == "processes"
+        else ""
+    )
+    return (
+        f"memory limits the workers: each item needs up to "
+        f"{format_bytes(_item_bytes(p))} ({measured}){base}, and "
+        f"{format_bytes(memory_bytes or 0)} is available: {workers} {backend} fit"
+    )
 
 
 # --------------------------------------------------------------------------- cores and plan()
@@ -525,9 +564,36 @@ def plan(
 
 
 def _available_memory() -> int | None:
-    try:
-        import psutil
+    """Bytes this process could still allocate: the machine's available memory,
+    or less when a cgroup (a container) limits it. None: unknown (no cap)."""
+    available = _meminfo_available()
+    if available is None:
+        try:  # not Linux: psutil (imported only here; it costs ~30 ms)
+            import psutil
 
-        return int(psutil.virtual_memory().available)
-    except Exception:  # psutil missing or unsupported platform: no memory cap
+            available = int(psutil.virtual_memory().available)
+        except Exception:  # unsupported platform: no memory cap
+            return None
+    try:  # cgroup v2: a container's limit is lower than the machine's memory
+        base = "/sys/fs/cgroup/"
+        with open(base + "memory.max") as f:
+            limit = f.read().strip()
+        with open(base + "memory.current") as f:
+            current = int(f.read())
+        if limit != "max":
+            available = min(available, max(0, int(limit) - current))
+    except (OSError, ValueError):
+        pass
+    return available
+
+
+def _meminfo_available() -> int | None:
+    """MemAvailable from /proc/meminfo (Linux, ~20 us), bytes; None elsewhere."""
+    try:
+        with open("/proc/meminfo", "rb") as f:
+            for line in f:
+                if line.startswith(b"MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
         return None
+    return None
