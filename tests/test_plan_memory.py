@@ -120,7 +120,7 @@ def test_a_measured_50_mb_item_caps_the_plan(monkeypatch: pytest.MonkeyPatch) ->
         block = bytearray(50 * 10**6)
         return n + len(block) - len(block) + sum(range(20_000))
 
-    prof = profile(allocates, [1, 2, 3], memory=True)
+    prof = profile(allocates, [1, 2, 3], memory=True, max_seconds=60.0)
     assert 50 * 10**6 <= prof.peak_alloc_bytes < 51 * 10**6
     fake_memory(monkeypatch, 200 * 10**6)  # room for 4 such items in threads, 2 in processes
     forced = dataclasses.replace(prof, workload=Workload.CPU_GIL, wall_per_item_s=0.05)

@@ -12,8 +12,12 @@ from __future__ import annotations
 import asyncio
 import inspect
 import json
+import os
+import subprocess
 import sys
 import tracemalloc
+from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -21,6 +25,9 @@ from powerpool import _lineprof
 from powerpool._profile import profile
 
 MB = 10**6
+SLACK_S = 60.0
+"""Time budget of the profiles whose item counts are asserted: a loaded machine
+can stretch an item tenfold, and the budget is not what is tested here."""
 
 
 def third_line_heavy(n: int) -> int:
@@ -71,7 +78,7 @@ def _line_of(fn: object, text: str) -> int:
 
 
 def test_lines_names_the_dominant_line_first() -> None:
-    prof = profile(third_line_heavy, [200_000] * 3, lines=True)
+    prof = profile(third_line_heavy, [100_000] * 3, lines=True, max_seconds=SLACK_S)
     top = prof.line_timings[0]
     assert top.line == _line_of(third_line_heavy, "c = sum(")
     assert top.text == "c = sum(i * i for i in range(n))"
@@ -88,15 +95,15 @@ def test_lines_names_the_dominant_line_first() -> None:
 
 
 def test_lines_file_follows_calls_into_the_same_file() -> None:
-    only = profile(calls_helper, [100_000] * 2, lines=True)
+    only = profile(calls_helper, [100_000] * 2, lines=True, max_seconds=SLACK_S)
     assert {t.function for t in only.line_timings} == {"calls_helper"}
-    whole = profile(calls_helper, [100_000] * 2, lines="file")
+    whole = profile(calls_helper, [100_000] * 2, lines="file", max_seconds=SLACK_S)
     helper_line = _line_of(helper, "return sum(")
     assert any(t.function == "helper" and t.line == helper_line for t in whole.line_timings)
 
 
 def test_lines_on_a_coroutine_function() -> None:
-    prof = profile(async_work, [50_000] * 3, lines=True)
+    prof = profile(async_work, [50_000] * 3, lines=True, max_seconds=SLACK_S)
     assert prof.workload.value == "async"
     assert any(t.text == "total = sum(range(n))" for t in prof.line_timings)
 
@@ -121,7 +128,7 @@ def test_lines_on_a_builtin_is_a_clear_error() -> None:
 
 
 def test_memory_names_the_line_that_allocates_50_mb() -> None:
-    prof = profile(allocates_50mb, [1, 2], memory=True)
+    prof = profile(allocates_50mb, [1, 2], memory=True, max_seconds=SLACK_S)
     assert len(prof.memory_items) == prof.items == 2
     for item in prof.memory_items:
         assert 50 * MB <= item.peak_bytes < 51 * MB  # the list's buffer plus a few objects
@@ -159,7 +166,7 @@ def test_memory_leaves_a_callers_tracemalloc_running() -> None:
 
 
 def test_lines_and_memory_together_and_errors_leave_no_tracer() -> None:
-    prof = profile(raises, [0, 1, 0], lines=True, memory=True)
+    prof = profile(raises, [0, 1, 0], lines=True, memory=True, max_seconds=SLACK_S)
     assert prof.errors == 1
     assert len(prof.memory_items) == 3
     assert any(t.text == "raise ValueError(n)" and t.hits == 1 for t in prof.line_timings)
@@ -179,3 +186,64 @@ def test_without_the_options_nothing_is_traced() -> None:
     assert prof.peak_alloc_bytes == 0
     assert "slowest lines" not in str(prof)
     assert "memory per item" not in str(prof)
+
+
+WORK_PY = """\
+def helper(n):
+    return sum(i * i for i in range(n))
+
+
+def work(n):
+    data = [0] * (n * 100)
+    total = helper(n)
+    return total + len(data) - len(data)
+"""
+
+
+SRC = Path(__file__).resolve().parent.parent / "src"
+
+
+def _profile_cli(tmp_path: Path, *args: str, env: dict[str, str] | None = None) -> Any:
+    """The real command in ``tmp_path``; this checkout's powerpool, installed or not."""
+    if env is None:
+        env = {**os.environ, "PYTHONPATH": str(SRC)}
+    (tmp_path / "work.py").write_text(WORK_PY, encoding="utf-8")
+    (tmp_path / "in.jsonl").write_text("20000\n30000\n", encoding="utf-8")
+    return subprocess.run(
+        [sys.executable, "-m", "powerpool", "profile", "work.py:work", "in.jsonl", *args],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=110,
+        check=False,
+        env=env,
+    )
+
+
+@pytest.mark.timeout(120)
+def test_profile_command_prints_lines_and_memory(tmp_path: Path) -> None:
+    proc = _profile_cli(tmp_path, "--by-line=file", "--memory", "--no-hotspots")
+    assert proc.returncode == 0, proc.stderr
+    out = proc.stdout
+    assert "slowest lines" in out
+    assert "work.py:7 (work)  total = helper(n)" in out
+    assert "work.py:2 (helper)  return sum(i * i for i in range(n))" in out
+    assert "memory per item" in out
+    assert "22.9 MiB  work.py:6  data = [0] * (n * 100)" in out  # 3 000 000 pointers
+    assert "plan for all 2 items" in out
+    only = _profile_cli(tmp_path, "--by-line", "--no-hotspots")
+    assert only.returncode == 0, only.stderr
+    assert "(helper)" not in only.stdout
+    assert "memory per item" not in only.stdout
+
+
+@pytest.mark.timeout(120)
+def test_profile_command_without_line_profiler_says_how_to_install(tmp_path: Path) -> None:
+    blocker = tmp_path / "blocker"
+    blocker.mkdir()
+    (blocker / "line_profiler.py").write_text("raise ImportError('not here')\n", encoding="utf-8")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(blocker), str(SRC)])}
+    proc = _profile_cli(tmp_path, "--by-line", env=env)
+    assert proc.returncode == 2
+    assert 'pip install "powerpool[profile]"' in proc.stderr
+    assert "Traceback" not in proc.stderr

@@ -29,8 +29,10 @@ __all__ = [
     "Size",
     "expected",
     "format_report",
+    "format_rows",
     "is_prime",
     "numbers",
+    "python_version",
     "run_demo",
 ]
 
@@ -96,7 +98,7 @@ class DemoRow:
     """One way of running the check, measured."""
 
     mode: str
-    """``sequential``, ``threads``, ``processes`` or ``auto``."""
+    """``sequential``, ``threads``, ``asyncio`` (I/O demo), ``processes`` or ``auto``."""
     backend: str
     """The powerpool backend that did the work."""
     workers: int
@@ -146,7 +148,8 @@ def gil_enabled() -> bool:
     return True if check is None else bool(check())
 
 
-def _python() -> str:
+def python_version() -> str:
+    """``CPython 3.11.7 (GIL enabled)``."""
     gil = "GIL enabled" if gil_enabled() else "no GIL"
     return f"{platform.python_implementation()} {platform.python_version()} ({gil})"
 
@@ -191,10 +194,23 @@ def run_demo(size: Size = "small") -> DemoReport:
         n_numbers=len(data),
         n_primes=sum(truth),
         cpu_count=cores,
-        python=_python(),
+        python=python_version(),
         rows=tuple(rows),
         span="near 10^12" if size == "small" else "between 10^12 and 2.1 * 10^12",
     )
+
+
+def format_rows(rows: Sequence[DemoRow]) -> list[str]:
+    """The table of rows (time, speedup, answers), then one line per row saying why."""
+    lines = [f"{'mode':<11} {'backend':<10} {'workers':>7} {'time':>8} {'speedup':>8}  answers"]
+    for row in rows:
+        lines.append(
+            f"{row.mode:<11} {row.backend:<10} {row.workers:>7} {row.wall_s:>7.2f}s "
+            f"{row.speedup:>7.2f}x  {'right' if row.agree else 'WRONG'}"
+        )
+    lines += ["", "why:"]
+    lines += [f"  {row.mode:<11} {row.why}" for row in rows]
+    return lines
 
 
 def _why_threads(cores: int, speedup: float) -> str:
@@ -237,16 +253,9 @@ def format_report(report: DemoReport) -> str:
         f"({report.n_primes} are; trial division in pure Python)",
         f"machine: {report.cpu_count} usable cores ({os.cpu_count()} logical), {report.python}",
         "",
-        f"{'mode':<11} {'backend':<10} {'workers':>7} {'time':>8} {'speedup':>8}  answers",
+        *format_rows(report.rows),
+        "",
     ]
-    for row in report.rows:
-        lines.append(
-            f"{row.mode:<11} {row.backend:<10} {row.workers:>7} {row.wall_s:>7.2f}s "
-            f"{row.speedup:>7.2f}x  {'right' if row.agree else 'WRONG'}"
-        )
-    lines += ["", "why:"]
-    lines += [f"  {row.mode:<11} {row.why}" for row in report.rows]
-    lines.append("")
     if report.all_agree:
         lines.append("All four ways gave the same, right answers.")
     else:

@@ -38,8 +38,16 @@ def profile_and_plan(
     max_items: int,
     max_seconds: float,
     hotspots: bool,
+    lines: bool | str = False,
+    memory: bool = False,
 ) -> str:
-    """Profile ``fn`` on up to ``max_items`` of ``calls``; plan a run of ``n_items``; as text."""
+    """Profile ``fn`` on up to ``max_items`` of ``calls``; plan a run of ``n_items``; as text.
+
+    ``lines`` and ``memory`` are :func:`powerpool.profile`'s (line timings,
+    memory per item); ImportError names the install command when
+    line_profiler is missing.
+    """
+    from ._itemprobe import item_probes
     from ._plan import plan_from_profile
     from ._profile import profile_calls
 
@@ -53,6 +61,7 @@ def profile_and_plan(
         hotspots=hotspots,
         stop_early=False,
         thorough=True,
+        probes=item_probes(fn, lines=lines, memory=memory),
     )
     plan = plan_from_profile(prof, n_items)
     return f"{prof}\n\nplan for all {n_items} items:\n{plan}"
