@@ -57,8 +57,7 @@ SITE_LIMIT = 5
 
 _TRACEMALLOC_FILE = os.path.normcase(os.path.abspath(tracemalloc.__file__))
 _PACKAGE_DIR = os.path.normcase(os.path.dirname(os.path.abspath(__file__))) + os.sep
-"""Allocations whose innermost frame (past tracemalloc's) is powerpool's are the
-profiler's own bookkeeping, never a site."""
+"""powerpool's own frames: see :meth:`MemoryProbe._site_of`."""
 
 
 @dataclass(frozen=True)
@@ -289,20 +288,24 @@ class MemoryProbe:
         )
 
     def _site_of(self, frames: tuple[tuple[str, int], ...]) -> tuple[str, int, str] | None:
-        """(file, line, via) of one traceback, innermost frame first; None: ours."""
+        """(file, line, via) of one traceback, innermost frame first; None: the profiler's.
+
+        A powerpool frame met before any frame of the profiled file marks the
+        profiler's own allocations: its bookkeeping, or its heartbeat thread
+        (tracemalloc traces every thread; the user's code always sits inside
+        powerpool's frames, never under them).
+        """
         site: tuple[str, int] | None = None
         for filename, line in frames:
-            if site is None:
-                path = os.path.normcase(os.path.abspath(filename))
-                if path == _TRACEMALLOC_FILE:
-                    continue
-                if path.startswith(_PACKAGE_DIR):
-                    return None
-                site = (filename, line)
-                if filename == self._user_file:
+            if filename == self._user_file:
+                if site is None:
                     return filename, line, ""
-            elif filename == self._user_file:
                 return site[0], site[1], f"{os.path.basename(filename)}:{line}"
+            path = os.path.normcase(os.path.abspath(filename))
+            if path.startswith(_PACKAGE_DIR):
+                return None
+            if site is None and path != _TRACEMALLOC_FILE:
+                site = (filename, line)
         return None if site is None else (site[0], site[1], "")
 
 
