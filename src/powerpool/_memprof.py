@@ -112,7 +112,8 @@ class ItemMemory:
     def __str__(self) -> str:
         from ._profile import format_bytes
 
-        label = f"item {self.index}" if self.items == 1 else f"items {self.index}+{self.items}"
+        last = self.index + self.items - 1
+        label = f"item {self.index}" if self.items == 1 else f"items {self.index}-{last}"
         head = (
             f"{label}: peak {format_bytes(self.peak_bytes)}, "
             f"{format_bytes(self.retained_bytes)} still held at return"
