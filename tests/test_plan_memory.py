@@ -12,32 +12,11 @@ import pytest
 
 from powerpool import _plan
 from powerpool._plan import WORKER_BASE_BYTES, plan_from_profile
-from powerpool._profile import Profile, Workload, profile
+from powerpool._profile import Workload, profile
+from test_plan import made  # the one made-up-profile builder
 
 GIB = 2**30
 MIB = 2**20
-
-
-def made(workload: Workload, wall_s: float, **overrides: object) -> Profile:
-    busy = workload is not Workload.IO
-    fields: dict[str, object] = {
-        "items": 8,
-        "wall_per_item_s": wall_s,
-        "cpu_per_item_s": wall_s if busy else wall_s / 1000,
-        "thread_cpu_per_item_s": wall_s if busy else wall_s / 1000,
-        "gil_held_fraction": 0.98 if workload is Workload.CPU_GIL else 0.02,
-        "arg_pickle_bytes": 40,
-        "result_pickle_bytes": 40,
-        "pickle_per_item_s": 4e-6,
-        "peak_rss_bytes": 50 * MIB,
-        "workload": workload,
-        "evidence": (),
-        "hotspots": (),
-        "profiling_s": 0.01,
-        "gil_measured": busy,
-    }
-    fields.update(overrides)
-    return Profile(**fields)  # type: ignore[arg-type]
 
 
 def fake_memory(monkeypatch: pytest.MonkeyPatch, available: int | None) -> list[int]:

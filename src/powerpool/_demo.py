@@ -28,12 +28,14 @@ __all__ = [
     "DemoRow",
     "Size",
     "expected",
+    "format_demo",
     "format_report",
     "format_rows",
     "is_prime",
     "numbers",
     "python_version",
     "run_demo",
+    "why_auto",
 ]
 
 Size = Literal["small", "full"]
@@ -187,7 +189,7 @@ def run_demo(size: Size = "small") -> DemoReport:
     workers = plan.workers if plan is not None else 0
     rows.append(
         DemoRow("auto", backend, workers, wall_s, base_s / wall_s, results == truth,
-                _why_auto(plan))
+                why_auto(plan))
     )  # fmt: skip
     return DemoReport(
         size=size,
@@ -237,27 +239,37 @@ def _why_processes(cores: int, speedup: float) -> str:
     return f"{why} (minus the cost of starting them)"
 
 
-def _why_auto(plan: Plan | None) -> str:
+def why_auto(plan: Plan | None, measured: str = "the first items") -> str:
+    """The auto row's "why": what it measured and what it chose."""
     if plan is None:
         return "auto chose without measuring"
     from ._profcmd import describe_auto
 
     chose = plan.backend if plan.backend == "serial" else f"{plan.backend} x{plan.workers}"
-    return f"measured the first items ({describe_auto(plan)}) and chose {chose}"
+    return f"measured {measured} ({describe_auto(plan)}) and chose {chose}"
 
 
 def format_report(report: DemoReport) -> str:
     """The table ``powerpool demo`` prints, then one line per row saying why."""
-    lines = [
+    headline = (
         f"Is each of {report.n_numbers} numbers {report.span} prime? "
-        f"({report.n_primes} are; trial division in pure Python)",
-        f"machine: {report.cpu_count} usable cores ({os.cpu_count()} logical), {report.python}",
-        "",
-        *format_rows(report.rows),
-        "",
-    ]
-    if report.all_agree:
-        lines.append("All four ways gave the same, right answers.")
-    else:
-        lines.append("RESULTS DISAGREE: some way gave a wrong answer (a bug: please report it).")
-    return "\n".join(lines)
+        f"({report.n_primes} are; trial division in pure Python)"
+    )
+    return format_demo(headline, report.cpu_count, report.python, report.rows)
+
+
+def format_demo(headline: str, cores: int, python: str, rows: Sequence[DemoRow]) -> str:
+    """A demo's whole text: what it does, the machine, the table, the why lines, the verdict."""
+    count = {4: "four", 5: "five"}.get(len(rows), str(len(rows)))
+    return "\n".join(
+        [
+            headline,
+            f"machine: {cores} usable cores ({os.cpu_count()} logical), {python}",
+            "",
+            *format_rows(rows),
+            "",
+            f"All {count} ways gave the same, right answers."
+            if all(row.agree for row in rows)
+            else "RESULTS DISAGREE: some way gave a wrong answer (a bug: please report it).",
+        ]
+    )

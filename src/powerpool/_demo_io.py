@@ -21,7 +21,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import http.client
-import os
 import subprocess
 import sys
 import threading
@@ -31,7 +30,7 @@ from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any
 
-from ._demo import DemoRow, Size, format_rows, python_version
+from ._demo import DemoRow, Size, format_demo, python_version, why_auto
 
 if TYPE_CHECKING:
     from ._plan import Plan
@@ -265,7 +264,7 @@ def run_io_demo(size: Size = "small", *, delay_s: float = DELAY_S) -> IoDemoRepo
         auto_s, results, plan = timed("auto", None, fetch, urls)
         rows.append(
             DemoRow("auto", plan.backend if plan else "?", plan.workers if plan else 0, auto_s,
-                    base_s / auto_s, results == truth, _why_auto(plan))
+                    base_s / auto_s, results == truth, why_auto(plan, "the first request"))
         )  # fmt: skip
     return IoDemoReport(
         size=size,
@@ -318,30 +317,13 @@ def _why_processes(wall_s: float, threads_s: float, cores: int) -> str:
     )
 
 
-def _why_auto(plan: Plan | None) -> str:
-    if plan is None:
-        return "auto chose without measuring"
-    from ._profcmd import describe_auto
-
-    chose = plan.backend if plan.backend == "serial" else f"{plan.backend} x{plan.workers}"
-    return f"measured the first request ({describe_auto(plan)}) and chose {chose}"
-
-
 def format_io_report(report: IoDemoReport) -> str:
     """The table ``powerpool demo --work io`` prints, then one line per row saying why."""
-    lines = [
+    headline = (
         f"Fetch {report.n_requests} URLs from a local server that takes "
-        f"{_ms(report.delay_s)} to answer each (I/O-bound: the time is waiting)",
-        f"machine: {report.cpu_count} usable cores ({os.cpu_count()} logical), {report.python}",
-        "",
-        *format_rows(report.rows),
-        "",
-    ]
-    if report.all_agree:
-        lines.append(f"All {len(report.rows)} ways fetched the same, right answers.")
-    else:
-        lines.append("RESULTS DISAGREE: some way fetched a wrong answer (a bug: please report it).")
-    return "\n".join(lines)
+        f"{_ms(report.delay_s)} to answer each (I/O-bound: the time is waiting)"
+    )
+    return format_demo(headline, report.cpu_count, report.python, report.rows)
 
 
 def _main(argv: list[str]) -> int:
