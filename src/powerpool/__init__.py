@@ -24,6 +24,7 @@ from ._errors import (
 )
 from ._executor import Executor
 from ._pool import Pool, PoolState
+from ._recorder import RunReport
 from ._stats import PoolStats
 from ._stop import should_stop
 
@@ -47,6 +48,7 @@ __all__ = [
     "PowerpoolError",
     "Profile",
     "RemoteTraceback",
+    "RunReport",
     "SerializationError",
     "WorkerCrashedError",
     "WorkerError",

@@ -18,7 +18,7 @@ from ._pool import Pool
 __all__ = ["imap", "imap_unordered", "map", "shutdown_warm_pools"]
 
 _POOL_OPTIONS = ("workers", "initializer", "initargs", "native_threads", "start_method")
-_RUN_OPTIONS = ("chunksize", "timeout", "retries", "retry_on", "errors", "progress")
+_RUN_OPTIONS = ("chunksize", "timeout", "retries", "retry_on", "errors", "progress", "report")
 
 MAX_WARM_POOLS = 4
 """Warm pools kept at once; the least recently used is shut down beyond it

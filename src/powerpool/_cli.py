@@ -20,12 +20,15 @@ from __future__ import annotations
 import json
 import os
 import sys
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import click
 
 from ._errors import BackendUnavailableError, CheckpointMismatchError
 from ._records import Call, InputError, LoadedFunction, load_function, open_input, read_records
+
+if TYPE_CHECKING:
+    from ._recorder import RunReport
 
 __all__ = ["cli", "main"]
 
@@ -96,6 +99,26 @@ def _write_json(path: str, data: dict[str, Any]) -> None:
         raise _Fail(f"cannot write {path}: {exc.strerror or exc}") from None
 
 
+def _check_report_path(ctx: click.Context, param: click.Parameter, value: str | None) -> Any:
+    if value is None:
+        return None
+    from ._recorder import report_format
+
+    try:
+        report_format(value)
+    except ValueError:
+        raise click.BadParameter("the file name must end in .html or .json") from None
+    return value
+
+
+_report_option = click.option(
+    "--report",
+    "report_path",
+    metavar="FILE",
+    callback=_check_report_path,
+    help="Write what happened: FILE.html (a timeline page) or FILE.json (a Perfetto trace).",
+)
+
 _lines_option = click.option(
     "--lines",
     is_flag=True,
@@ -137,6 +160,7 @@ def cli() -> None:
 @click.option("--address", help="Dask scheduler address (implies --backend dask).")
 @click.option("--progress/--no-progress", default=None, help="Progress bar (default: on a tty).")
 @click.option("-q", "--quiet", is_flag=True, help="No summary line at the end.")
+@_report_option
 def run(
     *,
     function: str,
@@ -154,6 +178,7 @@ def run(
     address: str | None,
     progress: bool | None,
     quiet: bool,
+    report_path: str | None,
 ) -> int:
     """Apply MODULE:FUNC to every record of INPUT (JSON Lines; stdin if - or omitted).
 
@@ -185,6 +210,7 @@ def run(
         retries=retries,
         backend_options=options,
         progress=progress,
+        report_path=report_path,
     )
     try:
         summary = execute_run(settings)
@@ -206,6 +232,8 @@ def run(
         raise _Fail(str(exc)) from None
     if not quiet:
         _note(format_summary(summary, settings).removeprefix("powerpool: "))
+    if report_path is not None:
+        _note(f"report written to {report_path}")
     return EXIT_FAILED if summary.failed else 0
 
 
@@ -244,6 +272,7 @@ def _check_timeout_backend(backend: str, timeout: float | None) -> None:
 @click.option("--chunksize", type=click.IntRange(min=1), help="Items per chunk (default: adapts).")
 @click.option("--plot", "plot_path", metavar="FILE", help="Write a PNG of speedup vs workers.")
 @click.option("--json", "json_path", metavar="FILE", help="Write every number as JSON.")
+@_report_option
 def bench(
     *,
     function: str,
@@ -257,6 +286,7 @@ def bench(
     chunksize: int | None,
     plot_path: str | None,
     json_path: str | None,
+    report_path: str | None,
 ) -> int:
     """Time MODULE:FUNC on INPUT across backends and worker counts.
 
@@ -298,6 +328,7 @@ def bench(
         f"{'without' if warm else 'with'} pool start-up, best of {repeat}"
     )
     click.echo(TABLE_HEADER)
+    runs: dict[tuple[str, int], RunReport] = {}
     try:
         report = run_bench(
             wrapped,
@@ -310,6 +341,7 @@ def bench(
             is_async=is_async,
             chunksize=chunksize,
             on_row=lambda row: click.echo(format_row(row)),
+            on_report=None if report_path is None else runs.__setitem__,
         )
     except (InputError, BackendUnavailableError) as exc:
         raise _Fail(str(exc)) from None
@@ -324,6 +356,16 @@ def bench(
     if json_path is not None:
         _write_json(json_path, report.to_json())
         _note(f"numbers written to {json_path}")
+    if report_path is not None:
+        best = report.best
+        run_report = runs.get((best.backend, best.workers))
+        if run_report is not None:
+            try:
+                run_report.write(report_path)
+            except OSError as exc:
+                raise _Fail(f"cannot write {report_path}: {exc.strerror or exc}") from None
+            _note(f"report of the fastest run ({best.backend}, {best.workers}) "
+                  f"written to {report_path}")  # fmt: skip
     return 0 if report.all_agree else EXIT_FAILED
 
 

@@ -89,7 +89,7 @@ DASK_CHUNK_S = 1.0
 """Work per dask task, to amortize the scheduler's ~1 ms per task."""
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, repr=False)
 class Plan:
     """How to run a function over the items, and why."""
 
@@ -141,6 +141,16 @@ class Plan:
         if self.basis:
             lines.append(f"  basis: {self.basis}")
         return "\n".join(lines)
+
+    def __repr__(self) -> str:
+        # What a REPL or a notebook shows for a bare ``plan``: the readable
+        # report that print() gives, not the dataclass's wall of fields.
+        return str(self)
+
+    def _repr_html_(self) -> str:
+        from ._report_html import text_html
+
+        return text_html(str(self))
 
 
 class _Estimate:

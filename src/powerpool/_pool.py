@@ -12,18 +12,20 @@ import contextlib
 import dataclasses
 import enum
 import itertools
+import os
 import threading
 import weakref
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import CancelledError, Future
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeAlias
 
 from ._backends import BackendConfig, load
 from ._errors import PoolClosedError
 from ._execute import is_coroutine_function
 from ._progress import ProgressMode
+from ._recorder import Recorder, RunReport, report_format
 from ._run import Attempts, ErrorPolicy, Run, RunOptions
 from ._stats import PoolStats, StatsLedger
 from ._system import usable_cores, worker_cores
@@ -33,7 +35,11 @@ if TYPE_CHECKING:
     from ._backends import Backend
     from ._plan import Plan
 
-__all__ = ["Pool", "PoolState"]
+__all__ = ["Pool", "PoolState", "ReportTarget"]
+
+ReportTarget: TypeAlias = "str | os.PathLike[str] | bool | None"
+"""What ``report=`` takes: a path (.html or .json), True (keep it in
+``pool.last_report`` only), or None/False (record nothing)."""
 
 _BACKEND_NAMES = ("auto", "serial", "threads", "asyncio", "processes", "dask")
 _ASYNC_BACKENDS = ("asyncio",)
@@ -95,6 +101,7 @@ class Pool:
         native_threads: int | None = None,
         start_method: str | None = None,
         explain: bool = False,
+        report: ReportTarget = None,
         **backend_options: Any,
     ) -> None:
         if backend not in _BACKEND_NAMES:
@@ -126,6 +133,15 @@ class Pool:
         self._native_threads = native_threads
         self._start_method = start_method
         self._explain = explain
+        _check_report(report)
+        self._report = report
+        # One recorder for everything the pool runs (report= given here),
+        # made when the first run starts (time 0 of its report): its report
+        # covers all runs so far and is rewritten as each one ends.
+        self._recorder: Recorder | None = None
+        self.last_report: RunReport | None = None
+        """What the most recent run recorded, when a report was asked for
+        (``report=`` here or on the call); renders inline in notebooks."""
         self._backend_options = backend_options
         self._state = PoolState.OPEN
         # Invariant: _lock guards _state, _backends, _epoch, _futures and _runs.
@@ -377,6 +393,8 @@ class Pool:
         _check_callable(fn)
         if not iterables:
             raise TypeError("map() needs at least one iterable of inputs")
+        report = overrides.pop("report", None)
+        _check_report(report)
         options = _run_options(self._defaults, **overrides)
         self._check_open()
         if self._backend_name != "auto":
@@ -384,24 +402,29 @@ class Pool:
             _check_timeout(self._backend_name, options)
         if eager:
             return self._results(
-                self._prepare(fn, iterables, options), options, ordered, with_index
+                self._prepare(fn, iterables, options, report), options, ordered, with_index
             )
-        return self._lazy(fn, iterables, options, ordered, with_index)
+        return self._lazy(fn, iterables, options, report, ordered, with_index)
 
     def _lazy(
         self,
         fn: Callable[..., Any],
         iterables: tuple[Iterable[Any], ...],
         options: RunOptions,
+        report: ReportTarget,
         ordered: bool,
         with_index: bool,
     ) -> Iterator[Any]:
         yield from self._results(
-            self._prepare(fn, iterables, options), options, ordered, with_index
+            self._prepare(fn, iterables, options, report), options, ordered, with_index
         )
 
     def _prepare(
-        self, fn: Callable[..., Any], iterables: tuple[Iterable[Any], ...], options: RunOptions
+        self,
+        fn: Callable[..., Any],
+        iterables: tuple[Iterable[Any], ...],
+        options: RunOptions,
+        report: ReportTarget = None,
     ) -> _Prepared:
         """Resolve the backend (profiling the first items when auto)."""
         # One input: its items are the bare arguments (no tuple per item).
@@ -410,6 +433,15 @@ class Pool:
         prepared = _Prepared(
             fn, source, star, _length(iterables), self._backend_name, self._workers
         )
+        if report:  # this call's own report
+            prepared.recorder = Recorder()
+            prepared.report_path = None if isinstance(report, bool) else report
+        elif self._report:  # the pool's
+            with self._lock:
+                if self._recorder is None:
+                    self._recorder = Recorder()
+            prepared.recorder = self._recorder
+            prepared.report_path = None if isinstance(self._report, bool) else self._report
         if prepared.backend != "auto":
             return prepared
         from ._auto import choose, choose_with_initializer
@@ -419,7 +451,9 @@ class Pool:
             # they cannot be measured here, in the caller's thread.
             prepared.backend, prepared.workers = "processes", self._workers
             self.last_plan = choose_with_initializer(prepared.total, self._workers)
+            prepared.plan = self.last_plan
             return prepared
+        sampled_from = None if prepared.recorder is None else prepared.recorder.now()
         choice = choose(
             fn,
             source,
@@ -430,7 +464,15 @@ class Pool:
             address=self._backend_options.get("address"),
         )
         plan = choice.plan if worker_cores() is None else _nested_plan(choice.plan)
-        self.last_plan = plan
+        self.last_plan = prepared.plan = plan
+        if prepared.recorder is not None and sampled_from is not None:
+            prepared.recorder.span(
+                "caller",
+                sampled_from,
+                prepared.recorder.now(),
+                range(len(choice.prefilled)),
+                "sample",
+            )
         with contextlib.suppress(TypeError):  # not weak-referenceable: no memory of it
             self._plans[fn] = plan
         if self._explain:
@@ -446,12 +488,12 @@ class Pool:
         self, prepared: _Prepared, options: RunOptions, ordered: bool, with_index: bool
     ) -> Iterator[Any]:
         if prepared.fast is not None:
-            values = itertools.chain.from_iterable(self._fast_blocks(prepared.fast))
+            values = itertools.chain.from_iterable(self._fast_blocks(prepared.fast, prepared))
             return enumerate(values) if with_index else values
         blocks = self._blocks(prepared, options, ordered, with_index)
         return itertools.chain.from_iterable(blocks)
 
-    def _fast_blocks(self, values: Iterator[Any]) -> Iterator[list[Any]]:
+    def _fast_blocks(self, values: Iterator[Any], prepared: _Prepared) -> Iterator[list[Any]]:
         """auto's fast path (serial, in this thread) in blocks: counted, and cancellable.
 
         Between blocks it checks that nobody cancelled the pool's work; per
@@ -461,9 +503,16 @@ class Pool:
             self._check_open()
             epoch = self._epoch
         self._ledger.begin("serial", 1)
+        recorder = prepared.recorder
+        if recorder is not None:
+            recorder.begin(
+                function=_name(prepared.fn), backend="serial", workers=1, plan=prepared.plan
+            )
+        done = 0  # the sampled items' values come first, without being computed again
         try:
             while True:
                 block: list[Any] = []
+                began = 0.0 if recorder is None else recorder.now()
                 try:
                     block.extend(itertools.islice(values, FAST_BLOCK_ITEMS))
                 except Exception:
@@ -473,12 +522,29 @@ class Pool:
                     raise
                 if not block:
                     return
+                if recorder is not None:  # the sampled items were computed before
+                    first = max(done, len(prepared.prefilled))
+                    recorder.span(
+                        "caller", began, recorder.now(), range(first, done + len(block)), "serial"
+                    )
+                done += len(block)
                 self._ledger.items(done=len(block))
                 yield block
                 if self._epoch != epoch:
                     raise CancelledError("the pool's work was cancelled")
         finally:
             self._ledger.end()
+            self._finish_report(prepared)
+
+    def _finish_report(self, prepared: _Prepared) -> None:
+        """End the run in its recorder; keep the report and write its file, if any."""
+        recorder = prepared.recorder
+        if recorder is None:
+            return
+        recorder.end()
+        self.last_report = recorder.snapshot()
+        if prepared.report_path is not None:
+            self.last_report.write(prepared.report_path)
 
     def _blocks(
         self, prepared: _Prepared, options: RunOptions, ordered: bool, with_index: bool
@@ -502,8 +568,17 @@ class Pool:
                 new_chunk_id=self._chunk_ids.__next__,
                 prefilled=prepared.prefilled,
                 per_item_s=prepared.per_item_s,
+                recorder=prepared.recorder,
             )
             self._runs.add(run)
+        if prepared.recorder is not None:
+            prepared.recorder.begin(
+                function=_name(prepared.fn),
+                backend=backend.name,
+                workers=backend.workers,
+                plan=prepared.plan,
+                start_method=_start_method(backend),
+            )
         try:
             yield from run
         except KeyboardInterrupt:
@@ -522,6 +597,7 @@ class Pool:
                 backends = self._close_locked() if last else []
             for backend in backends:  # shutdown() left this to the last run
                 backend.shutdown(wait=False)
+            self._finish_report(prepared)
 
 
 @dataclass
@@ -546,6 +622,33 @@ class _Prepared:
     """Measured seconds per item, to seed the chunk sizer."""
     fast: Iterator[Any] | None = None
     """All results, lazily, when auto chose to run in this thread (see _fast_blocks)."""
+    plan: Plan | None = None
+    """auto's plan for this run (None when the caller chose the backend)."""
+    recorder: Recorder | None = None
+    """Where this run is recorded, when a report was asked for."""
+    report_path: str | os.PathLike[str] | None = None
+    """Where the report is written as the run ends (None: only ``last_report``)."""
+
+
+def _check_report(report: object) -> None:
+    if report is None or isinstance(report, bool):
+        return
+    if not isinstance(report, (str, os.PathLike)):
+        raise TypeError(f"report must be a path, True or None, got {report!r}")
+    report_format(os.fspath(report))
+    folder = os.path.dirname(os.path.abspath(os.fspath(report)))
+    if not os.path.isdir(folder):
+        raise ValueError(f"report={os.fspath(report)!r}: folder {folder!r} does not exist")
+
+
+def _name(fn: Callable[..., Any]) -> str:
+    return str(getattr(fn, "__qualname__", None) or getattr(fn, "__name__", None) or fn)
+
+
+def _start_method(backend: Backend) -> str:
+    """The multiprocessing start method of a process backend ("" for the others)."""
+    context = getattr(backend, "_context", None)
+    return "" if context is None else str(context.get_start_method())
 
 
 def nested_backend(name: str, workers: int | None) -> tuple[str, int | None]:

@@ -156,7 +156,7 @@ class Hotspot:
         )
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, repr=False)
 class Profile:
     """What running the function on a sample of real items showed.
 
@@ -294,6 +294,16 @@ class Profile:
 
             lines.extend(format_memory(self.memory_items, self.peak_alloc_bytes))
         return "\n".join(lines)
+
+    def __repr__(self) -> str:
+        # What a REPL or a notebook shows for a bare ``prof``: the readable
+        # report that print() gives, not the dataclass's wall of fields.
+        return str(self)
+
+    def _repr_html_(self) -> str:
+        from ._report_html import text_html
+
+        return text_html(str(self))
 
 
 def format_seconds(seconds: float) -> str:

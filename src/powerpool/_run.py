@@ -34,6 +34,7 @@ from ._errors import (
     WorkerError,
 )
 from ._progress import Progress, ProgressMode
+from ._recorder import Recorder, classify
 from ._stats import StatsLedger
 from ._task import Chunk, ChunkResult, Item, ItemLost, Outcome
 
@@ -134,8 +135,10 @@ class Run:
         new_chunk_id: Callable[[], int],
         prefilled: Sequence[tuple[Item, Outcome]] = (),
         per_item_s: float | None = None,
+        recorder: Recorder | None = None,
     ) -> None:
         self._backend = backend
+        self._recorder = recorder
         self._fn = fn
         self._source = source
         self._star = star
@@ -240,6 +243,8 @@ class Run:
         chunk = result.chunk
         n = len(chunk)
         values = result.values
+        if self._recorder is not None:
+            self._record(result, values)
         if values is not None:  # failed chunks report no (or a made-up) compute time
             self._sizer.observe(n, result.busy_s)
         if values is None:
@@ -259,6 +264,18 @@ class Run:
             self._waiting.update(zip(indices, [(True, value) for value in values]))
             self._waiting_count += n
 
+    def _record(self, result: ChunkResult, values: list[Any] | None) -> None:
+        """Give the run's recorder this chunk, with its failed items (report= only)."""
+        assert self._recorder is not None
+        failures: list[tuple[int, str, str]] = []
+        if values is None:
+            failures = [
+                (index, *classify(value))
+                for index, (ok, value) in zip(result.chunk.indices, result.outcomes)
+                if not ok
+            ]
+        self._recorder.chunk(result, failures)
+
     def _settle(self, item: Item, outcome: Outcome) -> None:
         """Retry, re-queue or record one item's outcome."""
         ok, value = outcome
@@ -269,6 +286,8 @@ class Run:
             if error is None:
                 if not isinstance(value, ItemLost):
                     self._ledger.items(retried=1)
+                    if self._recorder is not None:
+                        self._recorder.event("retry", index=index, detail=repr(value)[:200])
                 self._retry.append(item)
                 return
             value = error
@@ -342,6 +361,8 @@ class Run:
             on_done=self._inbox.put,
             star=self._star,
         )
+        if self._recorder is not None:
+            chunk.recorder = self._recorder
         if retry:
             chunk.items = [retry.popleft() for _ in range(min(size, len(retry)))]
             return chunk

@@ -86,6 +86,8 @@ class RunSettings:
     """Extra backend options (``address`` for dask)."""
     progress: bool | None = None
     """Progress bar: True, False, or None for "only when stderr is a terminal"."""
+    report_path: str | None = None
+    """Where to write the run's report (``.html`` page or ``.json`` trace), if anywhere."""
 
 
 @dataclass(frozen=True)
@@ -270,6 +272,7 @@ def execute_run(settings: RunSettings) -> RunSummary:
             retries=settings.retries,
             errors="return",
             progress=False,
+            report=settings.report_path,
             **settings.backend_options,
         ) as pool:
             done, resumed, failed = _drive(pool, settings, stream, journal, total)

@@ -44,6 +44,12 @@ class PoolStats:
             return 0.0
         return min(1.0, self.busy_s / (self.wall_s * self.workers))
 
+    def _repr_html_(self) -> str:
+        """A small table in notebooks (a run's timeline: ``pool.last_report``)."""
+        from ._report_html import stats_html
+
+        return stats_html(self)
+
 
 class StatsLedger:
     """Counters updated from the caller's thread and from backend threads.

@@ -57,6 +57,7 @@ class Chunk:
         "indices",
         "kwargs",
         "on_done",
+        "recorder",
         "star",
         "timeout_s",
     )
@@ -94,6 +95,9 @@ class Chunk:
         """Positional arguments of each call: a tuple, or the bare argument if not ``star``."""
         self.star = star
         """Whether ``args`` holds argument tuples (True) or single bare arguments."""
+        self.recorder: Any = None
+        """The run's :class:`~powerpool._recorder.Recorder` when a report was asked
+        for (backends then measure more, e.g. each item's time); None otherwise."""
         self.kwargs: list[dict[str, Any]] | None
         """Keyword arguments of each call, or None when every call has none."""
         if items is not None:
@@ -133,7 +137,16 @@ class ChunkResult:
     pipelines of trivial items slow).
     """
 
-    __slots__ = ("_decode", "_outcomes", "_values", "busy_s", "chunk", "worker")
+    __slots__ = (
+        "_decode",
+        "_outcomes",
+        "_values",
+        "busy_s",
+        "chunk",
+        "started_s",
+        "timing",
+        "worker",
+    )
 
     def __init__(
         self,
@@ -144,6 +157,8 @@ class ChunkResult:
         *,
         values: list[Any] | None = None,
         decode: Callable[[], tuple[list[Outcome] | None, list[Any] | None]] | None = None,
+        started_s: float = 0.0,
+        timing: Any = None,
     ) -> None:
         self.chunk = chunk
         """The chunk this result belongs to."""
@@ -151,6 +166,14 @@ class ChunkResult:
         """Name of the worker that ran it (for statistics)."""
         self.busy_s = busy_s
         """Seconds the worker spent computing the chunk (excludes queueing and IPC)."""
+        self.started_s = started_s
+        """``time.perf_counter()`` in the worker when it began computing (one
+        clock for every process of a machine: CLOCK_MONOTONIC on Linux); 0.0
+        when the backend does not say."""
+        self.timing = timing
+        """What a backend measured for the run recorder (a
+        :class:`~powerpool._recorder.WorkerTiming`), only for chunks with a
+        recorder; None otherwise."""
         self._outcomes = outcomes
         self._values = values
         self._decode = decode
@@ -161,11 +184,19 @@ class ChunkResult:
             self._decode = None
 
     @classmethod
-    def of(cls, chunk: Chunk, outcomes: list[Outcome], worker: str, busy_s: float) -> ChunkResult:
+    def of(
+        cls,
+        chunk: Chunk,
+        outcomes: list[Outcome],
+        worker: str,
+        busy_s: float,
+        started_s: float = 0.0,
+    ) -> ChunkResult:
         """The result of ``outcomes``, as plain values when all succeeded (the core's fast path)."""
         if all(ok for ok, _ in outcomes):
-            return cls(chunk, None, worker, busy_s, values=[value for _, value in outcomes])
-        return cls(chunk, outcomes, worker, busy_s)
+            values = [value for _, value in outcomes]
+            return cls(chunk, None, worker, busy_s, values=values, started_s=started_s)
+        return cls(chunk, outcomes, worker, busy_s, started_s=started_s)
 
     @property
     def values(self) -> list[Any] | None:

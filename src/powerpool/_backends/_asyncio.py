@@ -138,7 +138,8 @@ class AsyncioBackend:
             self._tasks.pop(chunk, None)
             if self._closed and not self._tasks:
                 self._loop.stop()
-        self._deliver(ChunkResult.of(chunk, outcomes, "asyncio", time.perf_counter() - started))
+        busy_s = time.perf_counter() - started
+        self._deliver(ChunkResult.of(chunk, outcomes, "asyncio", busy_s, started))
 
     async def _run_item(self, chunk: Chunk, item: Item, token: StopToken) -> Outcome:
         _, args, kwargs = item

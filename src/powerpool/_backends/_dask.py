@@ -63,6 +63,7 @@ from dataclasses import dataclass
 from typing import Any, ClassVar, TypeVar
 
 from powerpool._backends._base import BackendConfig, Deliver
+from powerpool._backends._worker_logs import captured, deliver
 from powerpool._errors import (
     BackendUnavailableError,
     InitializerError,
@@ -396,7 +397,11 @@ class DaskBackend:
             # The task itself failed outside any item (we catch those).
             exc.__cause__ = RemoteTraceback(_format(exc))
             return self._fail_sent(entry, functools.partial(_same, exc))
-        where, busy_s, blob = value
+        where, busy_s, blob, *logs = value
+        if logs:  # the items' log records, for this process's handlers
+            indices = [chunk.indices[position] for position in entry.sent]
+            records, dropped = logs[0]
+            deliver(records, dropped, indices, where, chunk.recorder)
         try:
             sent_outcomes: list[tuple[bool, Any]] = pickle.loads(blob)
         except Exception as exc:
@@ -735,8 +740,9 @@ def _run_chunk(
     task_key: str,
     epoch: int,
     native_threads: int | None,
-) -> tuple[str, float, bytes]:
-    """Worker side: run every call of one chunk; return (worker, busy_s, pickled outcomes)."""
+) -> tuple[Any, ...]:
+    """Worker side: run every call of one chunk; return (worker, busy_s, pickled
+    outcomes) and, once items ran, ((log record dicts, dropped),)."""
     where = _worker_address()
     failure = _initialize(init_box, where) if init_box is not None else None
     if failure is not None:
@@ -749,7 +755,7 @@ def _run_chunk(
     outcomes: list[tuple[bool, Any]] = []
     token = StopToken(_TaskCancelled(task_key, epoch), epoch)
     start = time.perf_counter()
-    with running(token), _native_limit(native_threads):
+    with running(token), _native_limit(native_threads), captured(lambda: len(outcomes)) as logs:
         for args, kwargs in calls:
             if token.is_set():
                 break  # dask discards a cancelled task's result: skip the rest
@@ -760,7 +766,7 @@ def _run_chunk(
     busy_s = time.perf_counter() - start
     stopped = _RemoteFailure(CancelledError("cancelled"), tb="")
     outcomes.extend([(False, stopped)] * (len(calls) - len(outcomes)))
-    return where, busy_s, _dump_outcomes(outcomes)
+    return where, busy_s, _dump_outcomes(outcomes), (logs.records, logs.dropped)
 
 
 def _native_limit(native_threads: int | None) -> contextlib.AbstractContextManager[object]:

@@ -50,10 +50,22 @@ from .._errors import (
 )
 from .._execute import dumps
 from .._mainfn import WORKER_NAME_PREFIX, digest, require_guard
+from .._recorder import WorkerTiming
 from .._system import usable_cores
 from .._task import Chunk, ChunkResult, Item, ItemLost, Outcome
 from ._base import BackendConfig, Deliver
-from ._worker import BARE, KEYWORDS, LOADING, STAR, STARTING, WORKER_FN_CACHE, worker_main
+from ._worker import (
+    BARE,
+    KEYWORDS,
+    LOADING,
+    STAR,
+    STARTING,
+    TRACE_CHUNKS,
+    TRACE_ITEMS,
+    WORKER_FN_CACHE,
+    worker_main,
+)
+from ._worker_logs import deliver, logger_levels
 
 __all__ = ["ProcessBackend"]
 
@@ -67,6 +79,15 @@ re-pickling a closure over a large array per chunk is what this avoids."""
 
 JOIN_GRACE_S = 5.0
 """How long shutdown waits for an idle worker to exit before killing it."""
+
+ITEM_TRACE_MAX_ITEMS = 256
+"""With a report asked for, chunks of at most this many items also time each
+item (one clock read and one append per item in the worker, 0.2-0.5 us);
+bigger chunks are timed as a whole. Chunks aim at 0.1 s of work, so in a
+steady run this times items of 0.4 ms and more (cost <= 0.1%); a higher
+limit would show shorter items one by one, but the chunk sizer's ramp-up
+(chunks of 1, 2, 3 ... items) would then time thousands of tiny items, a
+visible share of a run of trivial ones (measured: benchmarks/report_cost.py)."""
 
 MAX_START_DEATHS = 3
 """Workers that die while starting, in a row, before the pool is declared
@@ -312,6 +333,7 @@ class ProcessBackend:
         sent = Chunk(
             chunk.id, chunk.fn, good, chunk.timeout_s, chunk.epoch, chunk.claim, chunk.on_done
         )
+        sent.recorder = chunk.recorder
         with self._lock:
             self._partials[sent] = (chunk, bad)
         self.submit(sent)
@@ -397,6 +419,7 @@ class ProcessBackend:
                 self._init_blob,
                 self._native_threads,
                 self._alive,
+                logger_levels(),
             ),
             name=f"{WORKER_NAME_PREFIX}{slot}",
             daemon=True,
@@ -500,6 +523,7 @@ class ProcessBackend:
                     chunk.epoch,
                     _calling_convention(chunk),
                     chunk.timeout_s is not None,
+                    _trace_level(chunk),
                 ),
                 _PICKLE,
             )
@@ -517,6 +541,9 @@ class ProcessBackend:
             if header[0] == "ready":  # started: a chunk's timeout runs from now on
                 self._start_deaths = 0
                 return
+            if header[0] == "log":
+                self._forward_logs(worker, header[1], header[2])
+                return
             if header[0] != "init-error":
                 body = worker.conn.recv_bytes()
         except (EOFError, OSError):
@@ -530,12 +557,28 @@ class ProcessBackend:
             return
         if chunk is None or chunk.id != header[0]:
             return
-        if len(header) > 2:  # the worker could not unpickle the arguments
+        if len(header) > 2 and header[2] is not None:  # the worker could not unpickle the args
             self._submit_isolating(chunk, worker_problem=header[2])
             return
+        timing = None if len(header) < 4 else WorkerTiming(*header[3])
         self._deliver(
-            ChunkResult(chunk, None, worker.name, header[1], decode=_decoder(body, len(chunk)))
+            ChunkResult(
+                chunk,
+                None,
+                worker.name,
+                header[1],
+                decode=_decoder(body, len(chunk)),
+                started_s=0.0 if timing is None else timing.started_s,
+                timing=timing,
+            )
         )
+
+    def _forward_logs(self, worker: _Worker, entries: list[Any], dropped: int) -> None:
+        """Hand a worker's log records to this process's loggers (dispatcher thread)."""
+        chunk = worker.chunk
+        indices = None if chunk is None else chunk.indices
+        recorder = None if chunk is None else chunk.recorder
+        deliver(entries, dropped, indices, worker.name, recorder)
 
     def _on_death(self, worker: _Worker) -> None:
         chunk, worker.chunk = worker.chunk, None
@@ -663,6 +706,13 @@ def _run_of(chunk: Chunk) -> object:
     """What the chunk belongs to: the chunks of one map share their ``claim``'s
     owner (the core's Run), a ``submit``'s its future (or retry closure)."""
     return getattr(chunk.claim, "__self__", chunk.claim)
+
+
+def _trace_level(chunk: Chunk) -> int:
+    """What the worker measures for this chunk: nothing unless a report was asked for."""
+    if chunk.recorder is None:
+        return 0
+    return TRACE_ITEMS if len(chunk) <= ITEM_TRACE_MAX_ITEMS else TRACE_CHUNKS
 
 
 def _calling_convention(chunk: Chunk) -> int:

@@ -45,7 +45,8 @@ class SerialBackend:
             return
         started = time.perf_counter()
         outcomes = run_items(chunk.fn, chunk, StopToken(self._flag, chunk.epoch))
-        self._deliver(ChunkResult.of(chunk, outcomes, "serial", time.perf_counter() - started))
+        busy_s = time.perf_counter() - started
+        self._deliver(ChunkResult.of(chunk, outcomes, "serial", busy_s, started))
 
     def cancel(self, epoch: int) -> None:
         self._flag.value = max(self._flag.value, epoch)

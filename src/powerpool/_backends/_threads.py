@@ -198,7 +198,9 @@ class ThreadBackend:
                 del self._running[me]
                 if record.abandoned:
                     return False
-        self._deliver(ChunkResult.of(chunk, outcomes, me.name, time.perf_counter() - started))
+        self._deliver(
+            ChunkResult.of(chunk, outcomes, me.name, time.perf_counter() - started, started)
+        )
         return True
 
     # -- timeouts -------------------------------------------------------------

@@ -2,7 +2,7 @@
 
 Protocol on the worker's pipe (parent -> worker), one chunk per two messages::
 
-    header  = pickle((chunk_id, fn_digest, fn_blob | None, epoch, convention, timed))
+    header  = pickle((chunk_id, fn_digest, fn_blob | None, epoch, convention, timed, traced))
     payload = pickle([x, ...])                  convention BARE:     fn(x)
               pickle([args, ...])               convention STAR:     fn(*args)
               pickle([(args, kwargs), ...])     convention KEYWORDS: fn(*args, **kwargs)
@@ -11,9 +11,15 @@ Protocol on the worker's pipe (parent -> worker), one chunk per two messages::
 worker -> parent, two messages per chunk (the parent's dispatcher reads only
 the small first one; the results are unpickled by the consumer's thread)::
 
-    pickle((chunk_id, busy_s))
+    pickle((chunk_id, busy_s))                        or, when ``traced``,
+    pickle((chunk_id, busy_s, None, timing))          see _recorder.WorkerTiming
     pickle(("values", [result, ...]))                 every item succeeded, or
     pickle(("outcomes", [(ok, value | ShippedError)]))
+
+``traced`` is 0 (no report asked for: nothing is measured beyond busy_s),
+TRACE_CHUNKS (time the chunk's phases) or TRACE_ITEMS (also each item's end).
+At any time, ``logging`` records go to the parent as
+pickle(("log", [record dict, ...], dropped)) (see _worker_logs.py).
 
 or, when the payload would not unpickle here, ``pickle((chunk_id, 0.0, why))``
 and an empty second message: the parent then finds the culprit item(s).
@@ -51,6 +57,7 @@ from .._mainfn import Install, load, refresh
 from .._stop import StopToken, running
 from .._system import set_worker_cores
 from .._task import Outcome
+from ._worker_logs import forward_to_parent
 
 __all__ = [
     "BARE",
@@ -59,6 +66,8 @@ __all__ = [
     "NATIVE_THREAD_VARS",
     "STAR",
     "STARTING",
+    "TRACE_CHUNKS",
+    "TRACE_ITEMS",
     "WORKER_FN_CACHE",
     "worker_main",
 ]
@@ -92,6 +101,9 @@ STARTING = -2
 """``status[2*slot]`` of a worker that has not finished starting (its
 initializer is running): no item of a chunk sent to it has started."""
 
+TRACE_CHUNKS, TRACE_ITEMS = 1, 2
+"""Values of a chunk header's ``traced``: what the worker measures for a report."""
+
 LOADING = -3
 """``status[2*slot]`` while a worker unpickles a new function for a chunk with
 a timeout: that may import the function's module (numpy, torch...), which is
@@ -106,6 +118,7 @@ def worker_main(
     init_blob: bytes | None,
     native_threads: int,
     alive: tuple[Connection, Connection],
+    log_levels: dict[str, int] | None = None,
 ) -> None:
     """Entry point of every worker process."""
     # Ctrl-C goes to the whole process group; the parent decides what stops.
@@ -113,19 +126,22 @@ def worker_main(
     _limit_native_threads(native_threads)
     set_worker_cores(native_threads)  # nested maps stay within this share
     _watch_parent(*alive)
+    # A typed view of the shared status array: item assignment through it
+    # costs ~30 ns, a third of ctypes' own __setitem__ (paid once per item).
+    view: Any = memoryview(status).cast("B").cast("d")
+    base = 2 * slot
+    logs = forward_to_parent(conn, lambda: int(view[base]), log_levels or {})
     if init_blob is not None:
         try:
             initializer_blob, initargs = pickle.loads(init_blob)
             pickle.loads(initializer_blob)(*initargs)
         except Exception as exc:
+            logs.flush()
             with contextlib.suppress(OSError):  # the parent may be gone already
                 conn.send_bytes(dumps(("init-error", _shippable(exc))))
             return
+        logs.flush()
     functions: OrderedDict[bytes, tuple[Callable[..., Any], list[Install]]] = OrderedDict()
-    # A typed view of the shared status array: item assignment through it
-    # costs ~30 ns, a third of ctypes' own __setitem__ (paid once per item).
-    view: Any = memoryview(status).cast("B").cast("d")
-    base = 2 * slot
     # Started: a chunk sent meanwhile has been waiting since now (time first:
     # the parent reads the position, then trusts the time). The message wakes
     # the parent, which does not run a chunk's timeout while we are STARTING.
@@ -141,14 +157,17 @@ def worker_main(
         except (EOFError, OSError):
             return  # the parent is gone
         if not header:
+            logs.flush()
             return
+        received = time.perf_counter()
         view[base] = -1
         view[base + 1] = time.monotonic()
-        chunk_id, fn_id, fn_blob, epoch, convention, timed = pickle.loads(header)
+        chunk_id, fn_id, fn_blob, epoch, convention, timed, traced = pickle.loads(header)
         try:
             raw = conn.recv_bytes()
         except (EOFError, OSError):
             return
+        unpacking = time.perf_counter()
         if fn_blob is not None:
             if timed:
                 view[base] = LOADING
@@ -172,11 +191,22 @@ def worker_main(
             conn.send_bytes(b"")
             continue
         started = time.perf_counter()
+        ends: list[float] | None = [] if traced == TRACE_ITEMS else None
         with running(StopToken(cancel_flag, epoch)):
-            kind, results = _run_chunk(functions[fn_id][0], payload, convention, timed, view, base)
+            kind, results = _run_chunk(
+                functions[fn_id][0], payload, convention, timed, view, base, ends
+            )
         busy_s = time.perf_counter() - started
-        conn.send_bytes(pickle.dumps((chunk_id, busy_s), _PICKLE))
-        conn.send_bytes(_dump_results(kind, results))
+        body = _dump_results(kind, results)
+        pickle_s = time.perf_counter() - started - busy_s
+        logs.flush()  # before the results: the parent still knows the chunk's items
+        if traced:
+            # (received, receive_s, unpack_s, started, item ends, pickle_s): see WorkerTiming
+            timing = (received, unpacking - received, started - unpacking, started, ends, pickle_s)
+            conn.send_bytes(pickle.dumps((chunk_id, busy_s, None, timing), _PICKLE))
+        else:
+            conn.send_bytes(pickle.dumps((chunk_id, busy_s), _PICKLE))
+        conn.send_bytes(body)
         # Only now: until the results are in the pipe, the parent must still
         # see the last item's start (its deadline) and whom to blame.
         view[base] = -1  # a death from now on is no item's fault
@@ -190,18 +220,26 @@ def _run_chunk(
     timed: bool,
     view: Any,
     base: int,
+    ends: list[float] | None = None,
 ) -> tuple[str, list[Any]]:
     """Run every item; ("values", results) if all succeeded, else ("outcomes", [(ok, value)]).
 
-    The common case (no keywords, no timeout, no error) is a tight loop that
-    only records the item's position for crash blame.
+    The common case (no keywords, no timeout, no error, no report) is a tight
+    loop that only records the item's position for crash blame. ``ends``, when
+    given, receives each item's ``perf_counter()`` at its end (for a report).
     """
     values: list[Any] = []
     append = values.append
     outcomes: list[Outcome] = []
     if convention != KEYWORDS and not timed:
         try:
-            if convention == BARE:
+            if ends is not None:  # a report asked for item times: one clock read each
+                stamp, clock = ends.append, time.perf_counter
+                for position, entry in enumerate(payload):
+                    view[base] = position
+                    append(fn(entry) if convention == BARE else fn(*entry))
+                    stamp(clock())
+            elif convention == BARE:
                 for position, arg in enumerate(payload):
                     view[base] = position
                     append(fn(arg))
@@ -213,6 +251,8 @@ def _run_chunk(
         except Exception as exc:
             outcomes = [(True, value) for value in values]
             outcomes.append((False, exc))
+            if ends is not None:
+                ends.append(time.perf_counter())
     for position in range(len(outcomes), len(payload)):
         view[base] = position
         if timed:
@@ -226,6 +266,8 @@ def _run_chunk(
             outcomes.append((True, fn(*args, **kwargs)))
         except Exception as exc:
             outcomes.append((False, exc))
+        if ends is not None:
+            ends.append(time.perf_counter())
     if all(ok for ok, _ in outcomes):
         return "values", [value for _, value in outcomes]
     return "outcomes", outcomes
