@@ -138,6 +138,21 @@ def test_failures_retries_and_crashes_are_marked(tmp_path: Path) -> None:
     assert "crash" in instants
 
 
+@pytest.mark.timeout(120)
+def test_timeouts_are_marked_and_lazy_runs_write_when_done(tmp_path: Path) -> None:
+    import fault_helpers as fh
+
+    path = tmp_path / "lazy.json"
+    with pp.Pool("processes", workers=WORKERS, errors="return", timeout=1.0) as pool:
+        results = pool.imap_unordered(fh.hang, [1, fh.BAD, 2], report=path, with_index=True)
+        assert not path.exists()  # nothing ran yet
+        by_index = dict(results)
+        assert isinstance(by_index[1], pp.ItemTimeoutError)
+    trace = json.loads(path.read_text())
+    timeouts = [e for e in trace["traceEvents"] if e.get("cat") == "timeout"]
+    assert [e["args"]["index"] for e in timeouts] == [1]
+
+
 def test_pool_report_covers_every_run(tmp_path: Path) -> None:
     path = tmp_path / "pool.json"
     with pp.Pool("threads", workers=WORKERS, report=path) as pool:

@@ -13,6 +13,7 @@ import dataclasses
 import enum
 import itertools
 import os
+import sys
 import threading
 import weakref
 from collections import OrderedDict
@@ -542,6 +543,8 @@ class Pool:
         if recorder is None:
             return
         recorder.end()
+        if getattr(sys, "meta_path", None) is None:
+            return  # a lazy run collected at interpreter exit: nothing can be imported now
         self.last_report = recorder.snapshot()
         if prepared.report_path is not None:
             self.last_report.write(prepared.report_path)

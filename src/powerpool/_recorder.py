@@ -28,6 +28,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, NamedTuple
 
+from ._system import usable_cores
+
 if TYPE_CHECKING:
     import logging
 
@@ -468,7 +470,6 @@ class Recorder:
         # Time 0 is the recorder's creation, just before the first run (the
         # pool makes its recorder then): nothing needs shifting.
         last = max([run.end_s for run in runs] + [s.end_s for s in spans], default=0.0)
-        from ._system import usable_cores
 
         return RunReport(
             runs=runs,
@@ -495,8 +496,6 @@ def _lane_key(name: str) -> tuple[int, str, int]:
 def machine(runs: Sequence[RunInfo] = ()) -> dict[str, Any]:
     """This machine as a report shows it."""
     import platform
-
-    from ._system import usable_cores
 
     info: dict[str, Any] = {
         "python": sys.version.split()[0],
