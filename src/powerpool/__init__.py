@@ -64,6 +64,19 @@ __all__ = [
     "shutdown_warm_pools",
 ]
 
+
+def _show_as_public(obj: _Any) -> None:
+    # Tracebacks, reprs and docs say ``powerpool.Pool``, not the private module
+    # it lives in (trio's fixup_module_metadata). Pickle finds each class here.
+    if isinstance(obj, type) and obj.__module__.startswith(__name__ + "."):
+        obj.__module__ = __name__
+
+
+for _name in __all__:
+    if _name in globals():
+        _show_as_public(globals()[_name])
+del _name
+
 _LAZY = {
     "Plan": "._plan",
     "plan": "._plan",
@@ -82,6 +95,7 @@ def __getattr__(name: str) -> _Any:
     import importlib
 
     value = getattr(importlib.import_module(module, __name__), name)
+    _show_as_public(value)
     globals()[name] = value
     return value
 

@@ -19,9 +19,25 @@ from typing import TYPE_CHECKING, Any
 
 from ._errors import ItemTimeoutError
 from ._execute import is_coroutine_function
+from ._options import (
+    ERROR_POLICIES,
+    MAP_OPTION_NAMES,
+    BackendName,
+    MapOptions,
+    check_backend,
+    check_names,
+)
 
 if TYPE_CHECKING:
     import asyncio
+    import sys
+
+    from ._run import ErrorPolicy
+
+    if sys.version_info >= (3, 11):
+        from typing import Unpack
+    else:
+        from typing_extensions import Unpack
 
 __all__ = ["aimap", "amap"]
 
@@ -34,33 +50,42 @@ _BRIDGE_BUFFER = 64
 
 _DONE = object()
 
+_COROUTINE_OPTIONS = frozenset({"workers", "timeout", "errors"})
+"""What coroutines running on the caller's loop can honour (see aimap)."""
 
-async def amap(fn: Callable[..., Any], *iterables: Iterable[Any], **options: Any) -> list[Any]:
+
+async def amap(
+    fn: Callable[..., Any],
+    *iterables: Iterable[Any],
+    backend: BackendName = "auto",
+    **options: Unpack[MapOptions],
+) -> list[Any]:
     """Await all results, in input order.
 
     Plain functions take every option of :func:`powerpool.map`. Coroutine
     functions run on this loop and take ``workers`` (how many in flight),
     ``timeout`` (per item) and ``errors``.
     """
-    return [result async for result in aimap(fn, *iterables, **options)]
+    return [result async for result in aimap(fn, *iterables, backend=backend, **options)]
 
 
 async def aimap(
     fn: Callable[..., Any],
     *iterables: Iterable[Any],
     ordered: bool = True,
-    backend: str = "auto",
-    workers: int | None = None,
-    timeout: float | None = None,
-    errors: str = "raise",
-    **options: Any,
+    backend: BackendName = "auto",
+    **options: Unpack[MapOptions],
 ) -> AsyncIterator[Any]:
     """Results as an async iterator (input order unless ``ordered=False``)."""
     if not callable(fn):
         raise TypeError(f"expected a callable to run, got {type(fn).__name__}: {fn!r}")
+    check_backend(backend)
+    check_names(options, MAP_OPTION_NAMES)
+    workers = options.get("workers")
+    timeout = options.get("timeout")
+    errors = options.get("errors", "raise")
     if is_coroutine_function(fn) and backend in ("auto", "asyncio"):
-        if options:
-            raise TypeError(f"unexpected option(s) for coroutines: {', '.join(sorted(options))}")
+        check_names(options, _COROUTINE_OPTIONS, "coroutines")
         # Checked here because no Pool does it on this path (workers=-1 used to yield nothing).
         if workers is not None and (not isinstance(workers, int) or workers < 1):
             raise ValueError(f"workers must be a positive integer, got {workers!r}")
@@ -70,7 +95,7 @@ async def aimap(
             fn, iterables, ordered, workers or ASYNC_DEFAULT_WORKERS, timeout, errors
         )
     else:
-        gen = _bridged(fn, iterables, ordered, backend, workers, timeout, errors, options)
+        gen = _bridged(fn, iterables, ordered, backend, options)
     async for result in gen:
         yield result
 
@@ -81,11 +106,11 @@ async def _on_this_loop(
     ordered: bool,
     workers: int,
     timeout: float | None,
-    errors: str,
+    errors: ErrorPolicy,
 ) -> AsyncIterator[Any]:
     import asyncio  # here, not at the top: `import powerpool` must stay fast
 
-    if errors not in ("raise", "return", "skip"):
+    if errors not in ERROR_POLICIES:
         raise ValueError(f"errors must be 'raise', 'return' or 'skip', got {errors!r}")
     calls = enumerate(zip(*iterables))
     running: dict[asyncio.Task[Any], int] = {}
@@ -141,11 +166,8 @@ async def _bridged(
     fn: Callable[..., Any],
     iterables: tuple[Iterable[Any], ...],
     ordered: bool,
-    backend: str,
-    workers: int | None,
-    timeout: float | None,
-    errors: str,
-    options: dict[str, Any],
+    backend: BackendName,
+    options: MapOptions,
 ) -> AsyncIterator[Any]:
     import asyncio
 
@@ -158,10 +180,9 @@ async def _bridged(
     # A pool of its own, not a warm shared one: cancelling the awaiting task
     # cancels this pool's work (should_stop() turns true in running tasks),
     # which must not touch anybody else's. The price is a pool start per call.
-    pool = Pool(backend, workers=workers, progress=False, **options)
-    results = (pool.imap if ordered else pool.imap_unordered)(
-        fn, *iterables, timeout=timeout, errors=errors
-    )
+    settings: MapOptions = {"progress": False, **options}  # a bar only if asked for
+    pool = Pool(backend, **settings)
+    results = (pool.imap if ordered else pool.imap_unordered)(fn, *iterables)
 
     def produce() -> None:
         try:

@@ -11,14 +11,27 @@ import atexit
 import threading
 from collections import Counter, OrderedDict
 from collections.abc import Callable, Hashable, Iterable, Iterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+from ._options import (
+    MAP_OPTION_NAMES,
+    RUN_OPTION_NAMES,
+    BackendName,
+    MapOptions,
+    check_backend,
+    check_names,
+)
 from ._pool import Pool
 
-__all__ = ["imap", "imap_unordered", "map", "shutdown_warm_pools"]
+if TYPE_CHECKING:
+    import sys
 
-_POOL_OPTIONS = ("workers", "initializer", "initargs", "native_threads", "start_method")
-_RUN_OPTIONS = ("chunksize", "timeout", "retries", "retry_on", "errors", "progress", "report")
+    if sys.version_info >= (3, 11):
+        from typing import Unpack
+    else:
+        from typing_extensions import Unpack
+
+__all__ = ["imap", "imap_unordered", "map", "shutdown_warm_pools"]
 
 MAX_WARM_POOLS = 4
 """Warm pools kept at once; the least recently used is shut down beyond it
@@ -29,12 +42,16 @@ _warm: OrderedDict[Hashable, Pool] = OrderedDict()
 _leases: Counter[Pool] = Counter()  # callers holding each warm pool right now
 
 
-def _split(options: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
-    run = {k: options.pop(k) for k in _RUN_OPTIONS if k in options}
-    return options, run
+def _split(backend: str, options: MapOptions) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Check the options, then split them: (the pool's, the run's)."""
+    check_backend(backend)
+    check_names(options, MAP_OPTION_NAMES)
+    pool: dict[str, Any] = {k: v for k, v in options.items() if k not in RUN_OPTION_NAMES}
+    run: dict[str, Any] = {k: v for k, v in options.items() if k in RUN_OPTION_NAMES}
+    return pool, run
 
 
-def _lease(backend: str, pool_options: dict[str, Any]) -> tuple[Pool, bool]:
+def _lease(backend: BackendName, pool_options: dict[str, Any]) -> tuple[Pool, bool]:
     """A pool for these options, leased to the caller, and whether it is shared.
 
     Shared pools stay warm for the next call; a leased one is never evicted
@@ -84,9 +101,9 @@ def _leased(pool: Pool, shared: bool, results: Iterator[Any]) -> Iterator[Any]:
 def map(
     fn: Callable[..., Any],
     *iterables: Iterable[Any],
-    backend: str = "auto",
+    backend: BackendName = "auto",
     explain: bool = False,
-    **options: Any,
+    **options: Unpack[MapOptions],
 ) -> list[Any]:
     """Apply ``fn`` to every input, as fast as this machine allows; a list in input order.
 
@@ -94,7 +111,7 @@ def map(
     >>> powerpool.map(abs, [-1, -2, 3])
     [1, 2, 3]
     """
-    pool_options, run_options = _split(options)
+    pool_options, run_options = _split(backend, options)
     pool, shared = _lease(backend, pool_options)
     try:
         result = pool.map(fn, *iterables, **run_options)
@@ -106,10 +123,13 @@ def map(
 
 
 def imap(
-    fn: Callable[..., Any], *iterables: Iterable[Any], backend: str = "auto", **options: Any
+    fn: Callable[..., Any],
+    *iterables: Iterable[Any],
+    backend: BackendName = "auto",
+    **options: Unpack[MapOptions],
 ) -> Iterator[Any]:
     """Lazy :func:`map`: results in input order, bounded memory for endless input."""
-    pool_options, run_options = _split(options)
+    pool_options, run_options = _split(backend, options)
     pool, shared = _lease(backend, pool_options)
     try:
         results = pool.imap(fn, *iterables, **run_options)
@@ -122,12 +142,12 @@ def imap(
 def imap_unordered(
     fn: Callable[..., Any],
     *iterables: Iterable[Any],
-    backend: str = "auto",
+    backend: BackendName = "auto",
     with_index: bool = False,
-    **options: Any,
+    **options: Unpack[MapOptions],
 ) -> Iterator[Any]:
     """Results as they complete; ``with_index=True`` yields ``(input_index, result)``."""
-    pool_options, run_options = _split(options)
+    pool_options, run_options = _split(backend, options)
     pool, shared = _lease(backend, pool_options)
     try:
         results = pool.imap_unordered(fn, *iterables, with_index=with_index, **run_options)

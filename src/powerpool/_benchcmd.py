@@ -305,6 +305,7 @@ def run_bench(
     """
     import powerpool as pp
 
+    from ._options import backend_name
     from ._system import usable_cores
 
     if not calls:
@@ -316,7 +317,7 @@ def run_bench(
         for _ in range(repeat):
             start = time.perf_counter()
             with pp.Pool(
-                backend,
+                backend_name(backend),
                 workers=workers,
                 chunksize=chunksize,
                 errors="return",

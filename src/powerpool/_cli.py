@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Any, Literal
 import click
 
 from ._errors import BackendUnavailableError, CheckpointMismatchError
+from ._options import BACKEND_NAMES
 from ._records import Call, InputError, LoadedFunction, load_function, open_input, read_records
 
 if TYPE_CHECKING:
@@ -36,7 +37,7 @@ EXIT_FAILED = 1
 EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130
 
-_BACKENDS = ["auto", "serial", "threads", "asyncio", "processes", "dask"]
+_BACKENDS = list(BACKEND_NAMES)
 
 
 class _Fail(click.ClickException):

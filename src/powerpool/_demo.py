@@ -160,6 +160,7 @@ def run_demo(size: Size = "small") -> DemoReport:
     """Run the check four ways and return what was measured."""
     import powerpool as pp
 
+    from ._options import backend_name
     from ._system import usable_cores
 
     cores = usable_cores()
@@ -168,7 +169,7 @@ def run_demo(size: Size = "small") -> DemoReport:
 
     def timed(backend: str, workers: int | None) -> tuple[float, list[bool], Plan | None]:
         start = time.perf_counter()
-        with pp.Pool(backend, workers=workers, progress=False) as pool:
+        with pp.Pool(backend_name(backend), workers=workers, progress=False) as pool:
             results = pool.map(is_prime, data)
             plan = pool.last_plan
         return time.perf_counter() - start, results, plan

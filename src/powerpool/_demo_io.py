@@ -218,6 +218,7 @@ def run_io_demo(size: Size = "small", *, delay_s: float = DELAY_S) -> IoDemoRepo
     """Fetch ``REQUESTS[size]`` URLs from a local slow server five ways; what was measured."""
     import powerpool as pp
 
+    from ._options import backend_name
     from ._system import usable_cores
 
     n = REQUESTS[size]
@@ -230,7 +231,7 @@ def run_io_demo(size: Size = "small", *, delay_s: float = DELAY_S) -> IoDemoRepo
         backend: str, workers: int | None, fn: Any, urls: list[str]
     ) -> tuple[float, list[int], Plan | None]:
         start, cpu_start = time.perf_counter(), time.process_time()
-        with pp.Pool(backend, workers=workers, progress=False) as pool:
+        with pp.Pool(backend_name(backend), workers=workers, progress=False) as pool:
             results = pool.map(fn, urls)
             plan = pool.last_plan
         wall = time.perf_counter() - start

@@ -15,12 +15,25 @@ import itertools
 import time
 import weakref
 from collections.abc import Callable, Iterable, Iterator
-from typing import Any
+from typing import TYPE_CHECKING, Any, ParamSpec, TypeVar, overload
 
+from ._options import BackendName, PoolOptions
 from ._pool import Pool
 from ._stats import PoolStats
 
+if TYPE_CHECKING:
+    import sys
+    from collections.abc import Awaitable
+
+    if sys.version_info >= (3, 11):
+        from typing import Unpack
+    else:
+        from typing_extensions import Unpack
+
 __all__ = ["Executor"]
+
+_P = ParamSpec("_P")
+_R = TypeVar("_R")
 
 
 class Executor(concurrent.futures.Executor):
@@ -32,7 +45,11 @@ class Executor(concurrent.futures.Executor):
     """
 
     def __init__(
-        self, max_workers: int | None = None, *, backend: str = "auto", **options: Any
+        self,
+        max_workers: int | None = None,
+        *,
+        backend: BackendName = "auto",
+        **options: Unpack[PoolOptions],
     ) -> None:
         if max_workers is not None:
             if not isinstance(max_workers, int) or max_workers <= 0:
@@ -47,6 +64,14 @@ class Executor(concurrent.futures.Executor):
         """The pool underneath (for ``stats()``, ``cancel()``, ``imap``...)."""
         return self._pool
 
+    @overload
+    def submit(  # a coroutine function's future holds what it awaits
+        self, fn: Callable[_P, Awaitable[_R]], /, *args: _P.args, **kwargs: _P.kwargs
+    ) -> concurrent.futures.Future[_R]: ...
+    @overload
+    def submit(
+        self, fn: Callable[_P, _R], /, *args: _P.args, **kwargs: _P.kwargs
+    ) -> concurrent.futures.Future[_R]: ...
     def submit(
         self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any
     ) -> concurrent.futures.Future[Any]:

@@ -20,31 +20,46 @@ from collections import OrderedDict
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import CancelledError, Future
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, TypeAlias
+from typing import TYPE_CHECKING, Any, ParamSpec, TypeVar, overload
 
 from ._backends import BackendConfig, load
 from ._errors import PoolClosedError
 from ._execute import is_coroutine_function
-from ._progress import ProgressMode
+from ._options import (
+    DASK_OPTION_NAMES,
+    ERROR_POLICIES,
+    POOL_OPTION_NAMES,
+    RUN_OPTION_NAMES,
+    BackendName,
+    PoolOptions,
+    ReportTarget,
+    RunOptionsDict,
+    check_backend,
+    check_names,
+)
 from ._recorder import Recorder, RunReport, report_format
-from ._run import Attempts, ErrorPolicy, Run, RunOptions
+from ._run import Attempts, Run, RunOptions
 from ._stats import PoolStats, StatsLedger
 from ._system import usable_cores, worker_cores
 from ._task import Chunk, ChunkResult, Item, ItemLost, Outcome
 
 if TYPE_CHECKING:
+    from collections.abc import Awaitable
+
     from ._backends import Backend
     from ._plan import Plan
 
+    if sys.version_info >= (3, 11):
+        from typing import Unpack
+    else:
+        from typing_extensions import Unpack
+
 __all__ = ["Pool", "PoolState", "ReportTarget"]
 
-ReportTarget: TypeAlias = "str | os.PathLike[str] | bool | None"
-"""What ``report=`` takes: a path (.html or .json), True (keep it in
-``pool.last_report`` only), or None/False (record nothing)."""
-
-_BACKEND_NAMES = ("auto", "serial", "threads", "asyncio", "processes", "dask")
 _ASYNC_BACKENDS = ("asyncio",)
-_ERROR_POLICIES = ("raise", "return", "skip")
+
+_P = ParamSpec("_P")
+_R = TypeVar("_R")
 
 FAST_BLOCK_ITEMS = 16384
 """Items auto's in-thread fast path computes between checks for cancel and
@@ -81,59 +96,41 @@ def default_workers(backend: str) -> int:
 class Pool:
     """Runs a function over many inputs on a chosen backend (``"auto"`` measures and picks).
 
-    Options given here are defaults; ``map``/``imap``/``imap_unordered`` take
-    the per-run ones (chunksize, timeout, retries, retry_on, errors, progress)
-    as keyword overrides.
+    Options given here (every one of ``_options.PoolOptions``) are defaults;
+    ``map``/``imap``/``imap_unordered`` take the per-run ones
+    (``_options.RunOptionsDict``: chunksize, timeout, retries, retry_on,
+    errors, progress, report) as keyword overrides.
     """
 
-    def __init__(
-        self,
-        backend: str = "auto",
-        *,
-        workers: int | None = None,
-        chunksize: int | None = None,
-        timeout: float | None = None,
-        retries: int = 0,
-        retry_on: tuple[type[BaseException], ...] = (Exception,),
-        errors: ErrorPolicy = "raise",
-        progress: ProgressMode = "auto",
-        initializer: Callable[..., Any] | None = None,
-        initargs: Iterable[Any] = (),
-        native_threads: int | None = None,
-        start_method: str | None = None,
-        explain: bool = False,
-        report: ReportTarget = None,
-        **backend_options: Any,
-    ) -> None:
-        if backend not in _BACKEND_NAMES:
-            raise ValueError(
-                f"unknown backend {backend!r}; choose one of: {', '.join(_BACKEND_NAMES)}"
-            )
+    def __init__(self, backend: BackendName = "auto", **options: Unpack[PoolOptions]) -> None:
+        check_backend(backend)
+        check_names(options, POOL_OPTION_NAMES)
+        workers = options.get("workers")
+        initializer = options.get("initializer")
         if workers is not None and (not isinstance(workers, int) or workers < 1):
             raise ValueError(f"workers must be a positive integer, got {workers!r}")
         if initializer is not None and not callable(initializer):
             raise TypeError(f"initializer must be callable, got {initializer!r}")
+        backend_options: dict[str, Any] = {
+            k: v for k, v in options.items() if k in DASK_OPTION_NAMES
+        }
         if backend_options:
             _check_backend_options(backend, backend_options)
         self._backend_name = backend
         self._workers = workers
-        self._defaults = _run_options(
-            RunOptions(),
-            chunksize=chunksize,
-            timeout=timeout,
-            retries=retries,
-            retry_on=retry_on,
-            errors=errors,
-            progress=progress,
-        )
+        run: dict[str, Any] = {
+            k: v for k, v in options.items() if k in RUN_OPTION_NAMES and k != "report"
+        }
+        self._defaults = _run_options(RunOptions(progress="auto"), **run)
         if backend != "auto":
             # Say so now: submit() never reaches the per-run check in _iterate.
             _check_timeout(backend, self._defaults)
         self._initializer = initializer
-        self._initargs = tuple(initargs)
-        self._native_threads = native_threads
-        self._start_method = start_method
-        self._explain = explain
+        self._initargs = tuple(options.get("initargs", ()))
+        self._native_threads = options.get("native_threads")
+        self._start_method = options.get("start_method")
+        self._explain = options.get("explain", False)
+        report = options.get("report")
         _check_report(report)
         self._report = report
         # One recorder for everything the pool runs (report= given here),
@@ -255,6 +252,14 @@ class Pool:
 
     # -- work -----------------------------------------------------------------
 
+    @overload
+    def submit(  # a coroutine function's future holds what it awaits
+        self, fn: Callable[_P, Awaitable[_R]], /, *args: _P.args, **kwargs: _P.kwargs
+    ) -> Future[_R]: ...
+    @overload
+    def submit(
+        self, fn: Callable[_P, _R], /, *args: _P.args, **kwargs: _P.kwargs
+    ) -> Future[_R]: ...
     def submit(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Future[Any]:
         """Schedule ``fn(*args, **kwargs)``; returns a ``concurrent.futures.Future``.
 
@@ -262,7 +267,7 @@ class Pool:
         the last plan for ``fn`` ran, else on threads (asyncio for coroutines).
         """
         _check_callable(fn)
-        name = self._backend_name
+        name: str = self._backend_name
         workers = self._workers
         if name == "auto":
             plan = _lookup(self._plans, fn)
@@ -284,14 +289,16 @@ class Pool:
         self._submit_one(backend, fn, item, future, epoch, Attempts(), claim)
         return future
 
-    def map(self, fn: Callable[..., Any], *iterables: Iterable[Any], **overrides: Any) -> list[Any]:
+    def map(
+        self, fn: Callable[..., Any], *iterables: Iterable[Any], **overrides: Unpack[RunOptionsDict]
+    ) -> list[Any]:
         """Like the builtin ``map``, in parallel; returns a list in input order."""
         return list(
             self._iterate(fn, iterables, overrides, ordered=True, with_index=False, eager=True)
         )
 
     def imap(
-        self, fn: Callable[..., Any], *iterables: Iterable[Any], **overrides: Any
+        self, fn: Callable[..., Any], *iterables: Iterable[Any], **overrides: Unpack[RunOptionsDict]
     ) -> Iterator[Any]:
         """Lazy ``map``: results in input order, with bounded memory for endless input."""
         return self._iterate(fn, iterables, overrides, ordered=True, with_index=False)
@@ -301,7 +308,7 @@ class Pool:
         fn: Callable[..., Any],
         *iterables: Iterable[Any],
         with_index: bool = False,
-        **overrides: Any,
+        **overrides: Unpack[RunOptionsDict],
     ) -> Iterator[Any]:
         """Results as they complete; ``with_index=True`` yields ``(input_index, result)``."""
         return self._iterate(fn, iterables, overrides, ordered=False, with_index=with_index)
@@ -384,7 +391,7 @@ class Pool:
         self,
         fn: Callable[..., Any],
         iterables: tuple[Iterable[Any], ...],
-        overrides: dict[str, Any],
+        overrides: RunOptionsDict,
         *,
         ordered: bool,
         with_index: bool,
@@ -692,18 +699,12 @@ def _check_timeout(name: str, options: RunOptions) -> None:
 
 
 def _check_backend_options(backend: str, options: dict[str, Any]) -> None:
-    """Only dask reads backend options (auto hands them on if it picks dask);
-    anything else is a typo ("retires=3") that must not pass silently."""
-    if backend == "dask":
-        return  # the dask backend checks its own, with their combinations
-    if backend == "auto":
-        from ._backends._dask import _OPTIONS
-
-        unknown = sorted(set(options) - _OPTIONS)
-    else:
-        unknown = sorted(options)
-    if unknown:
-        raise TypeError(f"unexpected option(s) for backend {backend!r}: {', '.join(unknown)}")
+    """Only dask reads the dask options (auto hands them on if it picks dask);
+    given to another backend they would be ignored, which must not pass silently."""
+    if backend not in ("dask", "auto"):
+        raise TypeError(
+            f"unexpected option(s) for backend {backend!r}: {', '.join(sorted(options))}"
+        )
 
 
 def _release_backends(backends: OrderedDict[tuple[str, int], Backend]) -> None:
@@ -761,9 +762,7 @@ def _length(iterables: tuple[Iterable[Any], ...]) -> int | None:
 
 def _run_options(base: RunOptions, **overrides: Any) -> RunOptions:
     """Merge keyword overrides (user-facing names) into ``base``, validating each."""
-    unknown = set(overrides) - {"chunksize", "timeout", "retries", "retry_on", "errors", "progress"}
-    if unknown:
-        raise TypeError(f"unexpected option(s): {', '.join(sorted(unknown))}")
+    check_names(overrides, RUN_OPTION_NAMES)
     chunksize = overrides.get("chunksize", base.chunksize)
     timeout = overrides.get("timeout", base.timeout_s)
     retries = overrides.get("retries", base.retries)
@@ -780,8 +779,8 @@ def _run_options(base: RunOptions, **overrides: Any) -> RunOptions:
         retry_on = (retry_on,)
     if not all(isinstance(t, type) and issubclass(t, BaseException) for t in retry_on):
         raise TypeError(f"retry_on must be exception types, got {retry_on!r}")
-    if errors not in _ERROR_POLICIES:
-        raise ValueError(f"errors must be one of {_ERROR_POLICIES}, got {errors!r}")
+    if errors not in ERROR_POLICIES:
+        raise ValueError(f"errors must be one of {ERROR_POLICIES}, got {errors!r}")
     if progress not in (True, False, "auto"):
         raise ValueError(f"progress must be True, False or 'auto', got {progress!r}")
     return RunOptions(

@@ -31,6 +31,7 @@ from typing import IO, TYPE_CHECKING, Any, TextIO
 
 from ._checkpoint import Fingerprint, Journal
 from ._errors import CheckpointMismatchError, RemoteTraceback
+from ._options import backend_name
 from ._records import (
     InputError,
     LoadedFunction,
@@ -265,7 +266,7 @@ def execute_run(settings: RunSettings) -> RunSummary:
             )
         # Pool.__exit__ kills the workers when it sees KeyboardInterrupt itself.
         with pp.Pool(
-            settings.backend,
+            backend_name(settings.backend),
             workers=settings.workers,
             chunksize=settings.chunksize,
             timeout=settings.timeout_s,
