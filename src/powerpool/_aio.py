@@ -30,14 +30,9 @@ from ._options import (
 
 if TYPE_CHECKING:
     import asyncio
-    import sys
 
+    from ._options import Unpack
     from ._run import ErrorPolicy
-
-    if sys.version_info >= (3, 11):
-        from typing import Unpack
-    else:
-        from typing_extensions import Unpack
 
 __all__ = ["aimap", "amap"]
 

@@ -24,12 +24,7 @@ from ._options import (
 from ._pool import Pool
 
 if TYPE_CHECKING:
-    import sys
-
-    if sys.version_info >= (3, 11):
-        from typing import Unpack
-    else:
-        from typing_extensions import Unpack
+    from ._options import Unpack
 
 __all__ = ["imap", "imap_unordered", "map", "shutdown_warm_pools"]
 

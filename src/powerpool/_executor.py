@@ -22,13 +22,9 @@ from ._pool import Pool
 from ._stats import PoolStats
 
 if TYPE_CHECKING:
-    import sys
     from collections.abc import Awaitable
 
-    if sys.version_info >= (3, 11):
-        from typing import Unpack
-    else:
-        from typing_extensions import Unpack
+    from ._options import Unpack
 
 __all__ = ["Executor"]
 

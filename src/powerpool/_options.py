@@ -21,11 +21,18 @@ options, ``Pool.__init__`` for the workers', the dask backend for its own).
 from __future__ import annotations
 
 import os
+import sys
 from collections.abc import Callable, Iterable, Mapping
-from typing import Any, Literal, TypeAlias, TypedDict, cast, get_args
+from typing import TYPE_CHECKING, Any, Literal, TypeAlias, TypedDict, cast, get_args
 
 from ._progress import ProgressMode
 from ._run import ErrorPolicy
+
+if TYPE_CHECKING:  # for ``**options: Unpack[PoolOptions]`` in the modules that take them
+    if sys.version_info >= (3, 11):
+        from typing import Unpack as Unpack  # noqa: PLC0414 (mypy: an explicit re-export)
+    else:
+        from typing_extensions import Unpack as Unpack  # noqa: PLC0414
 
 __all__ = [
     "BACKEND_NAMES",

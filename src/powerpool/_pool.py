@@ -47,12 +47,8 @@ if TYPE_CHECKING:
     from collections.abc import Awaitable
 
     from ._backends import Backend
+    from ._options import Unpack
     from ._plan import Plan
-
-    if sys.version_info >= (3, 11):
-        from typing import Unpack
-    else:
-        from typing_extensions import Unpack
 
 __all__ = ["Pool", "PoolState", "ReportTarget"]
 
