@@ -285,8 +285,12 @@ def test_browser_draws_one_row_per_worker(tmp_path: Path) -> None:
 # --------------------------------------------------------------------------- worker logs
 
 
-def test_forty_warnings_reach_the_parent_with_their_index(collected: Collect) -> None:
-    assert pp.map(rh.warn_once, range(40), backend="processes", workers=WORKERS) == list(range(40))
+@pytest.mark.parametrize("start_method", [None, "spawn"])
+def test_forty_warnings_reach_the_parent_with_their_index(
+    collected: Collect, start_method: str | None
+) -> None:
+    with pp.Pool("processes", workers=WORKERS, start_method=start_method) as pool:
+        assert pool.map(rh.warn_once, range(40)) == list(range(40))
     records = collected.records
     assert len(records) == 40
     assert sorted(r.item_index for r in records) == list(range(40))  # type: ignore[attr-defined]
@@ -345,6 +349,8 @@ def test_notebook_views() -> None:
         stats = pool.stats()
     assert report is not None
     assert "<svg" in report._repr_html_()
+    assert repr(report).startswith("<RunReport run report: 6 items")
+    assert len(repr(report)) < 300
     assert "<table" in stats._repr_html_()
     prof = pp.profile(rh.nap, range(3))
     assert repr(prof) == str(prof)

@@ -153,7 +153,7 @@ class RunInfo:
     """multiprocessing start method, for the process backend."""
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, repr=False)
 class RunReport:
     """Everything a recording saw; renders as HTML, a Chrome/Perfetto trace, or inline.
 
@@ -279,6 +279,11 @@ class RunReport:
         from ._report_html import render_inline
 
         return render_inline(self)
+
+    def __repr__(self) -> str:
+        # A REPL shows this for a bare ``pool.last_report``: the summary, not
+        # thousands of spans (they are all in ``.spans``).
+        return f"<RunReport {self}>"
 
     def __str__(self) -> str:
         speedup = f"{self.actual_speedup:.1f}x"
