@@ -446,3 +446,18 @@ def test_dask_workers_logs_reach_the_parent(dask_cluster: Any, collected: Collec
     assert report is not None
     assert report.items == 10
     assert all(not span.measured for span in report.spans)  # placed by arrival
+
+
+def test_pool_report_includes_futures_written_at_shutdown(tmp_path: Path) -> None:
+    path = tmp_path / "futures.json"
+    with pp.Pool("processes", workers=WORKERS, report=path, retries=1) as pool:
+        futures = [pool.submit(rh.nap, x) for x in range(4)]
+        assert [f.result(timeout=30) for f in futures] == list(range(4))
+        assert pool.submit(rh.fail_on_3, 3).exception(timeout=30) is not None
+        assert not path.exists()  # futures have no end of their own: written at shutdown
+    trace = json.loads(path.read_text())
+    spans = [e for e in trace["traceEvents"] if e["ph"] == "X"]
+    assert len([e for e in spans if e["cat"] == "future"]) == 6  # 4 + the failing one twice
+    kinds = {e["cat"] for e in trace["traceEvents"] if e["ph"] == "i"}
+    assert {"error", "retry"} <= kinds
+    assert pool.last_report is not None

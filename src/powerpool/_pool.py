@@ -37,7 +37,7 @@ from ._options import (
     check_backend,
     check_names,
 )
-from ._recorder import Recorder, RunReport, report_format
+from ._recorder import Recorder, RunReport, failed_items, report_format
 from ._run import Attempts, Run, RunOptions
 from ._stats import PoolStats, StatsLedger
 from ._system import usable_cores, worker_cores
@@ -133,6 +133,7 @@ class Pool:
         # made when the first run starts (time 0 of its report): its report
         # covers all runs so far and is rewritten as each one ends.
         self._recorder: Recorder | None = None
+        self._futures_recorded = False
         self.last_report: RunReport | None = None
         """What the most recent run recorded, when a report was asked for
         (``report=`` here or on the call); renders inline in notebooks."""
@@ -193,12 +194,22 @@ class Pool:
                 if not future.cancelled():
                     with contextlib.suppress(CancelledError):  # cancelled while we waited
                         future.exception()
+        self._write_futures_report()
         with self._lock:
             if self._runs:
                 return  # the last run to end closes the backends (see _blocks)
             backends = self._close_locked()
         for backend in backends:
             backend.shutdown(wait=wait)
+
+    def _write_futures_report(self) -> None:
+        """Pool(report=...): futures have no end of their own; their report is written here."""
+        if not self._futures_recorded or self._recorder is None:
+            return
+        self._futures_recorded = False
+        self.last_report = self._recorder.snapshot()
+        if self._report and not isinstance(self._report, bool):
+            self.last_report.write(self._report)
 
     def _close_locked(self) -> list[Backend]:
         """Mark the pool closed and hand back its backends to shut down. Call under _lock."""
@@ -345,6 +356,13 @@ class Pool:
             self._futures.discard(future)
         self._ledger.end()
 
+    def _pool_recorder(self) -> Recorder:
+        """The recorder of everything this pool runs (``Pool(report=...)``), made on first use."""
+        with self._lock:
+            if self._recorder is None:
+                self._recorder = Recorder()
+            return self._recorder
+
     def _submit_one(
         self,
         backend: Backend,
@@ -355,8 +373,13 @@ class Pool:
         attempts: Attempts,
         claim: Callable[[], bool],
     ) -> None:
+        recorder = self._pool_recorder() if self._report else None
+
         def on_done(result: ChunkResult) -> None:
             self._ledger.chunk(result.worker, result.busy_s)
+            if recorder is not None:  # futures go in the pool's report (written at shutdown)
+                self._futures_recorded = True
+                recorder.chunk(result, failed_items(result), kind="future")
             ok, value = result.outcomes[0]
             if ok:
                 self._ledger.items(done=1)
@@ -366,6 +389,8 @@ class Pool:
             if error is None:
                 if not isinstance(value, ItemLost):
                     self._ledger.items(retried=1)
+                    if recorder is not None:
+                        recorder.event("retry", worker=result.worker, detail=repr(value)[:200])
                 again = _not_cancelled(future)
                 self._submit_one(backend, fn, item, future, epoch, attempts, again)
                 return
@@ -381,6 +406,7 @@ class Pool:
             claim=claim,
             on_done=on_done,
         )
+        chunk.recorder = recorder
         backend.submit(chunk)
 
     def _iterate(
@@ -441,10 +467,7 @@ class Pool:
             prepared.recorder = Recorder()
             prepared.report_path = None if isinstance(report, bool) else report
         elif self._report:  # the pool's
-            with self._lock:
-                if self._recorder is None:
-                    self._recorder = Recorder()
-            prepared.recorder = self._recorder
+            prepared.recorder = self._pool_recorder()
             prepared.report_path = None if isinstance(self._report, bool) else self._report
         if prepared.backend != "auto":
             return prepared

@@ -36,7 +36,18 @@ if TYPE_CHECKING:
     from ._plan import Plan
     from ._task import ChunkResult
 
-__all__ = ["ChunkSpan", "Event", "LogMark", "Recorder", "RunInfo", "RunReport", "WorkerTiming"]
+__all__ = [
+    "ChunkSpan",
+    "Event",
+    "LogMark",
+    "Recorder",
+    "RunInfo",
+    "RunReport",
+    "WorkerTiming",
+    "classify",
+    "failed_items",
+    "report_format",
+]
 
 MAX_SPANS = 50_000
 """Chunk spans kept per recorder (a pool-wide one lives as long as its pool);
@@ -91,7 +102,8 @@ class ChunkSpan:
     measured: bool = True
     """False when the backend gave no start time and the span was placed by arrival."""
     kind: str = "chunk"
-    """"chunk", or "sample" (auto's profile) and "serial" (auto's in-thread fast path)."""
+    """"chunk", "future" (a ``submit()``), "sample" (auto's profile) or "serial"
+    (auto's in-thread fast path)."""
 
     def items(self) -> list[tuple[int, float, float]]:
         """(input index, start, end) of each item, when item times were measured."""
@@ -372,8 +384,14 @@ class Recorder:
 
     # -- what happened ------------------------------------------------------------------
 
-    def chunk(self, result: ChunkResult, failures: Sequence[tuple[int, str, str]] = ()) -> None:
-        """One chunk came back (call after its values/outcomes were decoded)."""
+    def chunk(
+        self,
+        result: ChunkResult,
+        failures: Sequence[tuple[int, str, str]] = (),
+        kind: str = "chunk",
+    ) -> None:
+        """One chunk came back (call after its values/outcomes were decoded);
+        ``kind`` "future" for a ``submit()``."""
         arrived = time.perf_counter()
         chunk = result.chunk
         timing: WorkerTiming | None = result.timing
@@ -400,15 +418,16 @@ class Recorder:
             serialize_s=0.0 if timing is None else timing.unpack_s + timing.pickle_s,
             transfer_s=0.0 if timing is None else timing.receive_s,
             measured=measured,
+            kind=kind,
         )
         with self._lock:
             self._keep(self._spans, span, MAX_SPANS, "spans")
         positions = {index: i for i, index in enumerate(indices)} if failures else {}
-        for index, kind, what in failures:
+        for index, failure, what in failures:
             at = end
-            if ends is not None and kind != "lost" and index in positions:
+            if ends is not None and failure != "lost" and index in positions:
                 at = ends[positions[index]]
-            self.event(kind, worker=span.worker, index=index, detail=what, at_s=at)
+            self.event(failure, worker=span.worker, index=index, detail=what, at_s=at)
 
     def span(
         self, worker: str, start_s: float, end_s: float, indices: Sequence[int], kind: str
@@ -521,6 +540,17 @@ def machine(runs: Sequence[RunInfo] = ()) -> dict[str, Any]:
     except Exception as exc:  # threadpoolctl inspects native libraries: never fail a report
         info["blas"] = [f"unknown ({type(exc).__name__})"]
     return info
+
+
+def failed_items(result: ChunkResult) -> list[tuple[int, str, str]]:
+    """(input index, kind, what) of each item of ``result`` that failed."""
+    if result.values is not None:
+        return []
+    return [
+        (index, *classify(value))
+        for index, (ok, value) in zip(result.chunk.indices, result.outcomes)
+        if not ok
+    ]
 
 
 def classify(exc: BaseException) -> tuple[str, str]:

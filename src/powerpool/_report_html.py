@@ -190,7 +190,7 @@ def _row_rects(spans: list[ChunkSpan], per_items: bool, y: int, scale: float) ->
     shade = 0
     for start, end, kind, title in pieces:
         x0, x1 = LABEL_W + start * scale, LABEL_W + end * scale
-        if x1 - x0 < MERGE_PX and kind == "chunk":
+        if x1 - x0 < MERGE_PX and kind in ("chunk", "future"):
             if merged is not None and x0 - merged[1] < MERGE_PX:
                 merged[1], merged[2] = max(merged[1], x1), merged[2] + 1
                 continue
@@ -229,6 +229,8 @@ def _span_title(span: ChunkSpan) -> str:
         what = f"items {indices[0]}-{indices[-1]}"
     else:
         what = f"item {indices[0]}"
+    if span.kind == "future":
+        return f"a submit(): {_seconds(span.end_s - span.start_s)}"
     label = {"sample": "auto's sample", "serial": "in your thread"}.get(span.kind, "chunk")
     note = "" if span.measured else " (placed by arrival)"
     return f"{label}, {what}: {_seconds(span.end_s - span.start_s)}{note}"

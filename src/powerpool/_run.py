@@ -34,7 +34,7 @@ from ._errors import (
     WorkerError,
 )
 from ._progress import Progress, ProgressMode
-from ._recorder import Recorder, classify
+from ._recorder import Recorder, failed_items
 from ._stats import StatsLedger
 from ._task import Chunk, ChunkResult, Item, ItemLost, Outcome
 
@@ -267,14 +267,7 @@ class Run:
     def _record(self, result: ChunkResult, values: list[Any] | None) -> None:
         """Give the run's recorder this chunk, with its failed items (report= only)."""
         assert self._recorder is not None
-        failures: list[tuple[int, str, str]] = []
-        if values is None:
-            failures = [
-                (index, *classify(value))
-                for index, (ok, value) in zip(result.chunk.indices, result.outcomes)
-                if not ok
-            ]
-        self._recorder.chunk(result, failures)
+        self._recorder.chunk(result, failed_items(result) if values is None else ())
 
     def _settle(self, item: Item, outcome: Outcome) -> None:
         """Retry, re-queue or record one item's outcome."""

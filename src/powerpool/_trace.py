@@ -45,7 +45,7 @@ def to_trace(report: RunReport) -> dict[str, Any]:
         first, last = (indices[0], indices[-1]) if len(indices) else (-1, -1)
         events.append(
             {
-                "name": f"{span.kind} {first}-{last}" if len(indices) > 1 else f"item {first}",
+                "name": _span_name(span.kind, first, last, len(indices)),
                 "cat": span.kind,
                 "ph": "X",
                 "ts": span.start_s * _US,
@@ -117,6 +117,12 @@ def to_trace(report: RunReport) -> dict[str, Any]:
             "item_spans_written": with_items,
         },
     }
+
+
+def _span_name(kind: str, first: int, last: int, items: int) -> str:
+    if kind == "future":
+        return "future"  # a submit(): its one item has no input index of its own
+    return f"{kind} {first}-{last}" if items > 1 else f"item {first}"
 
 
 def _meta(name: str, tid: int, args: dict[str, Any]) -> dict[str, Any]:
