@@ -56,6 +56,12 @@ WORK = textwrap.dedent(
             os._exit(7)
         return x
 
+    def segfault(x):
+        import ctypes
+        if x == 2:
+            ctypes.string_at(0)
+        return x
+
     async def asquare(x):
         return x * x
 
@@ -228,6 +234,11 @@ def test_unencodable_result_fails_that_item(work: Path) -> None:
         (["work.py:square", "bad.jsonl"], "input line 3 is not valid JSON"),
         (["work.py:add", "badargs.jsonl"], 'input line 1: "args" must be a JSON array'),
         (["work.py:square", "nums.jsonl", "--backend", "serial", "--timeout", "1"], "--timeout"),
+        (["work.py:square", "nums.jsonl", "--workers", "-1"], "'--workers': -1 is not"),
+        (["work.py:square", "nums.jsonl", "--timeout", "0"], "'--timeout': 0.0 is not"),
+        (["work.py:square", "nums.jsonl", "--no-such-option"], "no such option"),
+        (["work.py:square", "nums.jsonl", "-o", "nums.jsonl"], "same file as INPUT"),
+        (["work.py:square", "nums.jsonl", "-o", "x.jsonl", "--errors", "x.jsonl"], "same file"),
     ],
 )
 def test_bad_input_is_one_line_and_exit_2(work: Path, args: list[str], message: str) -> None:
@@ -240,6 +251,15 @@ def test_bad_input_is_one_line_and_exit_2(work: Path, args: list[str], message: 
     assert "Traceback" not in proc.stderr
     assert proc.stderr.strip().count("\n") == 0, proc.stderr
     assert proc.stderr.startswith("powerpool: error: ")
+
+
+def test_output_over_the_input_is_refused_and_the_input_kept(work: Path) -> None:
+    before = (work / "nums.jsonl").read_bytes()
+    (work / "link.jsonl").symlink_to(work / "nums.jsonl")
+    for output in ("nums.jsonl", "./nums.jsonl", "link.jsonl"):
+        proc = powerpool("run", "work.py:square", "nums.jsonl", "-o", output, cwd=work)
+        assert proc.returncode == 2, proc.stderr
+        assert (work / "nums.jsonl").read_bytes() == before
 
 
 def test_malformed_line_on_stdin_keeps_what_came_before(work: Path) -> None:
@@ -461,6 +481,14 @@ def test_profile_prints_profile_and_plan(work: Path) -> None:
     assert proc.returncode == 0, proc.stderr
     assert "slow" in proc.stdout
     assert "plan for all 20 items" in proc.stdout
+
+
+def test_profile_reports_a_crashing_function(work: Path) -> None:
+    proc = powerpool("profile", "work.py:segfault", "nums.jsonl", cwd=work)
+    assert proc.returncode == 1, proc.stderr
+    assert "work.py:segfault crashed the process profiling it" in proc.stderr
+    assert "SIGSEGV" in proc.stderr
+    assert "Traceback" not in proc.stderr
 
 
 @pytest.mark.parametrize("command", ["bench", "profile"])

@@ -196,6 +196,9 @@ def run(
         if backend == "auto":
             backend = "dask"
     _check_timeout_backend(backend, timeout)
+    _check_distinct_files(
+        input=input_path, output=output_path, errors=errors_path, checkpoint=checkpoint_path
+    )
     settings = RunSettings(
         function=_load(function),
         input_path=input_path,
@@ -236,6 +239,23 @@ def run(
     if report_path is not None:
         _note(f"report written to {report_path}")
     return EXIT_FAILED if summary.failed else 0
+
+
+def _check_distinct_files(**paths: str | None) -> None:
+    """Refuse to run when two of run's files are one: writing the results (or
+    errors, or the journal) over the input would destroy it before it is read."""
+    named = [(role, path) for role, path in paths.items() if path is not None and path != "-"]
+    for i, (role, path) in enumerate(named):
+        for other_role, other in named[:i]:
+            same = os.path.abspath(path) == os.path.abspath(other)
+            if not same and os.path.exists(path) and os.path.exists(other):
+                same = os.path.samefile(path, other)
+            if same:
+                option = "INPUT" if other_role == "input" else f"--{other_role}"
+                raise _Fail(
+                    f"--{role} {path} is the same file as {option}; "
+                    f"writing it would destroy the other: choose another file"
+                )
 
 
 def _check_timeout_backend(backend: str, timeout: float | None) -> None:
@@ -407,15 +427,16 @@ def profile(
     whole input. --by-line adds the slowest lines, --memory each item's
     memory peak and where it was allocated.
     """
-    from ._profcmd import profile_and_plan
+    from ._errors import WorkerCrashedError
+    from ._profcmd import profile_spec_isolated
 
-    loaded = _load(function)
+    _load(function)  # a mistake in MODULE:FUNC is reported here, in one line
     calls, count = _read_calls(input_path, lines=lines, sample=sample)
     if not calls:
         raise _Fail("the input has no records to profile")
     try:
-        report = profile_and_plan(
-            loaded.fn,
+        report = profile_spec_isolated(
+            function,
             calls,
             n_items=count,
             max_items=sample,
@@ -426,6 +447,10 @@ def profile(
         )
     except (ImportError, TypeError) as exc:  # line_profiler missing; a built-in for --by-line
         raise _Fail(str(exc)) from None
+    except WorkerCrashedError as exc:
+        # Profiled in a worker process, so that a crash is reported, not fatal.
+        _note(f"error: {function} crashed the process profiling it: {exc}")
+        return EXIT_FAILED
     click.echo(report)
     return 0
 
@@ -481,6 +506,13 @@ def main(argv: list[str] | None = None) -> None:
     """Console-script entry point: run the command, exit with its code."""
     try:
         code = cli.main(args=argv, prog_name="powerpool", standalone_mode=False)
+    except click.UsageError as exc:
+        # One line, as promised above: click's own block is four.
+        command = exc.ctx.command_path if exc.ctx is not None else "powerpool"
+        message = exc.format_message()
+        message = message[:1].lower() + message[1:].rstrip(".")
+        click.echo(f"powerpool: error: {message} (see {command} --help)", err=True)
+        code = exc.exit_code
     except click.ClickException as exc:
         exc.show()
         code = exc.exit_code

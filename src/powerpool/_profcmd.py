@@ -14,7 +14,7 @@ from ._records import Call
 if TYPE_CHECKING:
     from ._plan import Plan
 
-__all__ = ["describe_auto", "profile_and_plan"]
+__all__ = ["describe_auto", "profile_and_plan", "profile_spec_isolated"]
 
 
 def describe_auto(plan: Plan) -> str:
@@ -65,3 +65,26 @@ def profile_and_plan(
     )
     plan = plan_from_profile(prof, n_items)
     return f"{prof}\n\nplan for all {n_items} items:\n{plan}"
+
+
+def profile_spec_isolated(spec: str, calls: Sequence[Call], **options: Any) -> str:
+    """:func:`profile_and_plan` (same ``options``) for MODULE:FUNC ``spec``, in a worker process.
+
+    A function that crashes its process (a segfault in native code,
+    ``os._exit``) then takes only that worker down, and the caller gets a
+    :class:`WorkerCrashedError` naming the signal, which the command line can
+    report, instead of dying itself. Other errors keep their type. The worker
+    has the machine's cores as its share, so the plan is the one the caller's
+    process would make.
+    """
+    from ._pool import Pool
+
+    with Pool("processes", workers=1, progress=False) as pool:
+        text: str = pool.submit(_profile_spec, spec, list(calls), **options).result()
+    return text
+
+
+def _profile_spec(spec: str, calls: list[Call], **options: Any) -> str:
+    from ._records import load_function
+
+    return profile_and_plan(load_function(spec).fn, calls, **options)
