@@ -243,6 +243,31 @@ def test_scripts_with_two_warm_pools_exit_cleanly(tmp_path: Path) -> None:
         assert (done.returncode, done.stdout, done.stderr) == (0, "done True\n", ""), method
 
 
+DASK_SCRIPT = """
+import powerpool as pp
+
+def sq(x):
+    return x * x
+
+if __name__ == "__main__":  # dask's LocalCluster spawns its workers: it needs the guard
+    print(pp.map(sq, range(50), backend="dask", workers=2)[:3])
+"""
+
+
+@pytest.mark.timeout(300)
+def test_a_dask_script_ends_without_lost_data_errors(tmp_path: Path) -> None:
+    """distributed closed its LocalCluster at exit before powerpool released the
+    scattered function: "... caused the cluster to lose scattered data" (4 runs of 4)."""
+    pytest.importorskip("distributed")
+    script = tmp_path / "dask_script.py"
+    script.write_text(DASK_SCRIPT)
+    for _ in range(2):
+        done = run_script(script)
+        assert (done.returncode, done.stdout) == (0, "[0, 1, 4]\n"), done.stderr
+        assert "lose scattered data" not in done.stderr
+        assert "ERROR" not in done.stderr, done.stderr
+
+
 # -- inputs that fail ----------------------------------------------------------------------
 
 

@@ -45,6 +45,7 @@ even importing this module) works without it.
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import enum
 import functools
@@ -57,6 +58,7 @@ import threading
 import time
 import traceback
 import uuid
+import weakref
 from collections.abc import Callable, Mapping
 from concurrent.futures import CancelledError
 from dataclasses import dataclass
@@ -111,6 +113,25 @@ _CANCEL_GRACE_S = 10.0
 # confirmation is one message from the scheduler, normally milliseconds.
 
 
+# Every backend not yet shut down, for the exit handler below.
+_live: weakref.WeakSet[DaskBackend] = weakref.WeakSet()
+
+
+@functools.cache
+def _shut_down_before_distributed() -> None:
+    """Register, once and after ``import distributed``, an exit handler that shuts
+    every live dask backend down before distributed's own exit handlers run
+    (atexit runs the last registered first). Otherwise distributed closes the
+    LocalCluster while our client still holds scattered functions, and the
+    scheduler logs "... caused the cluster to lose scattered data" at exit."""
+
+    def shut_down() -> None:
+        for backend in list(_live):
+            backend.shutdown(wait=True)
+
+    atexit.register(shut_down)
+
+
 class _State(enum.Enum):
     RUNNING = "running"
     CLOSING = "closing"
@@ -161,6 +182,7 @@ class DaskBackend:
             raise BackendUnavailableError(
                 f"the dask backend needs the 'distributed' package: {INSTALL_HINT}"
             ) from exc
+        _shut_down_before_distributed()
         options = dict(config.options)
         _check_options(options)
         self._deliver = deliver
@@ -220,6 +242,7 @@ class DaskBackend:
             target=self._results_loop, name=f"powerpool-dask-results-{self._token}", daemon=True
         )
         self._thread.start()
+        _live.add(self)
 
     # -- the Backend protocol -------------------------------------------------
 
@@ -297,6 +320,7 @@ class DaskBackend:
             if self._state is not _State.RUNNING:
                 return
             self._state = _State.CLOSING
+            _live.discard(self)
             drain = wait and not kill
             doomed = [] if drain else [e for e in self._ledger.values() if not e.cancelled]
             for entry in doomed:
