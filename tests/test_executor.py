@@ -121,7 +121,7 @@ def test_map_timeout(executor: pp.Executor) -> None:
     assert executor.submit(nap, 0).result(timeout=30) == 0
     results = executor.map(nap, [0, 0, 10], timeout=2)
     assert [next(results), next(results)] == [0, 0]
-    with pytest.raises(TimeoutError):
+    with pytest.raises(concurrent.futures.TimeoutError):  # not the builtin before 3.11
         next(results)
 
 
@@ -258,7 +258,7 @@ def test_as_completed_yields_fast_ones_first(executor: pp.Executor) -> None:
 
 def test_as_completed_timeout(executor: pp.Executor) -> None:
     slow = executor.submit(nap, 10)
-    with pytest.raises(TimeoutError):
+    with pytest.raises(concurrent.futures.TimeoutError):
         list(as_completed([slow], timeout=0.2))
 
 
