@@ -86,7 +86,7 @@ def test_spawn_names_the_missing_guard(tmp_path: Path) -> None:
     done = run_script(script)
     assert done.returncode != 0
     last = done.stderr.strip().splitlines()[-1]
-    assert last.startswith("powerpool._errors.PowerpoolError:"), done.stderr
+    assert last.startswith("powerpool.PowerpoolError:"), done.stderr
     assert 'if __name__ == "__main__":' in last
     assert str(script) in last
 
