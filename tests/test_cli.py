@@ -274,6 +274,10 @@ def test_malformed_line_on_stdin_keeps_what_came_before(work: Path) -> None:
 
 
 def journal_rows(path: Path) -> int:
+    if not path.exists():
+        # Not created yet. Not left to connect() to find out: on Python 3.13.0 a
+        # failed connect leaks a ResourceWarning, an error under this suite.
+        return 0
     try:
         conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=5)
         try:
