@@ -40,9 +40,10 @@ from powerpool._errors import (
     WorkerCrashedError,
 )
 from powerpool._stop import should_stop
-from powerpool._task import Chunk, ChunkResult
+from powerpool._task import Chunk, ChunkResult, ItemLost
 
 distributed = pytest.importorskip("distributed")
+pytest.importorskip("distributed.diagnostics.plugin")
 dask = pytest.importorskip("dask")
 with contextlib.suppress(ImportError):  # workers importing this module load BLAS with it
     import numpy  # noqa: F401
@@ -235,7 +236,7 @@ def test_registry_loads_the_dask_backend() -> None:
     assert load("dask") is DaskBackend
     assert DaskBackend.name == "dask"
     assert 0.1 <= DaskBackend.chunk_target_s <= 1.0
-    assert DaskBackend.supports_timeout is False
+    assert DaskBackend.supports_timeout is True
 
 
 def test_map_by_address_equals_serial(on_cluster: Any) -> None:
@@ -554,6 +555,60 @@ def test_local_cluster_when_no_address(make_backend: Any, tmp_path: Path) -> Non
     assert backend._client.status == "closed"
 
 
+def die_on_rerun(marks: str, x: int) -> int:
+    """Succeed on the first run; kill the worker on any later one (a recompute)."""
+    mark = Path(marks, str(x))
+    if mark.exists():
+        os._exit(13)
+    mark.touch()
+    return x
+
+
+class KillHolderOnce(distributed.diagnostics.plugin.SchedulerPlugin):  # type: ignore[misc]
+    """Scheduler plugin: SIGKILL the worker that holds a key's result, once.
+
+    It runs inside the scheduler as the key turns "memory", before the
+    client hears of it: the client's fetch then finds the worker gone, and
+    the scheduler must compute the result again.
+    """
+
+    def __init__(self, contains: str, pids: dict[str, int]) -> None:
+        self.contains = contains
+        self.pids = pids
+        self.killed: list[int] = []
+
+    def transition(self, key: Any, start: str, finish: str, *args: Any, **kwargs: Any) -> None:
+        if finish != "memory" or self.contains not in str(key) or self.killed:
+            return
+        holder = kwargs.get("worker")
+        pid = self.pids.get(str(holder)) if holder else None
+        if pid is not None:
+            self.killed.append(pid)
+            os.kill(pid, signal.SIGKILL)
+
+
+def test_a_lost_result_whose_recompute_kills_its_worker_fails_the_item(
+    make_backend: Any, tmp_path: Path
+) -> None:
+    # allowed-failures=0: the recompute's worker death is final (KilledWorker).
+    with dask.config.set(
+        {"distributed.scheduler.allowed-failures": 0, "temporary-directory": str(tmp_path)}
+    ):
+        backend, collector = make_backend(workers=2)
+    marks = tmp_path / "marks"
+    marks.mkdir()
+    plugin = KillHolderOnce(f"-{backend._token}-", backend._client.run(os.getpid))
+    backend._cluster.scheduler.add_plugin(plugin, name="kill-holder-once")
+    fn = functools.partial(die_on_rerun, str(marks))
+    backend.submit(Chunk(next(_ids), fn, [(0, (7,), {})]))
+    (result,) = collector.take(1)  # bounded: never a hang
+    assert plugin.killed  # the result really was lost after it was computed
+    ((ok, err),) = result.outcomes
+    assert not ok
+    assert isinstance(err, WorkerCrashedError)
+    assert "died" in str(err)
+
+
 def test_shipped_box_can_be_copied_again_after_loading() -> None:
     # _Shipped drops its bytes once loaded but can still be copied on.
     from powerpool._backends._dask import _dumps, _Shipped
@@ -655,18 +710,71 @@ def test_pool_cancel_cancels_the_clusters_tasks(dask_cluster: DaskTestCluster) -
         assert pool.map(square, range(4)) == [0, 1, 4, 9]
 
 
-def test_a_per_item_timeout_is_refused_up_front(dask_cluster: DaskTestCluster) -> None:
-    with pytest.raises(ValueError, match="timeout"):
-        pp.map(square, range(3), backend="dask", address=dask_cluster.address, timeout=1.0)
+def sleep_on_zero(x: int) -> int:
+    if x == 0:
+        time.sleep(30.0)  # abandoned after 1 s; its worker is restarted
+    return x * 10
 
 
-def test_command_line_runs_on_the_cluster(dask_cluster: DaskTestCluster, tmp_path: Path) -> None:
+def test_a_late_item_times_out_and_the_others_complete(tmp_path: Path) -> None:
+    # A LocalCluster of its own (nanny-run worker processes): the worker that
+    # replaces the restarted one must be gone by the end of the test.
+    with (
+        dask.config.set({"temporary-directory": str(tmp_path)}),
+        pp.Pool("dask", workers=2, timeout=1.0, errors="return") as pool,
+    ):
+        pool.map(square, range(2))  # the cluster is up: time the map alone
+        (backend,) = pool._backends.values()
+        client = backend._client  # type: ignore[attr-defined]
+        workers_before = set(client.nthreads())
+        started = time.monotonic()
+        out = pool.map(sleep_on_zero, range(10))
+        took = time.monotonic() - started
+        assert isinstance(out[0], pp.ItemTimeoutError)
+        assert "restarted" in str(out[0])
+        assert out[1:] == [x * 10 for x in range(1, 10)]
+        assert took < 25.0  # not the 30 s the late item asked for
+
+        def restarted() -> bool:
+            now = set(client.nthreads())
+            return len(now) == 2 and now != workers_before
+
+        # The late item's thread ends with its worker process; a new one joins.
+        wait_until(restarted, RESULT_TIMEOUT_S, "the late item's worker to be restarted")
+        assert pool.map(square, range(20)) == [x * x for x in range(20)]
+
+
+def test_a_late_item_on_a_worker_without_nanny_is_abandoned(make_backend: Any) -> None:
+    backend, collector = make_backend(workers=2, options={"cluster_kwargs": {"processes": False}})
+    chunk = Chunk(
+        next(_ids), sleep_polling, [(i, (s,), {}) for i, s in enumerate([0.0, 30.0, 0.0])]
+    )
+    chunk.timeout_s = 0.5
+    backend.submit(chunk)
+    (result,) = collector.take(1)
+    done, late, lost = result.outcomes
+    assert done == (True, "done")
+    assert not late[0]
+    assert isinstance(late[1], pp.ItemTimeoutError)
+    assert "abandoned" in str(late[1])
+    assert not lost[0]
+    assert isinstance(lost[1], ItemLost)  # never ran: the core re-queues it
+    # The abandoned item sees should_stop() and ends: the worker thread is free.
+    backend.submit(chunk_of(square, [3]))
+    assert collector.take(1)[0].outcomes == [(True, 9)]
+
+
+@pytest.mark.parametrize("how", ["--address", "--scheduler-file"])
+def test_command_line_runs_on_the_cluster(
+    dask_cluster: DaskTestCluster, tmp_path: Path, how: str
+) -> None:
+    where = dask_cluster.address if how == "--address" else dask_cluster.scheduler_file
     source = tmp_path / "in.jsonl"
     source.write_text("".join(f"{x}\n" for x in range(20)))
     proc = subprocess.run(
         [
             sys.executable, "-m", "powerpool", "run", "math:factorial", str(source),
-            "--backend", "dask", "--address", dask_cluster.address, "--quiet",
+            how, where, "--quiet",
         ],
         capture_output=True,
         text=True,
@@ -676,3 +784,29 @@ def test_command_line_runs_on_the_cluster(dask_cluster: DaskTestCluster, tmp_pat
     assert proc.returncode == 0, proc.stderr
     lines = [json.loads(line) for line in proc.stdout.splitlines()]
     assert [(r["index"], r["result"]) for r in lines] == [(x, math.factorial(x)) for x in range(20)]
+
+
+def test_bench_and_profile_take_the_cluster(dask_cluster: DaskTestCluster, tmp_path: Path) -> None:
+    source = tmp_path / "in.jsonl"
+    source.write_text("".join(f"{x}\n" for x in range(8)))
+    cluster = ["--scheduler-file", dask_cluster.scheduler_file]
+    bench = subprocess.run(
+        [sys.executable, "-m", "powerpool", "bench", "math:factorial", str(source),
+         "--backends", "serial", "--workers", "2", *cluster],
+        capture_output=True, text=True, timeout=RESULT_TIMEOUT_S * 2, check=False,
+    )  # fmt: skip
+    assert bench.returncode == 0, bench.stderr
+    assert any(line.split()[:1] == ["dask"] for line in bench.stdout.splitlines()), bench.stdout
+    profile = subprocess.run(
+        [sys.executable, "-m", "powerpool", "profile", "math:factorial", str(source),
+         "--no-hotspots", *cluster],
+        capture_output=True, text=True, timeout=RESULT_TIMEOUT_S * 2, check=False,
+    )  # fmt: skip
+    assert profile.returncode == 0, profile.stderr
+    missing = subprocess.run(
+        [sys.executable, "-m", "powerpool", "run", "math:factorial", str(source),
+         "--scheduler-file", str(tmp_path / "nope.json")],
+        capture_output=True, text=True, timeout=RESULT_TIMEOUT_S, check=False,
+    )  # fmt: skip
+    assert missing.returncode != 0
+    assert "no scheduler file" in missing.stderr

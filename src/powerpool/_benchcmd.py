@@ -322,7 +322,7 @@ def run_bench(
                 chunksize=chunksize,
                 errors="return",
                 progress=False,
-                **backend_options,
+                **(backend_options if backend == "dask" else {}),
             ) as pool:
                 if warm:
                     pool.map(fn, calls[:1])

@@ -8,6 +8,12 @@ one item per chunk, measures the real per-item compute time from finished
 chunks, and aims each new chunk at the backend's ``chunk_target_s``, capped
 so that a known-length input still yields at least ``CHUNKS_PER_WORKER``
 chunks per worker for load balancing.
+
+Toward the end of a known-length input the chunks taper (guided
+self-scheduling), but never below the backend's ``chunk_floor_s`` of
+measured work: on a backend whose every chunk costs a network round trip
+(Dask), a tail of one-item chunks would leave workers waiting on the
+scheduler instead of computing.
 """
 
 from __future__ import annotations
@@ -34,7 +40,13 @@ class ChunkSizer:
     """Chooses the size of the next chunk from measured per-item time."""
 
     def __init__(
-        self, *, fixed: int | None, target_s: float, workers: int, total: int | None
+        self,
+        *,
+        fixed: int | None,
+        target_s: float,
+        workers: int,
+        total: int | None,
+        floor_s: float = 0.0,
     ) -> None:
         if fixed is not None and fixed < 1:
             raise ValueError(f"chunksize must be >= 1, got {fixed}")
@@ -43,6 +55,7 @@ class ChunkSizer:
         self._per_item_s: float | None = None
         self._busy_s = 0.0
         self._items = 0.0
+        self._floor_s = floor_s
         self._workers = max(1, workers)
         self._remaining = total  # items not yet cut into chunks (None: unknown)
 
@@ -54,6 +67,11 @@ class ChunkSizer:
     def seed(self, per_item_s: float) -> None:
         """Start from a known per-item time (e.g. from the profiler)."""
         self._per_item_s = per_item_s
+
+    def resize(self, *, workers: int, target_s: float) -> None:
+        """The backend's capacity changed (workers joined or left a cluster)."""
+        self._workers = max(1, workers)
+        self._target_s = target_s
 
     def _cap(self) -> int:
         # Guided self-scheduling: the cap shrinks with what is left, so the
@@ -70,7 +88,8 @@ class ChunkSizer:
             return 1
         if self._per_item_s <= 0:
             return self._cap()
-        return max(1, min(self._cap(), int(self._target_s / self._per_item_s)))
+        cap = max(self._cap(), int(self._floor_s / self._per_item_s))
+        return max(1, min(cap, int(self._target_s / self._per_item_s)))
 
     def taken(self, n_items: int) -> None:
         """Note that ``n_items`` fresh items were cut into a chunk."""

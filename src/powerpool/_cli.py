@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Literal
 
 import click
@@ -127,6 +128,32 @@ _lines_option = click.option(
 )
 
 
+def _cluster_options(command: Callable[..., Any]) -> Callable[..., Any]:
+    """--address and --scheduler-file: a dask cluster to run on (one of them)."""
+    command = click.option(
+        "--scheduler-file",
+        metavar="FILE",
+        type=click.Path(dir_okay=False),
+        help="The file `dask scheduler --scheduler-file` wrote (implies --backend dask).",
+    )(command)
+    return click.option("--address", help="Dask scheduler address (implies --backend dask).")(
+        command
+    )
+
+
+def _cluster(address: str | None, scheduler_file: str | None) -> dict[str, Any]:
+    """The dask backend options for --address / --scheduler-file ({} for neither)."""
+    if address is not None and scheduler_file is not None:
+        raise _Fail("give --address or --scheduler-file, not both")
+    if address is not None:
+        return {"address": address}
+    if scheduler_file is not None:
+        if not os.path.isfile(scheduler_file):
+            raise _Fail(f"no scheduler file at {scheduler_file}")
+        return {"scheduler_file": scheduler_file}
+    return {}
+
+
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.version_option(package_name="powerpool", prog_name="powerpool")
 def cli() -> None:
@@ -158,7 +185,7 @@ def cli() -> None:
 @click.option("--chunksize", type=click.IntRange(min=1), help="Items per chunk (default: adapts).")
 @click.option("--timeout", type=click.FloatRange(min=0, min_open=True), help="Seconds per item.")
 @click.option("--retries", type=click.IntRange(min=0), default=0, help="Re-runs of a failed item.")
-@click.option("--address", help="Dask scheduler address (implies --backend dask).")
+@_cluster_options
 @click.option("--progress/--no-progress", default=None, help="Progress bar (default: on a tty).")
 @click.option("-q", "--quiet", is_flag=True, help="No summary line at the end.")
 @_report_option
@@ -177,6 +204,7 @@ def run(
     timeout: float | None,
     retries: int,
     address: str | None,
+    scheduler_file: str | None,
     progress: bool | None,
     quiet: bool,
     report_path: str | None,
@@ -190,11 +218,9 @@ def run(
     """
     from ._runcmd import Interrupted, RunSettings, execute_run, format_summary
 
-    options: dict[str, Any] = {}
-    if address is not None:
-        options["address"] = address
-        if backend == "auto":
-            backend = "dask"
+    options = _cluster(address, scheduler_file)
+    if options and backend == "auto":
+        backend = "dask"
     _check_timeout_backend(backend, timeout)
     _check_distinct_files(
         input=input_path, output=output_path, errors=errors_path, checkpoint=checkpoint_path
@@ -294,6 +320,7 @@ def _check_timeout_backend(backend: str, timeout: float | None) -> None:
 @click.option("--plot", "plot_path", metavar="FILE", help="Write a PNG of speedup vs workers.")
 @click.option("--json", "json_path", metavar="FILE", help="Write every number as JSON.")
 @_report_option
+@_cluster_options
 def bench(
     *,
     function: str,
@@ -308,8 +335,13 @@ def bench(
     plot_path: str | None,
     json_path: str | None,
     report_path: str | None,
+    address: str | None,
+    scheduler_file: str | None,
 ) -> int:
     """Time MODULE:FUNC on INPUT across backends and worker counts.
+
+    With --address or --scheduler-file, dask on that cluster is one of the
+    backends (it uses all of the cluster's threads, whatever the worker count).
 
     Prints time, speedup and efficiency for each, checks every result against
     the serial run, fits Amdahl's law (and the USL) and names the best setting.
@@ -331,6 +363,9 @@ def bench(
     if unknown or not backends:
         raise _Fail(f"--backends: unknown {', '.join(unknown) or 'empty list'}; "
                     f"choose from {', '.join(b for b in _BACKENDS if b != 'auto')}")  # fmt: skip
+    cluster = _cluster(address, scheduler_file)
+    if cluster and "dask" not in backends:
+        backends.append("dask")
     if plot_path is not None:
         try:
             require_matplotlib()
@@ -363,6 +398,7 @@ def bench(
             chunksize=chunksize,
             on_row=lambda row: click.echo(format_row(row)),
             on_report=None if report_path is None else runs.__setitem__,
+            **cluster,
         )
     except (InputError, BackendUnavailableError) as exc:
         raise _Fail(str(exc)) from None
@@ -409,6 +445,7 @@ def bench(
               "needs line_profiler.")  # fmt: skip
 @click.option("--memory", is_flag=True,
               help="Each item's memory peak and the lines that allocated it.")  # fmt: skip
+@_cluster_options
 def profile(
     *,
     function: str,
@@ -419,8 +456,12 @@ def profile(
     hotspots: bool,
     by_line: str | None,
     memory: bool,
+    address: str | None,
+    scheduler_file: str | None,
 ) -> int:
     """Measure MODULE:FUNC on a sample of INPUT and say how to run it.
+
+    With --address or --scheduler-file, the plan may scale out to that cluster.
 
     Prints the profile (per-item time, CPU/wall ratio, GIL holding, memory,
     serialization cost), the hot spots, and the plan auto would choose for the
@@ -444,6 +485,7 @@ def profile(
             hotspots=hotspots,
             lines=by_line or False,
             memory=memory,
+            address=_scheduler_address(_cluster(address, scheduler_file)),
         )
     except (ImportError, TypeError) as exc:  # line_profiler missing; a built-in for --by-line
         raise _Fail(str(exc)) from None
@@ -453,6 +495,19 @@ def profile(
         return EXIT_FAILED
     click.echo(report)
     return 0
+
+
+def _scheduler_address(cluster: dict[str, Any]) -> str | None:
+    """The scheduler's address, read from its scheduler file if that is what was given."""
+    if "scheduler_file" not in cluster:
+        return cluster.get("address")
+    path = cluster["scheduler_file"]
+    try:
+        with open(path, encoding="utf-8") as f:
+            address = json.load(f)["address"]
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise _Fail(f"cannot read the scheduler address from {path}: {exc}") from None
+    return str(address)
 
 
 # -- demo -------------------------------------------------------------------------------

@@ -40,6 +40,7 @@ def profile_and_plan(
     hotspots: bool,
     lines: bool | str = False,
     memory: bool = False,
+    address: str | None = None,
 ) -> str:
     """Profile ``fn`` on up to ``max_items`` of ``calls``; plan a run of ``n_items``; as text.
 
@@ -63,7 +64,7 @@ def profile_and_plan(
         thorough=True,
         probes=item_probes(fn, lines=lines, memory=memory),
     )
-    plan = plan_from_profile(prof, n_items)
+    plan = plan_from_profile(prof, n_items, address=address)
     return f"{prof}\n\nplan for all {n_items} items:\n{plan}"
 
 

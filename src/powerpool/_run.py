@@ -25,6 +25,7 @@ from concurrent.futures import CancelledError
 from dataclasses import dataclass
 from typing import Any, Literal
 
+from ._backends._base import chunk_floor_s
 from ._chunking import ChunkSizer
 from ._errors import (
     InitializerError,
@@ -152,15 +153,17 @@ class Run:
         self._prefilled = list(prefilled)
         self._next_input = len(self._prefilled)
         remaining = None if total is None else max(0, total - self._next_input)
+        self._workers = backend.workers
         self._sizer = ChunkSizer(
             fixed=options.chunksize,
             target_s=backend.chunk_target_s,
-            workers=backend.workers,
+            workers=self._workers,
             total=remaining,
+            floor_s=chunk_floor_s(backend),
         )
         if per_item_s is not None:
             self._sizer.seed(per_item_s)
-        self._window = CHUNKS_IN_FLIGHT_PER_WORKER * max(1, backend.workers)
+        self._window = CHUNKS_IN_FLIGHT_PER_WORKER * max(1, self._workers)
         # None in the inbox means "the pool cancelled this run" (see abort()).
         self._inbox: queue.SimpleQueue[ChunkResult | None] = queue.SimpleQueue()
         self._closed = False
@@ -202,6 +205,8 @@ class Run:
             for item, outcome in self._prefilled:
                 self._settle(item, outcome)
             while True:
+                if self._backend.workers != self._workers:
+                    self._resize()
                 # Refill: retries first, then new input, while the window has room.
                 # When ordered, results waiting for an earlier item also count
                 # against the window, or one slow item would let memory grow.
@@ -234,6 +239,13 @@ class Run:
             self.close()
             self._progress.close()
             self._ledger.end()
+
+    def _resize(self) -> None:
+        """Follow the backend's capacity (a cluster's workers come and go)."""
+        backend = self._backend
+        self._workers = backend.workers
+        self._sizer.resize(workers=self._workers, target_s=backend.chunk_target_s)
+        self._window = CHUNKS_IN_FLIGHT_PER_WORKER * max(1, self._workers)
 
     # -- outcomes -------------------------------------------------------------
 

@@ -24,7 +24,7 @@ from typing import Any, ClassVar, Protocol
 
 from .._task import Chunk, ChunkResult
 
-__all__ = ["Backend", "BackendConfig", "Deliver"]
+__all__ = ["Backend", "BackendConfig", "Deliver", "chunk_floor_s"]
 
 Deliver = Callable[[ChunkResult], None]
 
@@ -58,6 +58,12 @@ class Backend(Protocol):
     """Whether ``Chunk.timeout_s`` is enforced (the worker is stopped and replaced)."""
 
     workers: int
+    """How many items can run at once (threads on a cluster). The core reads it
+    before each refill, so a backend whose capacity changes (workers joining
+    or leaving a cluster) may update it, and ``chunk_target_s`` with it."""
+
+    # Optional: ``chunk_floor_s`` (float), the least work a tapered tail chunk
+    # holds; read through chunk_floor_s() below, 0 when a backend has none.
 
     def __init__(self, config: BackendConfig, deliver: Deliver) -> None: ...
 
@@ -69,3 +75,13 @@ class Backend(Protocol):
 
     def shutdown(self, *, wait: bool = True, kill: bool = False) -> None:
         """Stop the workers. ``kill`` stops running items at once where possible."""
+
+
+def chunk_floor_s(backend: object) -> float:
+    """Seconds of work below which the core never tapers a chunk (0: no floor).
+
+    Only backends with a costly per-chunk round trip set ``chunk_floor_s``
+    (Dask: a scheduler hop); for local pools the taper may go down to one item.
+    """
+    floor: float = getattr(backend, "chunk_floor_s", 0.0)
+    return floor

@@ -1,21 +1,26 @@
 """The dask backend: the same pool, run on a ``distributed`` cluster (scale-out).
 
+This is the client side; what runs inside the workers is in ``_dask_worker``.
 Each :class:`~powerpool._task.Chunk` becomes exactly one dask task. The pool
-core already sizes chunks (``chunk_target_s``) and bounds how many are in
-flight, so this module only maps chunks onto cluster futures and back::
+core sizes chunks (``chunk_target_s``, ``chunk_floor_s``) and bounds how many
+are in flight (``workers``: the cluster's threads, re-read as workers come
+and go), so this module only maps chunks onto cluster futures and back::
 
     core thread(s)              client (this process)                 dask workers
     ──────────────              ─────────────────────                 ────────────
     submit(chunk) ─ claim() ─► pickle items (bytes) ─ client.submit ─► _run_chunk(
-                               fn scattered ONCE per run  ─ broadcast ─►  fn box, items, ...)
-                                                                         initializer once
+                               fn pickled ONCE per run (inside the      fn box, items, ...)
+                               task if small, else scattered)            initializer once
                                                                          per worker, then
-                                                                         every item; returns
-                                                                         pickled outcomes
-    deliver(ChunkResult) ◄─ results thread ◄─ as_completed ◄─────────────┘
-                            (unpickle, rebuild   (results fetched on the
-                             remote tracebacks)   client's event loop,
-                                                  without blocking it)
+                                                                         every item (timed
+                                                                         when timeout=);
+                                                                         returns a TaskReport
+    deliver(ChunkResult) ◄─ results thread ◄─ _fetch() per future ◄──────┘
+                            (unpickle, rebuild   (on the client's event
+                             remote tracebacks)   loop, many at once)
+                                    │
+                                    └─ a late item's worker ─► _Restarter ─► its nanny
+                                                               restarts it
 
 Why the items and outcomes travel as bytes we pickle ourselves: an
 unpicklable argument, result or exception is then caught here, per item, and
@@ -35,9 +40,13 @@ Failures map onto powerpool's error tree:
   worker's own task state: no network round trip), and its chunk is delivered
   with :class:`concurrent.futures.CancelledError` outcomes.
 
-Per-item timeouts are not enforced (``supports_timeout = False``): dask cannot
-stop a running task short of restarting the whole worker process, which would
-also kill the other tasks that worker is running.
+* a per-item timeout: the worker gives up on the late item (its thread is
+  abandoned, ``should_stop()`` turns true in it) and returns the chunk at
+  once; the item fails with :class:`ItemTimeoutError`, the items after it are
+  re-queued (:class:`ItemLost`), and the worker is restarted by its nanny,
+  which ends the abandoned thread (without a nanny the thread runs on);
+* a result lost before it was fetched whose recompute fails: reported like
+  any failed task (never waited on forever).
 
 ``distributed`` is imported only inside functions, so ``import powerpool`` (and
 even importing this module) works without it.
@@ -45,37 +54,36 @@ even importing this module) works without it.
 
 from __future__ import annotations
 
-import atexit
 import contextlib
 import enum
 import functools
 import itertools
 import logging
-import os
 import pickle
+import queue
 import re
 import threading
 import time
-import traceback
 import uuid
-import weakref
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from concurrent.futures import CancelledError
 from dataclasses import dataclass
 from typing import Any, ClassVar, TypeVar
 
 from powerpool._backends._base import BackendConfig, Deliver
-from powerpool._backends._worker_logs import captured, deliver
+from powerpool._backends._worker_logs import deliver as deliver_logs
 from powerpool._errors import (
     BackendUnavailableError,
-    InitializerError,
+    ItemTimeoutError,
     PoolClosedError,
     RemoteTraceback,
     SerializationError,
     WorkerCrashedError,
 )
-from powerpool._stop import StopToken, running
-from powerpool._task import Chunk, ChunkResult, Outcome
+from powerpool._task import Chunk, ChunkResult, ItemLost, Outcome
+
+from ._dask_cluster import _check_options, _close_at_exit, _connect, _Restarter
+from ._dask_worker import TaskReport, _dumps, _format, _RemoteFailure, _run_chunk, _Shipped
 
 __all__ = ["INSTALL_HINT", "DaskBackend"]
 
@@ -91,9 +99,6 @@ _Client = Any
 _Future = Any
 _Cluster = Any
 
-_OPTIONS = frozenset({"address", "client", "cluster_kwargs", "scheduler_file", "security"})
-"""Keys of ``BackendConfig.options`` this backend understands; others are typos."""
-
 _FN_CACHE_SIZE = 4
 # Scattered functions kept alive on the cluster. A run uses one function, and
 # a warm pool may alternate between a few; each entry pins one copy of the
@@ -107,29 +112,35 @@ _KILLED = (
 
 _E = TypeVar("_E", bound=BaseException)
 
+_BATCH_MAX = 64
+# Results handed to the core per wake-up of the results thread: enough to
+# read the cluster's thread count once per batch, few enough that the first
+# results are not held back.
+
+_INLINE_MAX_BYTES = 64 * 1024
+# A pickled function (or initializer) up to this size travels inside every
+# task; a bigger one is scattered to every worker once. Inline costs its
+# bytes per task through the scheduler (64 KB x a few hundred tasks/s is
+# still small) but lets dask run any chunk on any worker; a scattered one
+# ties chunks to the workers holding a copy.
+
+_THREADS_REFRESH_S = 1.0
+# How often, while results arrive, the cluster's thread count is read again
+# (one small scheduler round trip): quick enough to follow an adaptive
+# cluster, rare enough to cost nothing next to the chunks.
+
+_TASK_COST_S = 0.001
+_SCHEDULER_SHARE = 0.25
+# The scheduler spends about 1 ms per task (dask's own estimate). Chunks are
+# made long enough that, with every thread busy, the tasks need at most a
+# quarter of the scheduler's time: target >= threads x 1 ms / 0.25. That is
+# the 0.2 s floor up to 50 threads and 4 s on a 1000-thread cluster (250
+# tasks/s); a busier scheduler answers late and leaves workers idle.
+
 _CANCEL_GRACE_S = 10.0
 # How long shutdown(wait=False) or shutdown(kill=True) waits for the cluster
 # to confirm cancelled futures before reporting them cancelled itself. The
 # confirmation is one message from the scheduler, normally milliseconds.
-
-
-# Every backend not yet shut down, for the exit handler below.
-_live: weakref.WeakSet[DaskBackend] = weakref.WeakSet()
-
-
-@functools.cache
-def _shut_down_before_distributed() -> None:
-    """Register, once and after ``import distributed``, an exit handler that shuts
-    every live dask backend down before distributed's own exit handlers run
-    (atexit runs the last registered first). Otherwise distributed closes the
-    LocalCluster while our client still holds scattered functions, and the
-    scheduler logs "... caused the cluster to lose scattered data" at exit."""
-
-    def shut_down() -> None:
-        for backend in list(_live):
-            backend.shutdown(wait=True)
-
-    atexit.register(shut_down)
 
 
 class _State(enum.Enum):
@@ -148,8 +159,8 @@ class _InFlight:
     """Positions in ``chunk.items`` that were sent (the rest failed to pickle)."""
     prefailed: dict[int, BaseException]
     """Position -> error for items that never left this process."""
-    fn_box: _Future
-    """Keeps the scattered function wanted while this chunk may still need it."""
+    fn_box: _Shipped | _Future
+    """Keeps the shipped function wanted while this chunk may still need it."""
     cancelled: bool = False
     """Set by cancel()/shutdown(): a CancelledError from dask is then expected."""
 
@@ -166,14 +177,31 @@ class DaskBackend:
     """
 
     name: ClassVar[str] = "dask"
-    chunk_target_s: ClassVar[float] = 0.2
-    # Dask costs about 1 ms of scheduler and network time per task, plus a
-    # round trip to fetch each result: 0.2 s chunks keep that under 1 %, while
-    # still giving the scheduler many tasks to balance and re-run after a
-    # worker loss (the core aims each chunk at 0.1-1 s from this target).
-    supports_timeout: ClassVar[bool] = False
+    chunk_target_s: float = 1.0
+    # Each task costs about 1 ms of scheduler time plus a network round trip
+    # to start it and another to fetch its result: tens of ms on a busy
+    # scheduler, when the client, the scheduler and the workers share cores.
+    # 1 s chunks keep that to a few %, and a known-length run still gets 4
+    # chunks per thread (the core's cap) to balance the load and re-run after
+    # a worker loss. 0.2 s and 0.5 s measurably left workers waiting on the
+    # scheduler (32 in-process workers x 3200 waits of 20 ms: medians 12.5 s
+    # at 0.5 s, 5.4 s at 1 s, hand-batched client.map 4.2-4.8 s), worst where
+    # the workers' own measured item time is inflated by a contended GIL. The
+    # price: an imap's first results and a retried chunk's lost work are up
+    # to ~1 s. This is the floor: a big cluster raises it with its thread
+    # count (_chunk_target_s) so that the one scheduler never becomes the
+    # bottleneck.
+    chunk_floor_s: ClassVar[float] = 0.25
+    # The core tapers chunks toward the end of a run so that no worker is left
+    # alone with a long last chunk. On a cluster each task costs tens of ms
+    # end to end on a busy scheduler, so the taper stops at 0.25 s of work:
+    # a tail of 0.1 s chunks measured slower (16 workers x 1600 waits: 3.4 s
+    # against 2.8 s with this floor), and the idle tail it could save is at
+    # most one such chunk per worker.
+    supports_timeout: ClassVar[bool] = True
 
     workers: int
+    """Threads on the cluster now (re-read about once a second while chunks run)."""
 
     def __init__(self, config: BackendConfig, deliver: Deliver) -> None:
         try:
@@ -182,7 +210,6 @@ class DaskBackend:
             raise BackendUnavailableError(
                 f"the dask backend needs the 'distributed' package: {INSTALL_HINT}"
             ) from exc
-        _shut_down_before_distributed()
         options = dict(config.options)
         _check_options(options)
         self._deliver = deliver
@@ -191,6 +218,8 @@ class DaskBackend:
         self._token = uuid.uuid4().hex[:12]
         self._seq = itertools.count(1)  # next() is atomic under the GIL
         from distributed.scheduler import KilledWorker  # where every version defines it
+
+        _close_at_exit(self)
 
         self._killed_worker: type[BaseException] = KilledWorker
 
@@ -208,41 +237,38 @@ class DaskBackend:
         self._client, self._cluster, self._owns_client = _connect(
             distributed, options, config.workers
         )
+        self._default_workers = max(1, config.workers)
+        self.workers = self._default_workers
+        self._fn_lock = threading.Lock()  # held while scattering: blocks only new functions
+        self._fns: list[tuple[Callable[..., Any], _Shipped | _Future]] = []
+        self._init_box: _Shipped | _Future | None = None
+        self._threads_read_at = 0.0
         try:
-            if self._cluster is not None:
-                self.workers = max(1, config.workers)
-            else:
-                threads = sum(self._client.nthreads().values())
-                self.workers = threads if threads > 0 else max(1, config.workers)
-            self._init_box: _Future | None = None
+            self._read_threads()
             if init_blob is not None:
-                self._init_box = self._client.scatter(
-                    _Shipped(init_blob, self._token), broadcast=True, hash=False
-                )
+                self._init_box = self._box(init_blob)
         except BaseException:
             self._close_owned()
             raise
 
-        # Invariant: _lock guards _state, _ledger, _delivering and _stopping;
-        # a future is in the ledger exactly while it is in _done (added together).
+        # Invariant: _lock guards _state, _ledger and _delivering; a future
+        # is in the ledger from submit() until the results thread takes it.
         self._lock = threading.Lock()
         self._changed = threading.Condition(self._lock)
         self._state = _State.RUNNING
         self._ledger: dict[str, _InFlight] = {}
         self._delivering = 0  # chunks taken from the ledger, not yet delivered
-        self._stopping = False
-        self._fn_lock = threading.Lock()  # held while scattering: blocks only new functions
-        self._fns: list[tuple[Callable[..., Any], _Future]] = []
-        # as_completed gathers each result on the client's event loop as its
-        # task finishes (no thread of dask's own blocks, none is started) and
-        # hands (future, result) pairs to our results thread.
-        as_completed: Any = distributed.as_completed  # unannotated in distributed
-        self._done = as_completed(loop=self._client.loop, with_results=True, raise_errors=False)
+        # Each future's result is fetched by a coroutine on the client's event
+        # loop as its task finishes (many at once, no thread blocks) and
+        # lands here; None tells the results thread to end.
+        self._fetched: queue.SimpleQueue[tuple[_Future, str, Any] | None] = queue.SimpleQueue()
         self._thread = threading.Thread(
             target=self._results_loop, name=f"powerpool-dask-results-{self._token}", daemon=True
         )
         self._thread.start()
-        _live.add(self)
+        self._restarter = _Restarter(
+            self._client, f"powerpool-dask-restarts-{self._token}", after=self._spread
+        )
 
     # -- the Backend protocol -------------------------------------------------
 
@@ -277,6 +303,7 @@ class DaskBackend:
                 task_key=key,
                 epoch=chunk.epoch,
                 native_threads=self._native_threads,
+                timeout_s=chunk.timeout_s,
                 key=key,
                 pure=False,  # also implied by the unique key; said for the reader
                 retries=0,  # the core retries items; dask re-runs only on worker loss
@@ -289,7 +316,8 @@ class DaskBackend:
                 future.cancel()
                 raise PoolClosedError("the dask backend was shut down")
             self._ledger[key] = _InFlight(chunk, future, sent, prefailed, fn_box)
-            self._done.add(future)  # non-blocking: schedules a watcher on the event loop
+            # Thread-safe and non-blocking: the fetch runs on the event loop.
+            self._client.loop.add_callback(self._fetch, future)
             self._changed.notify_all()
 
     def cancel(self, epoch: int) -> None:
@@ -320,7 +348,6 @@ class DaskBackend:
             if self._state is not _State.RUNNING:
                 return
             self._state = _State.CLOSING
-            _live.discard(self)
             drain = wait and not kill
             doomed = [] if drain else [e for e in self._ledger.values() if not e.cancelled]
             for entry in doomed:
@@ -340,16 +367,16 @@ class DaskBackend:
         with self._lock:
             leftovers = list(self._ledger.values())
             self._ledger.clear()
-            self._stopping = True
             self._changed.notify_all()
-        self._done.clear()  # the results thread's wait on it ends within 0.1 s
+        self._fetched.put(None)
         for entry in leftovers:
             self._safe_deliver(_all_failed(entry.chunk, _cancelled_error))
         if not on_results_thread:
             self._thread.join()
         with self._fn_lock:
-            self._fns.clear()  # dropping the futures lets dask free the scattered copies
+            self._fns.clear()  # dropping the futures lets dask free the shipped copies
         self._init_box = None
+        self._restarter.close()
         self._close_owned()
         self._state = _State.CLOSED
 
@@ -358,7 +385,55 @@ class DaskBackend:
     def _running(self) -> bool:
         return self._state is _State.RUNNING
 
-    def _ship(self, fn: Callable[..., Any]) -> _Future:
+    def _read_threads(self) -> None:
+        """Update ``workers`` (and the chunk target) from the cluster's thread count.
+
+        Adaptive clusters grow and shrink while a run goes on; the core reads
+        ``workers`` before each refill and resizes its window and chunks.
+        """
+        self._threads_read_at = time.monotonic()
+        try:
+            info = self._client.scheduler_info(n_workers=0)  # totals only: one small reply
+            threads = int(info.get("total_threads", 0))
+        except TypeError:  # an older distributed without n_workers=
+            threads = sum(self._client.nthreads().values())
+        # A cluster whose workers are all gone (yet) still gets chunks sized
+        # for the workers it was asked for; dask queues them until some join.
+        workers = threads if threads > 0 else self._default_workers
+        self.chunk_target_s = _chunk_target_s(workers)
+        grew = workers > self.workers
+        self.workers = workers
+        if grew and self._fns:
+            self._spread()  # new workers get work only once they hold the scattered boxes
+
+    def _box(self, blob: bytes) -> _Shipped | _Future:
+        """What tasks get to reach ``blob``: the box itself, or a cluster future of it.
+
+        A small blob (a function pickled by name, a small closure) travels
+        inside each task: a dependency on cluster data would tie every
+        chunk to the workers holding a copy (dask runs a task where its
+        inputs are), so workers that join later, or come back after a
+        restart, would never get work. A big one (a ``functools.partial``
+        holding an array) is scattered to every worker once instead, and
+        copied again to workers that join (see _read_threads).
+        """
+        box = _Shipped(blob, self._token)
+        if len(blob) <= _INLINE_MAX_BYTES:
+            return box
+        future: _Future = self._client.scatter(box, broadcast=True, hash=False)
+        return future
+
+    def _spread(self) -> None:
+        """Copy the scattered boxes to every worker (after workers joined or restarted)."""
+        with self._fn_lock:
+            boxes = [box for _, box in self._fns if not isinstance(box, _Shipped)]
+        if self._init_box is not None and not isinstance(self._init_box, _Shipped):
+            boxes.append(self._init_box)
+        if boxes:
+            with contextlib.suppress(Exception):  # the scheduler is gone: nothing to spread
+                self._client.replicate(boxes)
+
+    def _ship(self, fn: Callable[..., Any]) -> _Shipped | _Future:
         """Scatter ``fn`` to every worker once; later chunks refer to the copy."""
         with self._fn_lock:
             for i, (known, box) in enumerate(self._fns):
@@ -371,39 +446,68 @@ class DaskBackend:
                 raise SerializationError(
                     f"the function {getattr(fn, '__qualname__', fn)!s} could not be pickled: {exc}"
                 ) from exc
-            box = self._client.scatter(_Shipped(blob, self._token), broadcast=True, hash=False)
+            box = self._box(blob)
             self._fns.append((fn, box))
             del self._fns[:-_FN_CACHE_SIZE]
             return box
 
     def _results_loop(self) -> None:
-        """Turn finished futures into ChunkResults, off dask's threads."""
-        while True:
-            with self._lock:
-                self._changed.wait_for(lambda: bool(self._ledger) or self._stopping)
-                if self._stopping:
-                    return
-            # Ends when every future added so far has been handed out.
-            for future, value in self._done:
+        """Turn fetched results into ChunkResults, off dask's threads."""
+        while (first := self._fetched.get()) is not None:
+            batch = [first]
+            with contextlib.suppress(queue.Empty):
+                while len(batch) < _BATCH_MAX:
+                    more = self._fetched.get_nowait()
+                    if more is None:
+                        self._fetched.put(None)  # seen again after this batch: end then
+                        break
+                    batch.append(more)
+            try:
+                self._deliver_batch(batch)
+            finally:
+                # Drop our references before blocking again: a Future kept
+                # alive keeps its task (and result) pinned on the cluster.
+                del first, batch
                 with self._lock:
-                    entry = self._ledger.pop(str(future.key), None)
-                    if entry is None:  # shutdown() already reported it
-                        continue
-                    self._delivering += 1
-                try:
-                    self._safe_deliver(self._collect(entry, future.status, value))
-                finally:
-                    # Drop our references before blocking again: a Future kept
-                    # alive keeps its task (and result) pinned on the cluster.
-                    del entry, future, value
-                    with self._lock:
-                        self._delivering -= 1
-                        self._changed.notify_all()
+                    self._delivering = 0
+                    self._changed.notify_all()
+
+    def _deliver_batch(self, batch: list[tuple[_Future, str, Any]]) -> None:
+        with self._lock:
+            taken = [(self._ledger.pop(str(f.key), None), status, v) for f, status, v in batch]
+            live = [(e, status, v) for e, status, v in taken if e is not None]
+            self._delivering += len(live)  # the others: shutdown() reported them
+        if time.monotonic() - self._threads_read_at > _THREADS_REFRESH_S:
+            # Before delivering: the core refills on delivery and should size
+            # those chunks for the cluster as it is now.
+            with contextlib.suppress(Exception):  # a lost scheduler: keep the old count
+                self._read_threads()
+        for entry, status, value in live:
+            self._safe_deliver(self._collect(entry, status, value))
+
+    async def _fetch(self, future: _Future) -> None:
+        """On the client's event loop: wait for ``future``, fetch its result, queue both.
+
+        Not ``distributed.as_completed(with_results=True)``: when a finished
+        task's result is lost before it is fetched and its recompute then
+        fails (e.g. ``KilledWorker``), as_completed's fetch raises inside it
+        and the future is never handed out, so the run would hang. Here every
+        outcome, that one included, reaches the results thread.
+        """
+        try:
+            value = await self._client.gather(future, asynchronous=True)
+            status = "finished"
+        except BaseException as exc:
+            if future.status == "cancelled" or isinstance(exc, CancelledError):
+                status, value = "cancelled", exc
+            else:
+                status, value = "error", (type(exc), exc, exc.__traceback__)
+        self._fetched.put((future, status, value))
 
     def _collect(self, entry: _InFlight, status: str, value: Any) -> ChunkResult:
-        """Build the ChunkResult from what as_completed gathered for ``entry``."""
+        """Build the ChunkResult from what :meth:`_fetch` got for ``entry``."""
         chunk = entry.chunk
-        if status == "cancelled" or isinstance(value, CancelledError):
+        if status == "cancelled":
             if entry.cancelled:
                 return _all_failed(chunk, _cancelled_error)
             # Not ours: the scheduler forgot the task (e.g. the client lost it).
@@ -412,7 +516,7 @@ class DaskBackend:
                 entry, functools.partial(_fresh, WorkerCrashedError, lost, value)
             )
         if status == "error":
-            _type, exc, tb = value  # what as_completed gives for a failed task
+            _type, exc, tb = value
             exc = exc.with_traceback(tb)
             if isinstance(exc, self._killed_worker):
                 return self._fail_sent(
@@ -421,18 +525,41 @@ class DaskBackend:
             # The task itself failed outside any item (we catch those).
             exc.__cause__ = RemoteTraceback(_format(exc))
             return self._fail_sent(entry, functools.partial(_same, exc))
-        where, busy_s, blob, *logs = value
-        if logs:  # the items' log records, for this process's handlers
+        report = TaskReport(*value)
+        where, busy_s = report.worker, report.busy_s
+        if report.logs is not None:  # the items' log records, for this process's handlers
             indices = [chunk.indices[position] for position in entry.sent]
-            records, dropped = logs[0]
-            deliver(records, dropped, indices, where, chunk.recorder)
+            records, dropped = report.logs
+            deliver_logs(records, dropped, indices, where, chunk.recorder)
         try:
-            sent_outcomes: list[tuple[bool, Any]] = pickle.loads(blob)
+            sent_outcomes: list[tuple[bool, Any]] = pickle.loads(report.outcomes)
         except Exception as exc:
             why = f"the results of this chunk could not be unpickled: {exc}"
             return self._fail_sent(entry, functools.partial(_fresh, SerializationError, why, exc))
-        outcomes = _merge(entry, [_rebuild(o) for o in sent_outcomes])
-        return ChunkResult(chunk, outcomes, worker=where, busy_s=busy_s)
+        sent_outcomes = [_rebuild(o) for o in sent_outcomes]
+        if report.late >= 0:
+            sent_outcomes.extend(self._late(entry, report))
+            busy_s = float(chunk.timeout_s or 0.0)
+        outcomes = _merge(entry, sent_outcomes)
+        # .of(): all-succeeded chunks carry plain values, which is also what
+        # feeds the core's chunk sizer (it learns only from such chunks).
+        return ChunkResult.of(chunk, outcomes, where, busy_s)
+
+    def _late(self, entry: _InFlight, report: TaskReport) -> list[Outcome]:
+        """Outcomes from the item that ran late on: it timed out, the rest never ran."""
+        chunk = entry.chunk
+        index = chunk.indices[entry.sent[report.late]]
+        if report.nanny:
+            self._restarter.restart(report.worker)
+            fate = "the worker was restarted to stop it"
+        else:
+            fate = "its thread was abandoned (a worker without a nanny cannot be restarted)"
+        late = ItemTimeoutError(
+            f"item {index} ran longer than its {chunk.timeout_s:g} s timeout on dask "
+            f"worker {report.worker}; {fate}"
+        )
+        lost: list[Outcome] = [(False, ItemLost())] * (len(entry.sent) - report.late - 1)
+        return [(False, late), *lost]
 
     def _fail_sent(self, entry: _InFlight, make: Callable[[], BaseException]) -> ChunkResult:
         failed: list[Outcome] = [(False, make()) for _ in entry.sent]
@@ -456,81 +583,9 @@ class DaskBackend:
 # -- client side helpers -----------------------------------------------------
 
 
-def _check_options(options: Mapping[str, Any]) -> None:
-    unknown = sorted(set(options) - _OPTIONS)
-    if unknown:
-        raise ValueError(
-            f"unknown dask option(s) {', '.join(unknown)}; known: {', '.join(sorted(_OPTIONS))}"
-        )
-    given = [k for k in ("address", "scheduler_file", "client") if options.get(k) is not None]
-    if len(given) > 1:
-        raise ValueError(f"give at most one of address, scheduler_file, client (got {given})")
-    if options.get("client") is not None and options.get("security") is not None:
-        raise ValueError("security= applies to a new Client; the given client has its own")
-    if options.get("cluster_kwargs") and given:
-        raise ValueError("cluster_kwargs only applies when powerpool starts a LocalCluster")
-
-
-def _connect(
-    distributed: Any, options: Mapping[str, Any], workers: int
-) -> tuple[_Client, _Cluster | None, bool]:
-    """Return (client, cluster we started or None, whether we own the client)."""
-    client = options.get("client")
-    if client is not None:
-        if not isinstance(client, distributed.Client):
-            raise TypeError(f"client= must be a distributed.Client, not {type(client).__name__}")
-        if client.asynchronous:
-            raise ValueError("client= must be a synchronous Client (asynchronous=False)")
-        return client, None, False
-    security = options.get("security")
-    address = options.get("address")
-    scheduler_file = options.get("scheduler_file")
-    if address is not None or scheduler_file is not None:
-        where = address if address is not None else f"scheduler file {scheduler_file}"
-        try:
-            new = distributed.Client(
-                address,
-                scheduler_file=scheduler_file,
-                security=security,
-                set_as_default=False,  # never hijack the caller's default dask scheduler
-            )
-        except OSError as exc:
-            raise OSError(f"could not connect to the dask scheduler at {where}: {exc}") from exc
-        return new, None, True
-    kwargs: dict[str, Any] = {
-        "n_workers": max(1, workers),
-        "threads_per_worker": 1,  # the pool's workers are processes, like backend="processes"
-        "processes": True,
-        # A free port, not :8787: a second cluster would find 8787 taken and
-        # warn (None does not help: the scheduler's HTTP server still takes 8787).
-        "dashboard_address": ":0",
-    }
-    if security is not None:
-        kwargs["security"] = security
-    kwargs.update(options.get("cluster_kwargs") or {})
-    cluster = distributed.LocalCluster(**kwargs)
-    try:
-        new = distributed.Client(cluster, security=cluster.security, set_as_default=False)
-    except BaseException:
-        cluster.close()
-        raise
-    return new, cluster, True
-
-
-def _dumps(obj: object) -> bytes:
-    """Pickle ``obj``, with cloudpickle where plain pickle cannot (lambdas, ``__main__``)."""
-    try:
-        blob = pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL)
-    except Exception:
-        blob = b"__main__"  # fall through to cloudpickle below
-    # Same test as distributed's own: a reference to __main__ cannot be
-    # resolved in another process, so such objects are pickled by value.
-    if b"__main__" not in blob:
-        return blob
-    import cloudpickle
-
-    data: bytes = cloudpickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL)
-    return data
+def _chunk_target_s(threads: int) -> float:
+    """Seconds of work per chunk for a cluster of ``threads`` worker threads."""
+    return max(DaskBackend.chunk_target_s, threads * _TASK_COST_S / _SCHEDULER_SHARE)
 
 
 def _pack_items(chunk: Chunk) -> tuple[bytes, list[int], dict[int, BaseException]]:
@@ -600,234 +655,3 @@ def _rebuild(outcome: tuple[bool, Any]) -> Outcome:
     if ok or not isinstance(value, _RemoteFailure):
         return ok, value
     return False, value.rebuild()
-
-
-# -- shared by both sides ----------------------------------------------------
-
-_UNSET: Any = object()
-
-
-class _Shipped:
-    """Bytes pickled once on the client and unpickled at most once per worker.
-
-    Scattered with ``broadcast=True``: each worker receives the bytes once
-    and every task on it gets this same object, so ``load()`` unpickles the
-    function (and a functools.partial's big arguments) once per worker, not
-    once per chunk. After loading, the bytes are dropped to halve the memory;
-    they are rebuilt only if dask copies the object to a new worker.
-    """
-
-    __slots__ = ("_blob", "_lock", "_value", "token")
-
-    def __init__(self, blob: bytes, token: str) -> None:
-        self._blob: bytes | None = blob
-        self.token = token
-        self._lock = threading.Lock()
-        self._value: Any = _UNSET
-
-    def __getstate__(self) -> tuple[bytes, str]:
-        with self._lock:
-            blob = self._blob if self._blob is not None else _dumps(self._value)
-        return blob, self.token
-
-    def __setstate__(self, state: tuple[bytes, str]) -> None:
-        self._blob, self.token = state
-        self._lock = threading.Lock()
-        self._value = _UNSET
-
-    def load(self) -> Any:
-        with self._lock:
-            if self._value is _UNSET:
-                assert self._blob is not None  # invariant: one of the two is set
-                self._value = pickle.loads(self._blob)
-                self._blob = None
-            return self._value
-
-
-class _RemoteFailure:
-    """An item's exception on its way back, with the worker traceback as text.
-
-    Exceptions lose ``__cause__`` when pickled, so the traceback (and, for an
-    initializer failure, the original error) travel beside it and are
-    attached again on the client by :meth:`rebuild`.
-    """
-
-    __slots__ = ("cause", "exc", "tb")
-
-    def __init__(self, exc: BaseException, tb: str, cause: _RemoteFailure | None = None) -> None:
-        self.exc = exc
-        self.tb = tb
-        self.cause = cause
-
-    def __reduce__(self) -> tuple[object, ...]:
-        return (_RemoteFailure, (self.exc, self.tb, self.cause))
-
-    @classmethod
-    def capture(cls, exc: BaseException) -> _RemoteFailure:
-        """Record ``exc``; one that cannot cross the wire becomes a SerializationError."""
-        tb = _format(exc)
-        try:
-            pickle.loads(_dumps(exc))  # both ways: a bad __init__ fails only on loads
-        except Exception as why:
-            name = f"{type(exc).__module__}.{type(exc).__qualname__}"
-            exc = SerializationError(f"{name}: {exc} (the exception could not be pickled: {why})")
-        return cls(exc, tb)
-
-    def rebuild(self) -> BaseException:
-        exc = self.exc
-        exc.__cause__ = self.cause.rebuild() if self.cause else RemoteTraceback(self.tb)
-        return exc
-
-
-# -- worker side -------------------------------------------------------------
-
-_INIT_LOCK = threading.Lock()
-_INIT_DONE: dict[tuple[str, str], _RemoteFailure | None] = {}
-"""(backend token, worker address) -> None once the initializer ran, or its failure.
-
-Lives in each worker process; keyed by worker too because several in-process
-workers (LocalCluster(processes=False)) share one module."""
-
-
-def _initialize(box: _Shipped, where: str) -> _RemoteFailure | None:
-    """Run the pool's initializer once per worker, before that worker's first item."""
-    key = (box.token, where)
-    with _INIT_LOCK:  # held while it runs: the worker's other threads must wait for it
-        if key in _INIT_DONE:
-            return _INIT_DONE[key]
-        failure: _RemoteFailure | None = None
-        try:
-            initializer, initargs = box.load()
-            initializer(*initargs)
-        except Exception as exc:
-            failure = _RemoteFailure(
-                InitializerError(
-                    f"the pool's initializer raised {type(exc).__name__}: {exc} "
-                    f"(on dask worker {where})"
-                ),
-                tb="",
-                cause=_RemoteFailure.capture(exc),
-            )
-        _INIT_DONE[key] = failure
-        return failure
-
-
-class _TaskCancelled:
-    """Stop flag for one task: reads the worker's own state for the task's key.
-
-    ``client.cancel`` makes the scheduler tell the worker to forget the key;
-    the worker marks a running task "cancelled" (or drops it). Reading that is
-    a dict lookup in this process, cheap enough to poll in a tight loop.
-    """
-
-    __slots__ = ("_epoch", "_key", "_tasks")
-
-    def __init__(self, key: str, epoch: int) -> None:
-        self._key = key
-        self._epoch = epoch
-        try:
-            from distributed import get_worker
-
-            self._tasks: Mapping[Any, Any] | None = get_worker().state.tasks
-        except Exception:  # not inside a dask worker (direct call in a test)
-            self._tasks = None
-
-    @property
-    def value(self) -> int:
-        if self._tasks is None:
-            return -1
-        task = self._tasks.get(self._key)
-        if task is None or task.state in ("cancelled", "released", "forgotten"):
-            return self._epoch
-        return -1
-
-    @value.setter
-    def value(self, _new: int) -> None:
-        raise AttributeError("a dask task's stop flag is set by the scheduler only")
-
-
-def _worker_address() -> str:
-    try:
-        from distributed import get_worker
-
-        return str(get_worker().address)
-    except Exception:
-        return f"pid {os.getpid()}"
-
-
-def _run_chunk(
-    fn_box: _Shipped,
-    init_box: _Shipped | None,
-    blob: bytes,
-    *,
-    n_items: int,
-    task_key: str,
-    epoch: int,
-    native_threads: int | None,
-) -> tuple[Any, ...]:
-    """Worker side: run every call of one chunk; return (worker, busy_s, pickled
-    outcomes) and, once items ran, ((log record dicts, dropped),)."""
-    where = _worker_address()
-    failure = _initialize(init_box, where) if init_box is not None else None
-    if failure is not None:
-        return where, 0.0, _dump_outcomes([(False, failure)] * n_items)
-    try:
-        fn = fn_box.load()
-        calls: list[tuple[tuple[Any, ...], dict[str, Any]]] = pickle.loads(blob)
-    except Exception as exc:  # e.g. a module importable on the client but not here
-        return where, 0.0, _dump_outcomes([(False, _RemoteFailure.capture(exc))] * n_items)
-    outcomes: list[tuple[bool, Any]] = []
-    token = StopToken(_TaskCancelled(task_key, epoch), epoch)
-    start = time.perf_counter()
-    with running(token), _native_limit(native_threads), captured(lambda: len(outcomes)) as logs:
-        for args, kwargs in calls:
-            if token.is_set():
-                break  # dask discards a cancelled task's result: skip the rest
-            try:
-                outcomes.append((True, fn(*args, **kwargs)))
-            except (Exception, SystemExit) as exc:
-                outcomes.append((False, _RemoteFailure.capture(exc)))
-    busy_s = time.perf_counter() - start
-    stopped = _RemoteFailure(CancelledError("cancelled"), tb="")
-    outcomes.extend([(False, stopped)] * (len(calls) - len(outcomes)))
-    return where, busy_s, _dump_outcomes(outcomes), (logs.records, logs.dropped)
-
-
-def _native_limit(native_threads: int | None) -> contextlib.AbstractContextManager[object]:
-    """Cap BLAS/OpenMP threads for one chunk, when the pool asked for a cap.
-
-    Per chunk, not once per worker: threadpoolctl limits only the libraries
-    loaded so far, and the function may load numpy on its first call. It
-    costs under 1 ms per 0.2 s chunk. Without a cap, dask's default holds
-    (nannies start workers with OMP/MKL/OPENBLAS_NUM_THREADS=1).
-    """
-    if native_threads is None:
-        return contextlib.nullcontext()
-    from threadpoolctl import threadpool_limits
-
-    limits: contextlib.AbstractContextManager[object] = threadpool_limits(limits=native_threads)
-    return limits
-
-
-def _dump_outcomes(outcomes: list[tuple[bool, Any]]) -> bytes:
-    """Pickle the outcomes; a result that cannot be pickled fails alone."""
-    try:
-        return _dumps(outcomes)
-    except Exception:
-        pass
-    checked: list[tuple[bool, Any]] = []
-    for ok, value in outcomes:
-        try:
-            _dumps(value)
-        except Exception as exc:
-            err = SerializationError(
-                f"the result (a {type(value).__qualname__}) could not be pickled: {exc}"
-            )
-            checked.append((False, _RemoteFailure(err, tb=_format(exc))))
-        else:
-            checked.append((ok, value))
-    return _dumps(checked)
-
-
-def _format(exc: BaseException) -> str:
-    return "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))

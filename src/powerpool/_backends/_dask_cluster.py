@@ -1,0 +1,186 @@
+"""Reaching a dask cluster and looking after it for the dask backend.
+
+* :func:`_connect`: a Client for ``address=``, ``scheduler_file=``,
+  ``client=`` (borrowed, never closed here) or a LocalCluster of our own;
+* :class:`_Restarter`: restarts, through their nanny, the workers whose item
+  ran past its timeout (the only way to end a thread dask cannot stop);
+* :func:`_close_at_exit`: shuts the backends down at interpreter exit before
+  distributed's own exit hooks close their clusters under them.
+"""
+
+from __future__ import annotations
+
+import atexit
+import contextlib
+import logging
+import queue
+import threading
+import weakref
+from collections.abc import Callable, Mapping
+from typing import Any, Protocol
+
+__all__ = ["_OPTIONS", "_Restarter", "_check_options", "_close_at_exit", "_connect"]
+
+_log = logging.getLogger("powerpool")
+
+# distributed's Client and LocalCluster are only partly annotated.
+_Client = Any
+_Cluster = Any
+
+
+class _ShutsDown(Protocol):
+    def shutdown(self, *, wait: bool = True, kill: bool = False) -> None: ...
+
+
+_OPTIONS = frozenset({"address", "client", "cluster_kwargs", "scheduler_file", "security"})
+"""Keys of ``BackendConfig.options`` this backend understands; others are typos."""
+
+
+_RESTART_TIMEOUT_S = 30.0
+# How long a nanny gets to stop a worker whose item ran late (it asks the
+# worker to close, and kills it after 80 % of this): generous, because a
+# restart that gives up leaves the abandoned thread running.
+
+
+class _Restarter:
+    """Restarts workers whose item ran late, one at a time, off the results thread.
+
+    A restart takes seconds (the nanny stops the process and starts a new
+    one); doing it here keeps the other chunks' results flowing meanwhile.
+    The thread starts on the first restart and ends at :meth:`close`.
+    """
+
+    def __init__(self, client: _Client, name: str, after: Callable[[], None]) -> None:
+        self._client = client
+        self._name = name
+        self._after = after
+        self._lock = threading.Lock()
+        self._queue: queue.SimpleQueue[str | None] = queue.SimpleQueue()
+        self._thread: threading.Thread | None = None
+        self._closed = False
+
+    def restart(self, worker: str) -> None:
+        with self._lock:
+            if self._closed:
+                return
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._loop, name=self._name, daemon=True)
+                self._thread.start()
+        self._queue.put(worker)
+
+    def close(self) -> None:
+        """Let a restart under way finish (the client must outlive it), drop the rest."""
+        with self._lock:
+            self._closed = True
+            thread = self._thread
+        if thread is not None:
+            self._queue.put(None)
+            thread.join()
+
+    def _loop(self) -> None:
+        while (worker := self._queue.get()) is not None:
+            if self._closed:
+                continue
+            try:
+                self._client.restart_workers(
+                    [worker], timeout=_RESTART_TIMEOUT_S, raise_for_error=False
+                )
+            except Exception:  # gone already, or the scheduler is: nothing left to stop
+                _log.debug("could not restart dask worker %s", worker, exc_info=True)
+            else:
+                self._after()
+
+
+_LIVE: weakref.WeakSet[_ShutsDown] = weakref.WeakSet()
+"""Backends not yet shut down, closed by :func:`_close_live` at interpreter exit."""
+_LIVE_LOCK = threading.Lock()
+_AT_EXIT_REGISTERED = False
+
+
+def _close_at_exit(backend: _ShutsDown) -> None:
+    """Make sure ``backend`` is shut down at exit *before* distributed's own exit hooks.
+
+    A warm pool's backend would otherwise be shut down by powerpool's exit
+    hook, which runs after distributed's (``atexit`` runs hooks in reverse
+    order, and distributed registers its hooks when first imported, after
+    powerpool): the LocalCluster would be closed under a live client and
+    live futures ("lost scattered data", restarts cut short). Registering
+    here, after ``import distributed``, puts this hook first.
+    """
+    global _AT_EXIT_REGISTERED
+    with _LIVE_LOCK:
+        _LIVE.add(backend)
+        if not _AT_EXIT_REGISTERED:
+            import distributed.deploy.spec  # noqa: F401  (its exit hook must be registered first)
+
+            atexit.register(_close_live)
+            _AT_EXIT_REGISTERED = True
+
+
+def _close_live() -> None:
+    with _LIVE_LOCK:
+        live = list(_LIVE)
+    for backend in live:
+        with contextlib.suppress(Exception):
+            backend.shutdown(wait=False)
+
+
+def _check_options(options: Mapping[str, Any]) -> None:
+    unknown = sorted(set(options) - _OPTIONS)
+    if unknown:
+        raise ValueError(
+            f"unknown dask option(s) {', '.join(unknown)}; known: {', '.join(sorted(_OPTIONS))}"
+        )
+    given = [k for k in ("address", "scheduler_file", "client") if options.get(k) is not None]
+    if len(given) > 1:
+        raise ValueError(f"give at most one of address, scheduler_file, client (got {given})")
+    if options.get("client") is not None and options.get("security") is not None:
+        raise ValueError("security= applies to a new Client; the given client has its own")
+    if options.get("cluster_kwargs") and given:
+        raise ValueError("cluster_kwargs only applies when powerpool starts a LocalCluster")
+
+
+def _connect(
+    distributed: Any, options: Mapping[str, Any], workers: int
+) -> tuple[_Client, _Cluster | None, bool]:
+    """Return (client, cluster we started or None, whether we own the client)."""
+    client = options.get("client")
+    if client is not None:
+        if not isinstance(client, distributed.Client):
+            raise TypeError(f"client= must be a distributed.Client, not {type(client).__name__}")
+        if client.asynchronous:
+            raise ValueError("client= must be a synchronous Client (asynchronous=False)")
+        return client, None, False
+    security = options.get("security")
+    address = options.get("address")
+    scheduler_file = options.get("scheduler_file")
+    if address is not None or scheduler_file is not None:
+        where = address if address is not None else f"scheduler file {scheduler_file}"
+        try:
+            new = distributed.Client(
+                address,
+                scheduler_file=scheduler_file,
+                security=security,
+                set_as_default=False,  # never hijack the caller's default dask scheduler
+            )
+        except OSError as exc:
+            raise OSError(f"could not connect to the dask scheduler at {where}: {exc}") from exc
+        return new, None, True
+    kwargs: dict[str, Any] = {
+        "n_workers": max(1, workers),
+        "threads_per_worker": 1,  # the pool's workers are processes, like backend="processes"
+        "processes": True,
+        # A free port, not :8787: a second cluster would find 8787 taken and
+        # warn (None does not help: the scheduler's HTTP server still takes 8787).
+        "dashboard_address": ":0",
+    }
+    if security is not None:
+        kwargs["security"] = security
+    kwargs.update(options.get("cluster_kwargs") or {})
+    cluster = distributed.LocalCluster(**kwargs)
+    try:
+        new = distributed.Client(cluster, security=cluster.security, set_as_default=False)
+    except BaseException:
+        cluster.close()
+        raise
+    return new, cluster, True
