@@ -266,9 +266,7 @@ class DaskBackend:
             target=self._results_loop, name=f"powerpool-dask-results-{self._token}", daemon=True
         )
         self._thread.start()
-        self._restarter = _Restarter(
-            self._client, f"powerpool-dask-restarts-{self._token}", after=self._spread
-        )
+        self._restarter = _Restarter(self._client, f"powerpool-dask-restarts-{self._token}")
 
     # -- the Backend protocol -------------------------------------------------
 
@@ -376,8 +374,17 @@ class DaskBackend:
         with self._fn_lock:
             self._fns.clear()  # dropping the futures lets dask free the shipped copies
         self._init_box = None
-        self._restarter.close()
-        self._close_owned()
+        self._restarter.stop()
+        if self._cluster is None:
+            # Someone else's cluster lives on: let a restart under way finish
+            # so that it gets its worker back, then let go of the client.
+            self._restarter.join()
+            self._close_owned()
+        else:
+            # Our own LocalCluster goes now: no reason to wait for a restart
+            # (a new worker process) first. Closing the client ends it.
+            self._close_owned()
+            self._restarter.join()
         self._state = _State.CLOSED
 
     # -- internals ------------------------------------------------------------
@@ -424,7 +431,7 @@ class DaskBackend:
         return future
 
     def _spread(self) -> None:
-        """Copy the scattered boxes to every worker (after workers joined or restarted)."""
+        """Copy the scattered boxes to every worker (after workers joined)."""
         with self._fn_lock:
             boxes = [box for _, box in self._fns if not isinstance(box, _Shipped)]
         if self._init_box is not None and not isinstance(self._init_box, _Shipped):

@@ -15,8 +15,9 @@ import contextlib
 import logging
 import queue
 import threading
+import time
 import weakref
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from typing import Any, Protocol
 
 __all__ = ["_OPTIONS", "_Restarter", "_check_options", "_close_at_exit", "_connect"]
@@ -50,10 +51,9 @@ class _Restarter:
     The thread starts on the first restart and ends at :meth:`close`.
     """
 
-    def __init__(self, client: _Client, name: str, after: Callable[[], None]) -> None:
+    def __init__(self, client: _Client, name: str) -> None:
         self._client = client
         self._name = name
-        self._after = after
         self._lock = threading.Lock()
         self._queue: queue.SimpleQueue[str | None] = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
@@ -68,13 +68,20 @@ class _Restarter:
                 self._thread.start()
         self._queue.put(worker)
 
-    def close(self) -> None:
-        """Let a restart under way finish (the client must outlive it), drop the rest."""
+    def stop(self) -> None:
+        """Start no further restart; one under way goes on (see :meth:`join`)."""
         with self._lock:
             self._closed = True
+            if self._thread is not None:
+                self._queue.put(None)
+
+    def join(self) -> None:
+        """Wait for the thread: for a restart under way to finish, or to fail
+        because the caller closed the client (what shutdown does with a
+        LocalCluster of its own, which is about to go anyway)."""
+        with self._lock:
             thread = self._thread
         if thread is not None:
-            self._queue.put(None)
             thread.join()
 
     def _loop(self) -> None:
@@ -82,13 +89,21 @@ class _Restarter:
             if self._closed:
                 continue
             try:
-                self._client.restart_workers(
-                    [worker], timeout=_RESTART_TIMEOUT_S, raise_for_error=False
+                # The scheduler's own call: it kills the process through the
+                # nanny and returns, without waiting for the new process to
+                # join (Client.restart_workers waits, and first fetches every
+                # worker's details: slow on a big cluster, and a shutdown
+                # would cut its wait short with an error in the log).
+                self._client.sync(
+                    self._client.scheduler.restart_workers,
+                    workers=[worker],
+                    timeout=_RESTART_TIMEOUT_S,
+                    wait_for_workers=False,
+                    on_error="return",
+                    stimulus_id=f"powerpool-late-item-{time.time()}",
                 )
-            except Exception:  # gone already, or the scheduler is: nothing left to stop
+            except BaseException:  # gone already, or the scheduler or client is: nothing to stop
                 _log.debug("could not restart dask worker %s", worker, exc_info=True)
-            else:
-                self._after()
 
 
 _LIVE: weakref.WeakSet[_ShutsDown] = weakref.WeakSet()
