@@ -609,6 +609,24 @@ def test_a_lost_result_whose_recompute_kills_its_worker_fails_the_item(
     assert "died" in str(err)
 
 
+def test_workers_follow_the_cluster_as_it_grows(make_backend: Any, tmp_path: Path) -> None:
+    with dask.config.set({"temporary-directory": str(tmp_path)}):
+        backend, collector = make_backend(
+            workers=1, options={"cluster_kwargs": {"processes": False}}
+        )
+    assert backend.workers == 1
+    backend._cluster.scale(3)
+    backend._client.wait_for_workers(3, timeout=RESULT_TIMEOUT_S)
+
+    def grown() -> bool:
+        # Results arriving make the backend read the thread count again.
+        backend.submit(chunk_of(square, [2]))
+        assert collector.take(1)[0].outcomes == [(True, 4)]
+        return backend.workers == 3
+
+    wait_until(grown, RESULT_TIMEOUT_S, "the backend to see the new workers")
+
+
 def test_shipped_box_can_be_copied_again_after_loading() -> None:
     # _Shipped drops its bytes once loaded but can still be copied on.
     from powerpool._backends._dask import _dumps, _Shipped

@@ -393,25 +393,41 @@ class DaskBackend:
         return self._state is _State.RUNNING
 
     def _read_threads(self) -> None:
-        """Update ``workers`` (and the chunk target) from the cluster's thread count.
-
-        Adaptive clusters grow and shrink while a run goes on; the core reads
-        ``workers`` before each refill and resizes its window and chunks.
-        """
+        """Set ``workers`` from the cluster's thread count (a blocking call: start-up only)."""
         self._threads_read_at = time.monotonic()
         try:
             info = self._client.scheduler_info(n_workers=0)  # totals only: one small reply
             threads = int(info.get("total_threads", 0))
         except TypeError:  # an older distributed without n_workers=
             threads = sum(self._client.nthreads().values())
+        self._set_threads(threads)
+
+    async def _refresh_threads(self) -> None:
+        """On the client's event loop: read the thread count again, without blocking anyone.
+
+        Adaptive clusters grow and shrink while a run goes on; the core reads
+        ``workers`` before each refill and resizes its window and chunks.
+        """
+        try:
+            info = await self._client.scheduler.identity(n_workers=0)
+            threads = int(info.get("total_threads", 0))
+        except Exception:  # an older scheduler, or none left: keep the old count
+            return
+        if self._set_threads(threads):
+            boxes = self._scattered_boxes()
+            if boxes:  # new workers get work only once they hold the scattered boxes
+                with contextlib.suppress(Exception):
+                    await self._client.replicate(boxes, asynchronous=True)
+
+    def _set_threads(self, threads: int) -> bool:
+        """Size for ``threads`` worker threads; whether the cluster grew."""
         # A cluster whose workers are all gone (yet) still gets chunks sized
         # for the workers it was asked for; dask queues them until some join.
         workers = threads if threads > 0 else self._default_workers
         self.chunk_target_s = _chunk_target_s(workers)
         grew = workers > self.workers
         self.workers = workers
-        if grew and self._fns:
-            self._spread()  # new workers get work only once they hold the scattered boxes
+        return grew
 
     def _box(self, blob: bytes) -> _Shipped | _Future:
         """What tasks get to reach ``blob``: the box itself, or a cluster future of it.
@@ -422,7 +438,7 @@ class DaskBackend:
         inputs are), so workers that join later, or come back after a
         restart, would never get work. A big one (a ``functools.partial``
         holding an array) is scattered to every worker once instead, and
-        copied again to workers that join (see _read_threads).
+        copied again to workers that join (see _refresh_threads).
         """
         box = _Shipped(blob, self._token)
         if len(blob) <= _INLINE_MAX_BYTES:
@@ -430,15 +446,13 @@ class DaskBackend:
         future: _Future = self._client.scatter(box, broadcast=True, hash=False)
         return future
 
-    def _spread(self) -> None:
-        """Copy the scattered boxes to every worker (after workers joined)."""
+    def _scattered_boxes(self) -> list[_Future]:
+        """The cluster futures of the big functions (and initializer) in use."""
         with self._fn_lock:
             boxes = [box for _, box in self._fns if not isinstance(box, _Shipped)]
         if self._init_box is not None and not isinstance(self._init_box, _Shipped):
             boxes.append(self._init_box)
-        if boxes:
-            with contextlib.suppress(Exception):  # the scheduler is gone: nothing to spread
-                self._client.replicate(boxes)
+        return boxes
 
     def _ship(self, fn: Callable[..., Any]) -> _Shipped | _Future:
         """Scatter ``fn`` to every worker once; later chunks refer to the copy."""
@@ -485,10 +499,10 @@ class DaskBackend:
             live = [(e, status, v) for e, status, v in taken if e is not None]
             self._delivering += len(live)  # the others: shutdown() reported them
         if time.monotonic() - self._threads_read_at > _THREADS_REFRESH_S:
-            # Before delivering: the core refills on delivery and should size
-            # those chunks for the cluster as it is now.
-            with contextlib.suppress(Exception):  # a lost scheduler: keep the old count
-                self._read_threads()
+            # Asked on the event loop: a blocking call here would hold up
+            # every result behind one scheduler round trip.
+            self._threads_read_at = time.monotonic()
+            self._client.loop.add_callback(self._refresh_threads)
         for entry, status, value in live:
             self._safe_deliver(self._collect(entry, status, value))
 
