@@ -343,6 +343,12 @@ def test_unpicklable_argument_is_reported() -> None:
     assert prof.unpicklable.startswith("argument")
 
 
+@pytest.mark.xfail(
+    sys.version_info >= (3, 13),
+    strict=True,
+    reason="bug: on Python 3.13 cProfile (sys.monitoring) sees every thread and files the "
+    "heartbeat thread's frames under the profiled call, so threading's waits rank first",
+)
 @pytest.mark.timeout(60)
 def test_hotspots_name_the_users_functions() -> None:
     def inner(n: int) -> int:
