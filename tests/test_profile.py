@@ -316,9 +316,12 @@ def test_every_field_is_documented() -> None:
     import ast
     import inspect
 
+    # The module's source, not the class's: inspect.getsource() of a slotted
+    # dataclass fails on Python 3.13.0 (no __firstlineno__ on the new class).
+    tree = ast.parse(inspect.getsource(_profile))
+    classes = {node.name: node for node in tree.body if isinstance(node, ast.ClassDef)}
     for cls in (Profile, Hotspot):
-        tree = ast.parse(inspect.getsource(cls))
-        body = tree.body[0].body  # type: ignore[attr-defined]
+        body = classes[cls.__name__].body
         documented = {
             node.target.id
             for node, after in itertools.pairwise(body)

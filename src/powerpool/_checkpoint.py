@@ -28,6 +28,7 @@ from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from types import TracebackType
+from typing import NoReturn
 
 from ._errors import CheckpointMismatchError
 
@@ -201,17 +202,27 @@ class Journal:
 def _connect(path: Path) -> sqlite3.Connection:
     # isolation_level=None would autocommit every statement; the default
     # (deferred transactions, committed by `with conn`) is what batching needs.
+    conn: sqlite3.Connection | None = None
     try:
         conn = sqlite3.connect(path, timeout=10.0)
         conn.execute("PRAGMA synchronous=NORMAL")
         conn.execute("SELECT count(*) FROM sqlite_master").fetchone()
-    except sqlite3.OperationalError as exc:  # unable to open (a directory, no permission), locked
-        raise OSError(f"cannot open checkpoint {path}: {exc}") from None
-    except sqlite3.DatabaseError as exc:  # "file is not a database"
-        raise CheckpointMismatchError(
-            f"{path} is not a powerpool checkpoint ({exc}); pass another --checkpoint path"
-        ) from None
+    except sqlite3.DatabaseError as exc:
+        if conn is not None:
+            conn.close()  # Python 3.13 warns (an error in the tests) about one left open
+        _refuse(path, exc)
+    assert conn is not None
     return conn
+
+
+def _refuse(path: Path, exc: sqlite3.DatabaseError) -> NoReturn:
+    """The error for a checkpoint file that cannot be opened or is not one."""
+    if isinstance(exc, sqlite3.OperationalError):
+        # unable to open (a directory, no permission), locked
+        raise OSError(f"cannot open checkpoint {path}: {exc}") from None
+    raise CheckpointMismatchError(  # "file is not a database"
+        f"{path} is not a powerpool checkpoint ({exc}); pass another --checkpoint path"
+    ) from None
 
 
 def _rows(reader: sqlite3.Connection, cursor: sqlite3.Cursor) -> Iterator[tuple[int, str]]:
