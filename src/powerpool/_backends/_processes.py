@@ -155,9 +155,9 @@ def _preload_worker(context: BaseContext) -> bool:
         return True
     if getattr(server, "_forkserver_pid", None) is not None:
         return False  # started without it
-    # "__main__" is dropped from the default list: nothing of ours needs the
-    # script there (see _mainfn), and a server that ran it would run an
-    # unguarded script's work.
+    # "__main__" (multiprocessing's default entry) is dropped: nothing needs the
+    # script there (see _mainfn), a server that ran it would run an unguarded
+    # script's work, and on 3.10-3.13 the server never gets its path anyway.
     context.set_forkserver_preload([m for m in modules if m != "__main__"] + [_PRELOAD])
     return True
 
