@@ -292,3 +292,19 @@ def poll_until_stopped(directory: str) -> float:
 
 def stop_requested(_: object) -> bool:
     return powerpool.should_stop()
+
+
+def return_two_arg_error_or_raise(x: int) -> Any:
+    """BAD returns a result that won't unpickle in the caller; BAD + 1 raises."""
+    if x == BAD + 1:
+        raise CustomError(f"bad input {x}")
+    return return_two_arg_error(x)
+
+
+def array_or_two_arg_error(x: int) -> Any:
+    """An array of ``x`` items, except BAD: a result that won't unpickle in the caller."""
+    import numpy as np
+
+    if x == BAD:
+        return TwoArgError(3, "beside arrays")
+    return np.arange(x)

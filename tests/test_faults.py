@@ -565,13 +565,6 @@ def test_many_functions_keep_the_worker_function_caches_in_step() -> None:
             assert pool.map(fn, range(4), chunksize=2) == [i + x for x in range(4)]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: the results of a chunk travel as one pickle that the caller's thread "
-    "unpickles; a result that pickles in the worker but fails to unpickle in the caller "
-    "(here an exception instance whose __init__ needs two arguments) fails every item of "
-    "its chunk with 'a result could not be unpickled here', not that item alone",
-)
 def test_result_that_fails_to_unpickle_in_the_caller_fails_alone() -> None:
     with pp.Pool("processes", workers=WORKERS, progress=False) as pool:
         results = pool.map(fh.return_two_arg_error, ITEMS, chunksize=8, errors="return")

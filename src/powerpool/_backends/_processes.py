@@ -54,6 +54,7 @@ from .._recorder import WorkerTiming
 from .._system import usable_cores
 from .._task import Chunk, ChunkResult, Item, ItemLost, Outcome
 from ._base import BackendConfig, Deliver
+from ._wire import decode
 from ._worker import (
     BARE,
     KEYWORDS,
@@ -726,16 +727,7 @@ def _decoder(
     body: bytes, n_items: int
 ) -> Callable[[], tuple[list[Outcome] | None, list[Any] | None]]:
     """Unpickle a worker's results later, in the consumer's thread (see ChunkResult)."""
-
-    def decode() -> tuple[list[Outcome] | None, list[Any] | None]:
-        try:
-            kind, results = pickle.loads(body)
-        except Exception as exc:
-            error = SerializationError(f"a result could not be unpickled here: {exc!r}")
-            return [(False, error)] * n_items, None
-        return (None, results) if kind == "values" else (results, None)
-
-    return decode
+    return lambda: decode(body, n_items)
 
 
 def _all_failed(chunk: Chunk, error: BaseException, worker: str) -> ChunkResult:

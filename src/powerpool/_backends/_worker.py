@@ -14,7 +14,8 @@ the small first one; the results are unpickled by the consumer's thread)::
     pickle((chunk_id, busy_s))                        or, when ``traced``,
     pickle((chunk_id, busy_s, None, timing))          see _recorder.WorkerTiming
     pickle(("values", [result, ...]))                 every item succeeded, or
-    pickle(("outcomes", [(ok, value | ShippedError)]))
+    pickle(("outcomes", [(ok, value | ShippedError)])), or
+    pickle(("framed", ...))                           one pickle per item (see _wire)
 
 ``traced`` is 0 (no report asked for: nothing is measured beyond busy_s),
 TRACE_CHUNKS (time the chunk's phases) or TRACE_ITEMS (also each item's end).
@@ -57,6 +58,7 @@ from .._mainfn import Install, load, refresh
 from .._stop import StopToken, running
 from .._system import set_worker_cores
 from .._task import Outcome
+from ._wire import encode
 from ._worker_logs import forward_to_parent
 
 __all__ = [
@@ -274,25 +276,11 @@ def _run_chunk(
 
 
 def _dump_results(kind: str, results: list[Any]) -> bytes:
-    """Pickle the results; an item whose result or error won't pickle fails alone."""
+    """Pickle the results so that an item whose result or error won't pickle here,
+    or won't unpickle again, fails alone (see _wire)."""
     if kind == "outcomes":
         results = [(ok, value if ok else _shippable(value)) for ok, value in results]
-    try:
-        return dumps((kind, results))
-    except Exception:
-        pass
-    outcomes = results if kind == "outcomes" else [(True, value) for value in results]
-    for i, (ok, value) in enumerate(outcomes):
-        try:
-            dumps(value)
-        except Exception as exc:
-            what = "result" if ok else "exception"
-            error = SerializationError(
-                f"the {what} of this item could not be pickled to send it back: "
-                f"{type(exc).__name__}: {exc}"
-            )
-            outcomes[i] = (False, ShippedError(error))
-    return dumps(("outcomes", outcomes))
+    return encode(kind, results)
 
 
 def _shippable(exc: BaseException) -> ShippedError:
