@@ -69,6 +69,23 @@ def test_objects_that_load_travel_as_one_pickle() -> None:
     assert decode(blob, 10) == (None, values)
 
 
+def test_classes_that_loaded_once_are_trusted_and_bad_ones_never() -> None:
+    import decimal
+
+    from powerpool._backends import _wire
+
+    values = [decimal.Decimal(i) for i in range(5)]
+    _wire._TRUSTED.discard(decimal.Decimal)
+    assert _wire._checked(values) == {decimal.Decimal}
+    assert _kind(encode(VALUES, values)) == VALUES
+    assert _wire._checked(values) is None  # trusted from now on
+    assert _wire._checked([(1, values[0])]) is None
+    bad: list[Any] = [fh.TwoArgError(1, "x")]
+    for _ in range(2):
+        assert _kind(encode(VALUES, bad)) == FRAMED
+    assert fh.TwoArgError not in _wire._TRUSTED
+
+
 def test_a_result_that_will_not_load_again_is_framed_and_fails_alone() -> None:
     values: list[Any] = [1, fh.TwoArgError(2, "as a result"), (3, [4])]
     blob = encode(VALUES, values)
