@@ -59,7 +59,6 @@ import enum
 import functools
 import itertools
 import logging
-import pickle
 import queue
 import re
 import threading
@@ -84,6 +83,7 @@ from powerpool._task import Chunk, ChunkResult, ItemLost, Outcome
 
 from ._dask_cluster import _check_options, _close_at_exit, _connect, _Restarter
 from ._dask_worker import TaskReport, _dumps, _format, _RemoteFailure, _run_chunk, _Shipped
+from ._wire import decode
 
 __all__ = ["INSTALL_HINT", "DaskBackend"]
 
@@ -553,12 +553,13 @@ class DaskBackend:
             indices = [chunk.indices[position] for position in entry.sent]
             records, dropped = report.logs
             deliver_logs(records, dropped, indices, where, chunk.recorder)
-        try:
-            sent_outcomes: list[tuple[bool, Any]] = pickle.loads(report.outcomes)
-        except Exception as exc:
-            why = f"the results of this chunk could not be unpickled: {exc}"
-            return self._fail_sent(entry, functools.partial(_fresh, SerializationError, why, exc))
-        sent_outcomes = [_rebuild(o) for o in sent_outcomes]
+        # Sent items only: a late item's outcome is added below.
+        n_sent = len(entry.sent) if report.late < 0 else report.late
+        loaded, values = decode(report.outcomes, n_sent)
+        if loaded is None:
+            assert values is not None  # decode gives one or the other
+            loaded = [(True, value) for value in values]
+        sent_outcomes = [_rebuild(o) for o in loaded]
         if report.late >= 0:
             sent_outcomes.extend(self._late(entry, report))
             busy_s = float(chunk.timeout_s or 0.0)

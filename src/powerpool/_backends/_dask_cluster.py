@@ -20,6 +20,8 @@ import weakref
 from collections.abc import Mapping
 from typing import Any, Protocol
 
+from .._options import DASK_OPTION_NAMES
+
 __all__ = ["_OPTIONS", "_Restarter", "_check_options", "_close_at_exit", "_connect"]
 
 _log = logging.getLogger("powerpool")
@@ -33,7 +35,7 @@ class _ShutsDown(Protocol):
     def shutdown(self, *, wait: bool = True, kill: bool = False) -> None: ...
 
 
-_OPTIONS = frozenset({"address", "client", "cluster_kwargs", "scheduler_file", "security"})
+_OPTIONS = DASK_OPTION_NAMES
 """Keys of ``BackendConfig.options`` this backend understands; others are typos."""
 
 

@@ -25,6 +25,7 @@ from collections.abc import Callable, Mapping
 from concurrent.futures import CancelledError
 from typing import Any, NamedTuple
 
+from powerpool._backends._wire import OUTCOMES, VALUES, encode
 from powerpool._backends._worker_logs import ChunkCapture, captured
 from powerpool._errors import InitializerError, RemoteTraceback, SerializationError
 from powerpool._stop import StopToken, running
@@ -398,23 +399,11 @@ def _native_limit(native_threads: int | None) -> contextlib.AbstractContextManag
 
 
 def _dump_outcomes(outcomes: list[tuple[bool, Any]]) -> bytes:
-    """Pickle the outcomes; a result that cannot be pickled fails alone."""
-    try:
-        return _dumps(outcomes)
-    except Exception:
-        pass
-    checked: list[tuple[bool, Any]] = []
-    for ok, value in outcomes:
-        try:
-            _dumps(value)
-        except Exception as exc:
-            err = SerializationError(
-                f"the result (a {type(value).__qualname__}) could not be pickled: {exc}"
-            )
-            checked.append((False, _RemoteFailure(err, tb=_format(exc))))
-        else:
-            checked.append((ok, value))
-    return _dumps(checked)
+    """Pickle the outcomes so that a result that won't pickle here, or won't load
+    again, fails alone (the process engine's framing, see ``_wire``)."""
+    if all(ok for ok, _ in outcomes):
+        return encode(VALUES, [value for _, value in outcomes])
+    return encode(OUTCOMES, outcomes)
 
 
 def _format(exc: BaseException) -> str:
