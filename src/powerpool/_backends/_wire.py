@@ -46,7 +46,7 @@ from .._errors import SerializationError
 from .._execute import ShippedError, dumps
 from .._task import Outcome
 
-__all__ = ["FRAMED", "OUTCOMES", "VALUES", "decode", "encode"]
+__all__ = ["FRAMED", "OUTCOMES", "VALUES", "decode", "encode", "frame", "unframe"]
 
 VALUES: Final = "values"
 OUTCOMES: Final = "outcomes"
@@ -69,6 +69,9 @@ without end; past it, new classes are simply checked every time."""
 
 _CONTAINERS: Final = frozenset({tuple, list, dict, set, frozenset})
 """Never trusted as such: what they hold varies from one value to the next."""
+
+_ALWAYS: Final = frozenset({object})
+"""Chunks with failed items are always checked (errors are rare, and often odd)."""
 
 
 def _checked(values: list[Any]) -> frozenset[type] | None:
@@ -93,29 +96,36 @@ def _checked(values: list[Any]) -> frozenset[type] | None:
     return None if inner <= safe else inner
 
 
-def encode(kind: str, results: list[Any]) -> bytes:
-    """Worker side: the chunk's results as one message.
+def frame(kind: str, results: list[Any]) -> tuple[Any, ...]:
+    """Worker side: the message for a chunk's results, to pickle as one object.
 
     ``kind`` is ``"values"`` (every item succeeded: ``results`` are the
     values) or ``"outcomes"`` (``(ok, value)`` pairs, failed ones already
-    carried by ``ShippedError``).
+    carried by ``ShippedError``). A backend with its own pickler (shared
+    memory for large buffers) pickles this; others use :func:`encode`.
     """
+    message = (kind, results)
+    kinds = _checked(results) if kind == VALUES else _ALWAYS
+    if kinds is None:
+        return message
     try:
-        blob = dumps((kind, results))
+        pickle.loads(dumps(message))
     except Exception:
-        return _framed(kind, results)  # some item will not pickle
-    kinds = _checked(results) if kind == VALUES else frozenset({object})
-    if kinds is not None:
-        try:
-            pickle.loads(blob)
-        except Exception:
-            return _framed(kind, results)  # some item will not load again
-        if len(_TRUSTED) < MAX_TRUSTED:
-            _TRUSTED.update(kinds - _CONTAINERS - {object})
-    return blob
+        return _framed(kind, results)  # some item will not pickle, or not load again
+    if len(_TRUSTED) < MAX_TRUSTED:
+        _TRUSTED.update(kinds - _CONTAINERS - _ALWAYS)
+    return message
 
 
-def _framed(kind: str, results: list[Any]) -> bytes:
+def encode(kind: str, results: list[Any]) -> bytes:
+    """Worker side: :func:`frame`, pickled."""
+    try:
+        return dumps(frame(kind, results))
+    except Exception:  # a trusted class's instance that will not pickle
+        return dumps(_framed(kind, results))
+
+
+def _framed(kind: str, results: list[Any]) -> tuple[Any, ...]:
     """One pickle per item, end to end; an item that will not pickle fails alone."""
     if kind == VALUES:
         oks, values = [True] * len(results), list(results)
@@ -138,7 +148,7 @@ def _framed(kind: str, results: list[Any]) -> bytes:
         blobs.append(blob)
         size += len(blob)
         ends.append(size)
-    return dumps((FRAMED, oks, b"".join(blobs), ends.tobytes()))
+    return FRAMED, oks, b"".join(blobs), ends.tobytes()
 
 
 def decode(body: bytes, n_items: int) -> tuple[list[Outcome] | None, list[Any] | None]:
@@ -148,6 +158,11 @@ def decode(body: bytes, n_items: int) -> tuple[list[Outcome] | None, list[Any] |
     except Exception as exc:  # loaded in the worker, not here (see the module's docstring)
         error = SerializationError(f"a result could not be unpickled here: {exc!r}")
         return [(False, error)] * n_items, None
+    return unframe(message)
+
+
+def unframe(message: tuple[Any, ...]) -> tuple[list[Outcome] | None, list[Any] | None]:
+    """Caller side, once the message is unpickled: as :func:`decode`."""
     kind = message[0]
     if kind == VALUES:
         return None, message[1]
