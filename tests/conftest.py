@@ -8,6 +8,7 @@ running.
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
 from collections.abc import Iterator
@@ -17,6 +18,14 @@ import pytest
 
 import powerpool
 from dask_cluster import dask_cluster  # noqa: F401  (session fixture: a real dask cluster)
+
+# distributed (through tblib) registers a pickler in copyreg for every exception
+# class that exists when it is first imported. Imported here, before any test
+# module defines its exception classes, so those always pickle the plain way,
+# whichever test happens to import distributed first (test_faults' "fails to
+# unpickle" helpers depend on it).
+with contextlib.suppress(ImportError):
+    import distributed  # noqa: F401
 
 SYNC_BACKENDS = ["serial", "threads", "processes"]
 PARALLEL_BACKENDS = ["threads", "processes"]
