@@ -64,6 +64,15 @@ uses its threads, small enough that 64 of them take ~1.5 s."""
 BIG_ARG_FLOATS = 125_000
 """float64 values per argument in the big-argument workload (1 MB each)."""
 
+SHARED_FLOATS = 2_000_000
+"""float64 values of the one array every item of the shared-array workload gets (16 MB)."""
+
+RESULT_BYTES = 1_000_000
+"""Size of each result in the big-results workload (1 MB)."""
+
+LEAK_BYTES = 10_000_000
+"""Memory each item of the leaking workload keeps for good (10 MB, touched)."""
+
 
 # ---------------------------------------------------------------- functions
 
@@ -148,6 +157,25 @@ def svd_sum(seed: int) -> float:
 def array_sum(a: np.ndarray[Any, Any]) -> float:
     """Cheap work on a 1 MB argument: measures the cost of moving the argument."""
     return float(a.sum())
+
+
+def megabyte(x: int) -> bytes:
+    """A 1 MB result: measures the cost of moving results back (and holding them)."""
+    return bytes([x % 256]) * RESULT_BYTES
+
+
+_LEAKED: list[bytearray] = []
+
+
+def leak(x: int) -> int:
+    """~2 ms of work that keeps 10 MB per call, like a cache that is never cleared."""
+    _LEAKED.append(bytearray(b"\x01") * LEAK_BYTES)  # filled, so it counts in RSS
+    return spin(20_000) + x
+
+
+def forget_leaks() -> None:
+    """What the leaking workload kept in this process (serial and thread contenders)."""
+    _LEAKED.clear()
 
 
 # A per-process "model": what the initializer workload loads once per worker.
@@ -252,6 +280,11 @@ def _heavy_tail_items(n: int, _base: str) -> list[int]:
 
 def _url_items(n: int, base: str) -> list[str]:
     return [f"{base}/item/{i}" for i in range(n)]
+
+
+def _shared_array_items(n: int, _base: str) -> list[np.ndarray[Any, Any]]:
+    shared = np.random.default_rng(11).standard_normal(SHARED_FLOATS)
+    return [shared] * n  # one object, n times: what "the same big array per item" means
 
 
 def _big_arg_items(n: int, _base: str) -> list[np.ndarray[Any, Any]]:
@@ -421,6 +454,40 @@ WORKLOADS: dict[str, Workload] = {
             n_default=200,
             n_quick=20,
             same=_close,
+        ),
+        Workload(
+            name="shared16mb",
+            title="16 MB x 40",
+            description="Sum of the same 16 MB float64 array passed to every item: "
+            "how often a shared argument is copied.",
+            kind="data",
+            fn=array_sum,
+            make_items=_shared_array_items,
+            n_default=40,
+            n_quick=8,
+            same=_close,
+        ),
+        Workload(
+            name="bigresult",
+            title="1 MB results",
+            description="Each item returns 1 MB of bytes: the cost of moving results back.",
+            kind="data",
+            fn=megabyte,
+            make_items=_range_items,
+            n_default=200,
+            n_quick=20,
+        ),
+        Workload(
+            name="leak",
+            title="leaking fn",
+            description="~2 ms items that each keep 10 MB for good (a cache never "
+            "cleared): workers grow until recycled.",
+            kind="data",
+            fn=leak,
+            make_items=_range_items,
+            n_default=60,
+            n_quick=10,
+            reset=forget_leaks,
         ),
         Workload(
             name="init",

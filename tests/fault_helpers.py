@@ -308,3 +308,73 @@ def array_or_two_arg_error(x: int) -> Any:
     if x == BAD:
         return TwoArgError(3, "beside arrays")
     return np.arange(x)
+
+
+# -- large data ----------------------------------------------------------------
+
+
+def array_info(a: Any) -> tuple[float, bool, str]:
+    """Sum, writeability and type of an array argument (how it arrived)."""
+    return float(a.sum()), bool(a.flags.writeable), type(a).__name__
+
+
+def write_first(a: Any) -> float:
+    """Write into the argument (allowed only when arguments are writable)."""
+    a[0] = -1.0
+    return float(a[0])
+
+
+def echo_type(value: Any) -> tuple[str, int]:
+    return type(value).__name__, len(value)
+
+
+def same(value: Any) -> Any:
+    return value
+
+
+def big_then_crash(x: Any) -> int:
+    """For a large array argument whose first element is BAD: die like a segfault."""
+    if int(x[0]) == BAD:
+        _quiet_crash()
+        os.kill(os.getpid(), signal.SIGSEGV)
+        time.sleep(LONG_S)
+    return int(x[0])
+
+
+def megabyte(_: object) -> bytes:
+    return bytes(1_000_000)
+
+
+_LEAKED: list[Any] = []
+
+
+def leak_40mb(x: int) -> tuple[int, int, int]:
+    """Leak 40 MB (touched, so it counts in RSS); report (x, pid, RSS after)."""
+    import numpy as np
+    import psutil
+
+    _LEAKED.append(np.ones(5_000_000))
+    return x, os.getpid(), psutil.Process().memory_info().rss
+
+
+def oom_once(marker: str, x: int) -> tuple[int, float, float]:
+    """For BAD, the first time: grow to ~330 MB, wait to be seen, die by SIGKILL
+    (as the OOM killer does). Every item reports (x, start, end) times."""
+    start = time.monotonic()
+    if x == BAD and not os.path.exists(marker):
+        import numpy as np
+
+        Path(marker).touch()
+        _LEAKED.append(np.ones(40_000_000))
+        time.sleep(1.5)  # the worker's watch thread records its RSS meanwhile
+        os.kill(os.getpid(), signal.SIGKILL)
+        time.sleep(LONG_S)
+    time.sleep(0.2)
+    return x, start, time.monotonic()
+
+
+def dask_memory_limit(_: object) -> int:
+    """The memory limit of the dask worker running this item."""
+    import distributed
+
+    return int(distributed.get_worker().memory_manager.memory_limit or 0)

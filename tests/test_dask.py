@@ -828,3 +828,14 @@ def test_bench_and_profile_take_the_cluster(dask_cluster: DaskTestCluster, tmp_p
     )  # fmt: skip
     assert missing.returncode != 0
     assert "no scheduler file" in missing.stderr
+
+
+# -- worker limits (issue: big data) -------------------------------------------------
+
+
+@pytest.mark.timeout(120)
+def test_max_worker_memory_becomes_the_local_clusters_memory_limit() -> None:
+    import fault_helpers as fh
+
+    with pp.Pool("dask", workers=1, max_worker_memory=700_000_000, progress=False) as pool:
+        assert pool.map(fh.dask_memory_limit, [0]) == [700_000_000]

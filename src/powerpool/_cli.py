@@ -21,7 +21,7 @@ import json
 import os
 import sys
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 import click
 
@@ -121,6 +121,42 @@ _report_option = click.option(
     help="Write what happened: FILE.html (a timeline page) or FILE.json (a Perfetto trace).",
 )
 
+
+class _ByteSize(click.ParamType):  # type: ignore[type-arg]
+    """A size in bytes: 1000000, 200MB, 1.5GiB (KB/MB/GB are powers of 1000, KiB... of 1024)."""
+
+    name = "size"
+    _UNITS: ClassVar[dict[str, int]] = {
+        "": 1,
+        "b": 1,
+        "k": 1000,
+        "kb": 1000,
+        "m": 1000**2,
+        "mb": 1000**2,
+        "g": 1000**3,
+        "gb": 1000**3,
+        "kib": 1024,
+        "mib": 1024**2,
+        "gib": 1024**3,
+    }
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> int:
+        if isinstance(value, int):
+            return value
+        text = str(value).strip().lower().replace("_", "")
+        number = text.rstrip("abcdefghijklmnopqrstuvwxyz")
+        unit = text[len(number) :].strip()
+        try:
+            size = int(float(number) * self._UNITS[unit])
+        except (ValueError, KeyError):
+            self.fail(f"expected a size such as 500MB or 2GB, got {value!r}", param, ctx)
+        if size < 1:
+            self.fail(f"expected a positive size, got {value!r}", param, ctx)
+        return size
+
+
+_BYTES = _ByteSize()
+
 _lines_option = click.option(
     "--lines",
     is_flag=True,
@@ -186,6 +222,23 @@ def cli() -> None:
 @click.option("--timeout", type=click.FloatRange(min=0, min_open=True), help="Seconds per item.")
 @click.option("--retries", type=click.IntRange(min=0), default=0, help="Re-runs of a failed item.")
 @_cluster_options
+@click.option(
+    "--max-worker-memory",
+    type=_BYTES,
+    metavar="SIZE",
+    help="Replace a worker process once its RSS would pass SIZE (e.g. 2GB).",
+)
+@click.option(
+    "--max-tasks-per-child",
+    type=click.IntRange(min=1),
+    help="Replace a worker process after N items.",
+)
+@click.option(
+    "--max-inflight-bytes",
+    type=_BYTES,
+    metavar="SIZE",
+    help="Results kept in flight or waiting, in bytes (default 64MB).",
+)
 @click.option("--progress/--no-progress", default=None, help="Progress bar (default: on a tty).")
 @click.option("-q", "--quiet", is_flag=True, help="No summary line at the end.")
 @_report_option
@@ -205,6 +258,9 @@ def run(
     retries: int,
     address: str | None,
     scheduler_file: str | None,
+    max_worker_memory: int | None,
+    max_tasks_per_child: int | None,
+    max_inflight_bytes: int | None,
     progress: bool | None,
     quiet: bool,
     report_path: str | None,
@@ -221,6 +277,14 @@ def run(
     options = _cluster(address, scheduler_file)
     if options and backend == "auto":
         backend = "dask"
+    # Pool options, handed over with the backend's.
+    for name, value in (
+        ("max_worker_memory", max_worker_memory),
+        ("max_tasks_per_child", max_tasks_per_child),
+        ("max_inflight_bytes", max_inflight_bytes),
+    ):
+        if value is not None:
+            options[name] = value
     _check_timeout_backend(backend, timeout)
     _check_distinct_files(
         input=input_path, output=output_path, errors=errors_path, checkpoint=checkpoint_path

@@ -87,6 +87,9 @@ class RunOptionsDict(TypedDict, total=False):
     """A progress bar: True, False, or ``"auto"`` (on a terminal, after 2 s)."""
     report: ReportTarget
     """Record the run: a path (.html or .json), True (``pool.last_report`` only), or None."""
+    max_inflight_bytes: int | None
+    """Bytes of results in flight or waiting for an earlier one; chunks shrink to fit
+    (default 64 MB; at least one item per worker always runs)."""
 
 
 class WorkerOptions(TypedDict, total=False):
@@ -102,6 +105,13 @@ class WorkerOptions(TypedDict, total=False):
     """Threads each worker's native libraries (BLAS, OpenMP) may use; None: cores / workers."""
     start_method: str | None
     """``multiprocessing`` start method for worker processes; None: powerpool's choice."""
+    max_tasks_per_child: int | None
+    """Items a worker process runs before a fresh one replaces it; None: no limit."""
+    max_worker_memory: int | None
+    """RSS in bytes a worker process must not pass: it is replaced after the item that
+    reached the limit, or would pass it on its next item (dask: its ``memory_limit``)."""
+    writable_arguments: bool
+    """Large array arguments arrive copy-on-write instead of read-only (processes)."""
 
 
 class DaskOptions(TypedDict, total=False):

@@ -19,7 +19,7 @@ import weakref
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import CancelledError, Future
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any, ParamSpec, TypeVar, overload
 
 from ._backends import BackendConfig, load
@@ -56,6 +56,17 @@ _ASYNC_BACKENDS = ("asyncio",)
 
 _P = ParamSpec("_P")
 _R = TypeVar("_R")
+
+RUN_OPTION_NAMES = (
+    "chunksize",
+    "timeout",
+    "retries",
+    "retry_on",
+    "errors",
+    "progress",
+    "max_inflight_bytes",
+)
+"""Options a single run may override (the rest shape a pool's workers)."""
 
 FAST_BLOCK_ITEMS = 16384
 """Items auto's in-thread fast path computes between checks for cancel and
@@ -95,7 +106,14 @@ class Pool:
     Options given here (every one of ``_options.PoolOptions``) are defaults;
     ``map``/``imap``/``imap_unordered`` take the per-run ones
     (``_options.RunOptionsDict``: chunksize, timeout, retries, retry_on,
-    errors, progress, report) as keyword overrides.
+    errors, progress, report, max_inflight_bytes) as keyword overrides.
+
+    Large data (see README "Large data"): ``max_inflight_bytes`` bounds the
+    bytes of results in flight or waiting (default 64 MB);
+    ``max_tasks_per_child`` and ``max_worker_memory`` (RSS bytes) replace
+    worker processes after that many items or past that memory;
+    ``writable_arguments`` maps large array arguments copy-on-write
+    instead of read-only.
     """
 
     def __init__(self, backend: BackendName = "auto", **options: Unpack[PoolOptions]) -> None:
@@ -112,6 +130,12 @@ class Pool:
         }
         if backend_options:
             _check_backend_options(backend, backend_options)
+        _check_worker_limits(
+            backend,
+            options.get("max_tasks_per_child"),
+            options.get("max_worker_memory"),
+            backend_options,
+        )
         self._backend_name = backend
         self._workers = workers
         run: dict[str, Any] = {
@@ -125,6 +149,9 @@ class Pool:
         self._initargs = tuple(options.get("initargs", ()))
         self._native_threads = options.get("native_threads")
         self._start_method = options.get("start_method")
+        self._max_tasks_per_child = options.get("max_tasks_per_child")
+        self._max_worker_memory = options.get("max_worker_memory")
+        self._writable_arguments = bool(options.get("writable_arguments", False))
         self._explain = options.get("explain", False)
         report = options.get("report")
         _check_report(report)
@@ -322,6 +349,9 @@ class Pool:
 
     # -- internals ------------------------------------------------------------
 
+    def _recycles(self) -> bool:
+        return self._max_tasks_per_child is not None or self._max_worker_memory is not None
+
     def _check_open(self) -> None:
         if self._state is not PoolState.OPEN:
             raise PoolClosedError(f"this pool is {self._state.value}; create a new one")
@@ -341,6 +371,9 @@ class Pool:
             initargs=self._initargs,
             native_threads=self._native_threads,
             start_method=self._start_method,
+            max_tasks_per_child=self._max_tasks_per_child,
+            max_worker_memory=self._max_worker_memory,
+            writable_arguments=self._writable_arguments,
             options=self._backend_options,
         )
         backend = load(name)(config, _route)
@@ -473,11 +506,18 @@ class Pool:
             return prepared
         from ._auto import choose, choose_with_initializer
 
-        if self._initializer is not None:
+        if self._initializer is not None or self._recycles():
             # Items may need what the initializer sets up in each worker, so
-            # they cannot be measured here, in the caller's thread.
+            # they cannot be measured here, in the caller's thread; worker
+            # limits (max_tasks_per_child, max_worker_memory) need processes.
             prepared.backend, prepared.workers = "processes", self._workers
             self.last_plan = choose_with_initializer(prepared.total, self._workers)
+            if self._initializer is None:
+                why = (
+                    "max_tasks_per_child/max_worker_memory replace worker processes: "
+                    "processes, one per core, measured as they run"
+                )
+                self.last_plan = replace(self.last_plan, reasons=(why,))
             prepared.plan = self.last_plan
             return prepared
         sampled_from = None if prepared.recorder is None else prepared.recorder.now()
@@ -726,6 +766,35 @@ def _check_backend_options(backend: str, options: dict[str, Any]) -> None:
         )
 
 
+_RECYCLING_BACKENDS = ("auto", "processes", "dask")
+
+
+def _check_worker_limits(
+    backend: str,
+    max_tasks_per_child: int | None,
+    max_worker_memory: int | None,
+    backend_options: dict[str, Any],
+) -> None:
+    """Worker recycling needs worker processes: say so at once, not mid-run."""
+    for name, value in (
+        ("max_tasks_per_child", max_tasks_per_child),
+        ("max_worker_memory", max_worker_memory),
+    ):
+        if value is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        if backend not in _RECYCLING_BACKENDS:
+            raise ValueError(
+                f"{name} replaces worker processes; backend {backend!r} has none "
+                "(use 'processes', 'dask' or 'auto')"
+            )
+    if backend == "dask":
+        from ._backends._dask_cluster import check_worker_limits
+
+        check_worker_limits(max_tasks_per_child, max_worker_memory, backend_options)
+
+
 def _release_backends(backends: OrderedDict[tuple[str, int], Backend]) -> None:
     for backend in list(backends.values()):
         backend.shutdown(wait=False)
@@ -788,6 +857,9 @@ def _run_options(base: RunOptions, **overrides: Any) -> RunOptions:
     retry_on = overrides.get("retry_on", base.retry_on)
     errors = overrides.get("errors", base.errors)
     progress = overrides.get("progress", base.progress)
+    inflight = overrides.get("max_inflight_bytes")
+    if inflight is None:
+        inflight = base.max_inflight_bytes
     if chunksize is not None and (not isinstance(chunksize, int) or chunksize < 1):
         raise ValueError(f"chunksize must be a positive integer, got {chunksize!r}")
     if timeout is not None and (not isinstance(timeout, (int, float)) or timeout <= 0):
@@ -802,6 +874,8 @@ def _run_options(base: RunOptions, **overrides: Any) -> RunOptions:
         raise ValueError(f"errors must be one of {ERROR_POLICIES}, got {errors!r}")
     if progress not in (True, False, "auto"):
         raise ValueError(f"progress must be True, False or 'auto', got {progress!r}")
+    if isinstance(inflight, bool) or not isinstance(inflight, int) or inflight < 1:
+        raise ValueError(f"max_inflight_bytes must be a positive integer, got {inflight!r}")
     return RunOptions(
         chunksize=chunksize,
         timeout_s=None if timeout is None else float(timeout),
@@ -809,4 +883,5 @@ def _run_options(base: RunOptions, **overrides: Any) -> RunOptions:
         retry_on=tuple(retry_on),
         errors=errors,
         progress=progress,
+        max_inflight_bytes=inflight,
     )

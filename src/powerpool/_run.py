@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import itertools
 import queue
+import sys
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import CancelledError
@@ -48,6 +49,11 @@ CHUNKS_IN_FLIGHT_PER_WORKER = 2
 finds its next chunk ready (no idle round trip), while memory and the work
 lost to a cancel stay small."""
 
+DEFAULT_INFLIGHT_BYTES = 64 * 1024 * 1024
+"""Default ``max_inflight_bytes``: keeps the caller's memory for results in
+the tens of MB whatever the result size (1 MB results once took 2.8 GB);
+more lets chunks of big results grow and amortize overhead."""
+
 MAX_LOSSES = 3
 """An item whose worker died under *another* item is re-run for free this
 many times; past that the pool is failing repeatedly and the item fails."""
@@ -71,6 +77,9 @@ class RunOptions:
     """What a failed item does: raise it, return the exception in its place, or skip it."""
     progress: ProgressMode = False
     """Show a progress bar: True, False, or "auto" (only on a terminal, after 2 s)."""
+    max_inflight_bytes: int = DEFAULT_INFLIGHT_BYTES
+    """Bytes of results a run keeps in flight or waiting for an earlier one;
+    chunks are cut so the window fits (at least one item per worker runs)."""
 
 
 def is_retryable(exc: BaseException, options: RunOptions) -> bool:
@@ -107,6 +116,20 @@ class Attempts:
             self.retries += 1
             return None
         return exc
+
+
+def _result_bytes(result: ChunkResult, values: list[Any]) -> int | None:
+    """The chunk's result size: measured by the backend, else estimated from
+    the first value (shallow ``sys.getsizeof``: exact for bytes, str and
+    numpy arrays that own their data, cheap for the rest)."""
+    if result.nbytes is not None:
+        return result.nbytes
+    if not values:
+        return None
+    try:
+        return sys.getsizeof(values[0]) * len(values)
+    except TypeError:  # objects that do not report a size
+        return None
 
 
 class Run:
@@ -154,16 +177,19 @@ class Run:
         self._next_input = len(self._prefilled)
         remaining = None if total is None else max(0, total - self._next_input)
         self._workers = backend.workers
+        self._window = CHUNKS_IN_FLIGHT_PER_WORKER * max(1, self._workers)
+        # Chunks in flight and results waiting are both bounded by the window
+        # in chunks, so chunks of budget/window bytes keep both in budget.
         self._sizer = ChunkSizer(
             fixed=options.chunksize,
             target_s=backend.chunk_target_s,
             workers=self._workers,
             total=remaining,
             floor_s=chunk_floor_s(backend),
+            max_chunk_bytes=options.max_inflight_bytes // self._window,
         )
         if per_item_s is not None:
             self._sizer.seed(per_item_s)
-        self._window = CHUNKS_IN_FLIGHT_PER_WORKER * max(1, self._workers)
         # None in the inbox means "the pool cancelled this run" (see abort()).
         self._inbox: queue.SimpleQueue[ChunkResult | None] = queue.SimpleQueue()
         self._closed = False
@@ -237,6 +263,11 @@ class Run:
                 self._absorb(result)
         finally:
             self.close()
+            # Shared copies of this run's arguments go now, not when the Run
+            # object does (a traceback may keep it alive for a long time).
+            release = getattr(self._backend, "release", None)
+            if release is not None:
+                release(self)
             self._progress.close()
             self._ledger.end()
 
@@ -246,6 +277,7 @@ class Run:
         self._workers = backend.workers
         self._sizer.resize(workers=self._workers, target_s=backend.chunk_target_s)
         self._window = CHUNKS_IN_FLIGHT_PER_WORKER * max(1, self._workers)
+        self._sizer.limit_bytes(self._options.max_inflight_bytes // self._window)
 
     # -- outcomes -------------------------------------------------------------
 
@@ -258,7 +290,7 @@ class Run:
         if self._recorder is not None:
             self._record(result, values)
         if values is not None:  # failed chunks report no (or a made-up) compute time
-            self._sizer.observe(n, result.busy_s)
+            self._sizer.observe(n, result.busy_s, _result_bytes(result, values))
         if values is None:
             for item, outcome in zip(chunk.items, result.outcomes):
                 self._settle(item, outcome)
@@ -365,6 +397,7 @@ class Run:
             claim=self._claim,
             on_done=self._inbox.put,
             star=self._star,
+            scope=self,
         )
         if self._recorder is not None:
             chunk.recorder = self._recorder

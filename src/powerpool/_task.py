@@ -58,6 +58,7 @@ class Chunk:
         "kwargs",
         "on_done",
         "recorder",
+        "scope",
         "star",
         "timeout_s",
     )
@@ -73,6 +74,7 @@ class Chunk:
         on_done: Callable[[ChunkResult], None] | None = None,
         *,
         star: bool = True,
+        scope: object | None = None,
     ) -> None:
         self.id = id
         """Unique within the pool; used by backends' ledgers."""
@@ -93,6 +95,10 @@ class Chunk:
         """Input index of each call."""
         self.args: list[Any]
         """Positional arguments of each call: a tuple, or the bare argument if not ``star``."""
+        self.scope = scope
+        """What the chunk belongs to (its run), or None. Backends that copy large
+        arguments into shared memory copy an object once per scope; the copy
+        goes when the scope object does."""
         self.star = star
         """Whether ``args`` holds argument tuples (True) or single bare arguments."""
         self.recorder: Any = None
@@ -143,6 +149,7 @@ class ChunkResult:
         "_values",
         "busy_s",
         "chunk",
+        "nbytes",
         "started_s",
         "timing",
         "worker",
@@ -159,6 +166,7 @@ class ChunkResult:
         decode: Callable[[], tuple[list[Outcome] | None, list[Any] | None]] | None = None,
         started_s: float = 0.0,
         timing: Any = None,
+        nbytes: int | None = None,
     ) -> None:
         self.chunk = chunk
         """The chunk this result belongs to."""
@@ -174,6 +182,9 @@ class ChunkResult:
         """What a backend measured for the run recorder (a
         :class:`~powerpool._recorder.WorkerTiming`), only for chunks with a
         recorder; None otherwise."""
+        self.nbytes = nbytes
+        """Bytes the chunk's results took in transit (pickled, shared memory
+        included), when the backend measured it; None otherwise."""
         self._outcomes = outcomes
         self._values = values
         self._decode = decode

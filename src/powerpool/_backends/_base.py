@@ -43,6 +43,12 @@ class BackendConfig:
     """Cap on BLAS/OpenMP threads per worker process; None picks cores // workers."""
     start_method: str | None = None
     """multiprocessing start method; None picks a safe one."""
+    max_tasks_per_child: int | None = None
+    """Items a worker process runs before it is replaced by a fresh one; None: no limit."""
+    max_worker_memory: int | None = None
+    """RSS in bytes past which a worker process is replaced after its current item."""
+    writable_arguments: bool = False
+    """Large arguments arrive in workers copy-on-write instead of read-only."""
     options: Mapping[str, Any] = field(default_factory=dict)
     """Backend-specific settings (e.g. ``address`` and ``client`` for dask)."""
 

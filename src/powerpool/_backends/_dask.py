@@ -81,7 +81,13 @@ from powerpool._errors import (
 )
 from powerpool._task import Chunk, ChunkResult, ItemLost, Outcome
 
-from ._dask_cluster import _check_options, _close_at_exit, _connect, _Restarter
+from ._dask_cluster import (
+    _check_options,
+    _close_at_exit,
+    _connect,
+    _Restarter,
+    check_worker_limits,
+)
 from ._dask_worker import TaskReport, _dumps, _format, _RemoteFailure, _run_chunk, _Shipped
 from ._wire import decode
 
@@ -235,6 +241,12 @@ class DaskBackend:
                     f"the initializer or its initargs could not be pickled: {exc}"
                 ) from exc
 
+        check_worker_limits(config.max_tasks_per_child, config.max_worker_memory, options)
+        if config.max_worker_memory is not None:
+            # Dask's own rule: its nanny restarts a worker past 95% of this.
+            cluster_kwargs = dict(options.get("cluster_kwargs") or {})
+            cluster_kwargs.setdefault("memory_limit", config.max_worker_memory)
+            options["cluster_kwargs"] = cluster_kwargs
         self._client, self._cluster, self._owns_client = _connect(
             distributed, options, config.workers
         )

@@ -22,7 +22,14 @@ from typing import Any, Protocol
 
 from .._options import DASK_OPTION_NAMES
 
-__all__ = ["_OPTIONS", "_Restarter", "_check_options", "_close_at_exit", "_connect"]
+__all__ = [
+    "_OPTIONS",
+    "_Restarter",
+    "_check_options",
+    "_close_at_exit",
+    "_connect",
+    "check_worker_limits",
+]
 
 _log = logging.getLogger("powerpool")
 
@@ -140,6 +147,30 @@ def _close_live() -> None:
     for backend in live:
         with contextlib.suppress(Exception):
             backend.shutdown(wait=False)
+
+
+def check_worker_limits(
+    max_tasks_per_child: int | None, max_worker_memory: int | None, options: Mapping[str, Any]
+) -> None:
+    """Map powerpool's worker limits to Dask's, or refuse what Dask cannot do.
+
+    ``max_worker_memory`` becomes the ``memory_limit`` of the LocalCluster
+    powerpool starts (Dask pauses, spills and restarts workers by it); a
+    cluster someone else started has its own limits, set where it was
+    started. Dask has no per-worker task count, so ``max_tasks_per_child``
+    is refused rather than ignored.
+    """
+    if max_tasks_per_child is not None:
+        raise ValueError(
+            "max_tasks_per_child is not available on the dask backend (Dask workers have no "
+            "task-count limit); use max_worker_memory, or backend='processes'"
+        )
+    connected = any(options.get(k) is not None for k in ("address", "scheduler_file", "client"))
+    if max_worker_memory is not None and connected:
+        raise ValueError(
+            "max_worker_memory applies to a LocalCluster powerpool starts; for an existing "
+            "cluster, start its workers with --memory-limit"
+        )
 
 
 def _check_options(options: Mapping[str, Any]) -> None:

@@ -54,7 +54,21 @@ from .._recorder import WorkerTiming
 from .._system import usable_cores
 from .._task import Chunk, ChunkResult, Item, ItemLost, Outcome
 from ._base import BackendConfig, Deliver
-from ._wire import decode
+from ._recycle import Limits, Throttle, oom_error
+from ._shm import (
+    COPY,
+    OWN,
+    READ,
+    Packed,
+    ScopeCache,
+    Table,
+    map_fds,
+    pack,
+    receive_fds,
+    send_fds,
+    unpack,
+)
+from ._wire import unframe
 from ._worker import (
     BARE,
     KEYWORDS,
@@ -179,6 +193,10 @@ class _Worker:
     """time.monotonic() when the chunk was sent: a deadline never starts earlier."""
     functions: OrderedDict[bytes, None] = field(default_factory=OrderedDict)
     """Digests of the functions this worker holds, least recently used first."""
+    retiring: bool = False
+    """It reached its limits (_recycle) and exits after its last results: send it nothing."""
+    hung_up: bool = False
+    """Its pipe reached EOF: the process is exiting; only its sentinel is still awaited."""
 
     @property
     def name(self) -> str:
@@ -204,7 +222,7 @@ class _Pending:
     """A chunk waiting for an idle worker, its arguments already pickled."""
 
     chunk: Chunk
-    payload: bytes
+    payload: Packed
 
 
 class ProcessBackend:
@@ -230,6 +248,10 @@ class ProcessBackend:
         )
         # Shared with workers: per-slot (position, started) and the cancel epoch.
         self._status = self._context.RawArray("d", 2 * self.workers)
+        # Per slot: the worker's last RSS in bytes (written by the worker).
+        self._rss = self._context.RawArray("q", self.workers)
+        self._limits = Limits(config.max_tasks_per_child, config.max_worker_memory)
+        self._throttle = Throttle(self.workers)
         self._cancel_flag = self._context.RawValue("q", -1)
         # Invariant: _lock guards _pending, _closing and _fn_ids; everything
         # else below is owned by the dispatcher thread alone.
@@ -253,6 +275,9 @@ class ProcessBackend:
         # the core gets exactly one result per chunk it submitted.
         self._partials: dict[Chunk, tuple[Chunk, list[tuple[Item, Outcome]]]] = {}
         self._start_deaths = 0
+        # Large arguments in shared memory, once per run (see _shm).
+        self._shared = ScopeCache()
+        self._arg_access = COPY if config.writable_arguments else READ
         # Nobody writes to this pipe; workers see EOF once this process (the
         # only holder of the write end) is gone, even under forkserver.
         self._alive = self._context.Pipe(duplex=False)
@@ -270,7 +295,12 @@ class ProcessBackend:
 
     def submit(self, chunk: Chunk) -> None:
         try:
-            payload = dumps(list(zip(chunk.args, chunk.kwargs)) if chunk.kwargs else chunk.args)
+            payload = pack(
+                list(zip(chunk.args, chunk.kwargs)) if chunk.kwargs else chunk.args,
+                items=len(chunk),
+                cache=self._shared,
+                scope=chunk.scope,
+            )
         except Exception:
             self._submit_isolating(chunk)
             return
@@ -284,6 +314,10 @@ class ProcessBackend:
             self._deliver(_all_failed(chunk, CancelledError("the pool was shut down"), "parent"))
             return
         self._wake()
+
+    def release(self, scope: object) -> None:
+        """The run ``scope`` has ended: free the shared copies of its arguments."""
+        self._shared.release(scope)
 
     def cancel(self, epoch: int) -> None:
         self._cancel_flag.value = max(self._cancel_flag.value, epoch)
@@ -410,6 +444,7 @@ class ProcessBackend:
         parent_end, child_end = self._context.Pipe(duplex=True)
         self._status[2 * slot] = STARTING  # no item is blamed until it has started
         self._status[2 * slot + 1] = 0.0
+        self._rss[slot] = 0
         process: BaseProcess = self._context.Process(  # type: ignore[attr-defined]
             target=worker_main,
             args=(
@@ -421,6 +456,8 @@ class ProcessBackend:
                 self._native_threads,
                 self._alive,
                 logger_levels(),
+                self._rss,
+                self._limits if self._limits else None,
             ),
             name=f"{WORKER_NAME_PREFIX}{slot}",
             daemon=True,
@@ -477,7 +514,8 @@ class ProcessBackend:
             timeout = self._next_deadline(busy)
             waitables: list[Any] = [self._wake_r]
             for worker in self._workers:
-                waitables.append(worker.conn)
+                if not worker.hung_up:  # at EOF a pipe is always "ready": don't spin on it
+                    waitables.append(worker.conn)
                 waitables.append(worker.process.sentinel)
             ready = set(wait(waitables, timeout))
             if self._wake_r in ready:
@@ -494,13 +532,18 @@ class ProcessBackend:
         if self._broken is not None:
             self._fail_pending(self._broken)
             return
-        idle = [w for w in self._workers if w.chunk is None and w.process.is_alive()]
+        idle = [
+            w for w in self._workers if w.chunk is None and not w.retiring and w.process.is_alive()
+        ]
+        busy = sum(1 for w in self._workers if w.chunk is not None)
+        del idle[self._throttle.room(busy, len(idle)) :]  # fewer at once after an OOM death
         while idle:
             with self._lock:
                 if not self._pending:
                     return
                 pending = self._pending.popleft()
-            chunk = pending.chunk
+            chunk, payload = pending.chunk, pending.payload
+            del pending  # its segments close once sent (see _shm.Segment)
             if not chunk.claim():
                 with self._lock:
                     self._partials.pop(chunk, None)
@@ -525,6 +568,7 @@ class ProcessBackend:
                     _calling_convention(chunk),
                     chunk.timeout_s is not None,
                     _trace_level(chunk),
+                    None if payload.table is None else (self._arg_access, payload.table),
                 ),
                 _PICKLE,
             )
@@ -532,24 +576,47 @@ class ProcessBackend:
             worker.sent_at = time.monotonic()
             try:
                 worker.conn.send_bytes(header)
-                worker.conn.send_bytes(pending.payload)
+                if payload.table is not None:
+                    send_fds(worker.conn, payload.segments)
+                worker.conn.send_bytes(payload.inband)
             except OSError:
                 pass  # it just died: its sentinel fires and _on_death blames the chunk
 
-    def _receive(self, worker: _Worker) -> None:
+    def _receive(self, worker: _Worker) -> bool:
+        """Handle one message from ``worker``; False when its pipe is closed."""
+        body = b""
         try:
             header = pickle.loads(worker.conn.recv_bytes())
             if header[0] == "ready":  # started: a chunk's timeout runs from now on
                 self._start_deaths = 0
-                return
+                return True
             if header[0] == "log":
                 self._forward_logs(worker, header[1], header[2])
-                return
+                return True
+            info: dict[str, Any] = header[2] if len(header) > 2 else {}
+            views: list[memoryview] = []
             if header[0] != "init-error":
+                table = info.get("table")
+                if table is not None:
+                    views = map_fds(table, receive_fds(worker.conn, len(table)), OWN)
                 body = worker.conn.recv_bytes()
         except (EOFError, OSError):
-            return  # died; handled by its sentinel
+            worker.hung_up = True
+            return False  # died or exiting; handled by its sentinel
+        self._handle(worker, header, info, views, body)
+        return True
+
+    def _handle(
+        self,
+        worker: _Worker,
+        header: tuple[Any, ...],
+        info: dict[str, Any],
+        views: list[memoryview],
+        body: bytes,
+    ) -> None:
+        """Act on a chunk's results (or an initializer's failure) read by _receive."""
         chunk, worker.chunk = worker.chunk, None
+        worker.retiring = worker.retiring or "retire" in info  # it exits after this message
         if header[0] == "init-error":
             cause = header[1]
             self._broken = lambda: InitializerError.wrap(cause)
@@ -558,19 +625,27 @@ class ProcessBackend:
             return
         if chunk is None or chunk.id != header[0]:
             return
-        if len(header) > 2 and header[2] is not None:  # the worker could not unpickle the args
-            self._submit_isolating(chunk, worker_problem=header[2])
+        if "problem" in info:  # the worker could not unpickle the arguments
+            self._submit_isolating(chunk, worker_problem=info["problem"])
             return
-        timing = None if len(header) < 4 else WorkerTiming(*header[3])
+        self._throttle.chunk_done()
+        ran = info.get("ran", len(chunk))
+        decode = _decoder(body, info.get("table"), views, ran)
+        nbytes = len(body) + sum(view.nbytes for view in views)
+        if ran < len(chunk):
+            self._resend_rest(chunk, ran, ChunkResult(chunk, None, decode=decode).outcomes)
+            return
+        timing = WorkerTiming(*info["timing"]) if "timing" in info else None
         self._deliver(
             ChunkResult(
                 chunk,
                 None,
                 worker.name,
                 header[1],
-                decode=_decoder(body, len(chunk)),
+                decode=decode,
                 started_s=0.0 if timing is None else timing.started_s,
                 timing=timing,
+                nbytes=nbytes,
             )
         )
 
@@ -581,7 +656,30 @@ class ProcessBackend:
         recorder = None if chunk is None else chunk.recorder
         deliver(entries, dropped, indices, worker.name, recorder)
 
+    def _resend_rest(self, chunk: Chunk, ran: int, outcomes: list[Outcome]) -> None:
+        """A retiring worker ran only the first ``ran`` items: send the rest to
+        another worker; the whole chunk is delivered when they are done."""
+        items = chunk.items
+        rest = Chunk(
+            chunk.id,
+            chunk.fn,
+            items[ran:],
+            chunk.timeout_s,
+            chunk.epoch,
+            chunk.claim,
+            chunk.on_done,
+            scope=chunk.scope,
+        )
+        rest.recorder = chunk.recorder
+        with self._lock:
+            self._partials[rest] = (chunk, list(zip(items[:ran], outcomes)))
+        self.submit(rest)
+
     def _on_death(self, worker: _Worker) -> None:
+        # A worker that exits on purpose (retiring) may have sent its results
+        # behind another message in the same instant: read all it sent first.
+        while worker.chunk is not None and worker.conn.poll() and self._receive(worker):
+            pass
         chunk, worker.chunk = worker.chunk, None
         position = int(self._status[2 * worker.slot])
         if position == STARTING and self._broken is None:
@@ -590,9 +688,13 @@ class ProcessBackend:
             if self._broken is not None:
                 outcomes = [(False, self._broken())] * len(chunk)
             else:
-                error = WorkerCrashedError.from_exitcode(
-                    worker.process.exitcode, pid=worker.process.pid
-                )
+                exitcode, pid = worker.process.exitcode, worker.process.pid
+                error = oom_error(exitcode, pid, self._rss[worker.slot], self._limits.max_memory)
+                if error is not None:
+                    busy = sum(1 for w in self._workers if w.chunk is not None) + 1
+                    self._throttle.oom(busy)
+                else:
+                    error = WorkerCrashedError.from_exitcode(exitcode, pid=pid)
                 outcomes = _blame(chunk, position, error)
             self._deliver(ChunkResult(chunk, outcomes, worker.name, 0.0))
         self._replace(worker)
@@ -724,10 +826,19 @@ def _calling_convention(chunk: Chunk) -> int:
 
 
 def _decoder(
-    body: bytes, n_items: int
+    body: bytes, table: Table | None, views: list[memoryview], n_items: int
 ) -> Callable[[], tuple[list[Outcome] | None, list[Any] | None]]:
     """Unpickle a worker's results later, in the consumer's thread (see ChunkResult)."""
-    return lambda: decode(body, n_items)
+
+    def decode() -> tuple[list[Outcome] | None, list[Any] | None]:
+        try:
+            message = unpack(body, table, views)
+        except Exception as exc:  # loaded in the worker, not here (see _wire)
+            error = SerializationError(f"a result could not be unpickled here: {exc!r}")
+            return [(False, error)] * n_items, None
+        return unframe(message)
+
+    return decode
 
 
 def _all_failed(chunk: Chunk, error: BaseException, worker: str) -> ChunkResult:

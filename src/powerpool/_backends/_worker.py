@@ -2,7 +2,9 @@
 
 Protocol on the worker's pipe (parent -> worker), one chunk per two messages::
 
-    header  = pickle((chunk_id, fn_digest, fn_blob | None, epoch, convention, timed, traced))
+    header  = pickle((chunk_id, fn_digest, fn_blob | None, epoch, convention, timed, traced,
+                      shared))     shared: None, or (access, table) of _shm segments
+    [descriptors of the shared segments, passed with SCM_RIGHTS, when shared]
     payload = pickle([x, ...])                  convention BARE:     fn(x)
               pickle([args, ...])               convention STAR:     fn(*args)
               pickle([(args, kwargs), ...])     convention KEYWORDS: fn(*args, **kwargs)
@@ -11,19 +13,22 @@ Protocol on the worker's pipe (parent -> worker), one chunk per two messages::
 worker -> parent, two messages per chunk (the parent's dispatcher reads only
 the small first one; the results are unpickled by the consumer's thread)::
 
-    pickle((chunk_id, busy_s))                        or, when ``traced``,
-    pickle((chunk_id, busy_s, None, timing))          see _recorder.WorkerTiming
+    pickle((chunk_id, busy_s)) or pickle((chunk_id, busy_s, info))
+    [descriptors of result segments, when info["table"] is given]
     pickle(("values", [result, ...]))                 every item succeeded, or
     pickle(("outcomes", [(ok, value | ShippedError)])), or
     pickle(("framed", ...))                           one pickle per item (see _wire)
+
+``info`` is a dict: "table" (large result buffers in shared memory, see
+_shm), "timing" (when ``traced``: see _recorder.WorkerTiming), "retire" and
+"ran" (this worker reached its limits after running the first "ran" items,
+and exits: see _recycle), or "problem" (the payload would not unpickle
+here; the second message is empty and the parent finds the culprit items).
 
 ``traced`` is 0 (no report asked for: nothing is measured beyond busy_s),
 TRACE_CHUNKS (time the chunk's phases) or TRACE_ITEMS (also each item's end).
 At any time, ``logging`` records go to the parent as
 pickle(("log", [record dict, ...], dropped)) (see _worker_logs.py).
-
-or, when the payload would not unpickle here, ``pickle((chunk_id, 0.0, why))``
-and an empty second message: the parent then finds the culprit item(s).
 
 and, once, before any of those: pickle(("ready",)) when the initializer (if
 any) has run, or instead pickle(("init-error", ShippedError)) when it raised;
@@ -58,7 +63,9 @@ from .._mainfn import Install, load, refresh
 from .._stop import StopToken, running
 from .._system import set_worker_cores
 from .._task import Outcome
-from ._wire import encode
+from ._recycle import Budget, Limits, rss_bytes
+from ._shm import Packed, map_fds, pack, receive_fds, send_fds, unpack
+from ._wire import encode, frame
 from ._worker_logs import forward_to_parent
 
 __all__ = [
@@ -121,13 +128,25 @@ def worker_main(
     native_threads: int,
     alive: tuple[Connection, Connection],
     log_levels: dict[str, int] | None = None,
+    rss: Any = None,
+    limits: Limits | None = None,
 ) -> None:
-    """Entry point of every worker process."""
+    """Entry point of every worker process.
+
+    ``rss[slot]`` is where this worker records its RSS for the parent;
+    ``limits`` retire it after some items or past some memory (_recycle).
+    """
     # Ctrl-C goes to the whole process group; the parent decides what stops.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     _limit_native_threads(native_threads)
     set_worker_cores(native_threads)  # nested maps stay within this share
-    _watch_parent(*alive)
+
+    def record_rss() -> None:
+        if rss is not None:
+            rss[slot] = rss_bytes()
+
+    _watch_parent(*alive, record_rss)
+    budget = Budget(limits) if limits else None
     # A typed view of the shared status array: item assignment through it
     # costs ~30 ns, a third of ctypes' own __setitem__ (paid once per item).
     view: Any = memoryview(status).cast("B").cast("d")
@@ -164,8 +183,9 @@ def worker_main(
         received = time.perf_counter()
         view[base] = -1
         view[base + 1] = time.monotonic()
-        chunk_id, fn_id, fn_blob, epoch, convention, timed, traced = pickle.loads(header)
+        chunk_id, fn_id, fn_blob, epoch, convention, timed, traced, shared = pickle.loads(header)
         try:
+            fds = [] if shared is None else receive_fds(conn, len(shared[1]))
             raw = conn.recv_bytes()
         except (EOFError, OSError):
             return
@@ -186,29 +206,52 @@ def worker_main(
             functions.move_to_end(fn_id)
             refresh(functions[fn_id][1])  # __main__ globals another function replaced
         try:
-            payload = pickle.loads(raw)
+            if shared is None:
+                payload = pickle.loads(raw)
+            else:
+                access, table = shared
+                payload = unpack(raw, table, map_fds(table, fds, access))
         except Exception as exc:
             view[base + 1] = 0.0
-            conn.send_bytes(pickle.dumps((chunk_id, 0.0, f"{type(exc).__name__}: {exc}"), _PICKLE))
+            problem = {"problem": f"{type(exc).__name__}: {exc}"}
+            conn.send_bytes(pickle.dumps((chunk_id, 0.0, problem), _PICKLE))
             conn.send_bytes(b"")
             continue
         started = time.perf_counter()
         ends: list[float] | None = [] if traced == TRACE_ITEMS else None
         with running(StopToken(cancel_flag, epoch)):
             kind, results = _run_chunk(
-                functions[fn_id][0], payload, convention, timed, view, base, ends
+                functions[fn_id][0], payload, convention, timed, view, base, ends, budget
             )
         busy_s = time.perf_counter() - started
-        body = _dump_results(kind, results)
+        del payload  # the arguments' shared memory is unmapped now, not at the next chunk
+        record_rss()
+        packed = _pack_results(kind, results, len(results))
         pickle_s = time.perf_counter() - started - busy_s
         logs.flush()  # before the results: the parent still knows the chunk's items
+        info: dict[str, Any] = {}
+        if packed.table is not None:
+            info["table"] = packed.table
+        if budget is not None and budget.retire is not None:
+            info["retire"], info["ran"] = budget.retire, len(results)
         if traced:
             # (received, receive_s, unpack_s, started, item ends, pickle_s): see WorkerTiming
-            timing = (received, unpacking - received, started - unpacking, started, ends, pickle_s)
-            conn.send_bytes(pickle.dumps((chunk_id, busy_s, None, timing), _PICKLE))
-        else:
-            conn.send_bytes(pickle.dumps((chunk_id, busy_s), _PICKLE))
-        conn.send_bytes(body)
+            info["timing"] = (
+                received,
+                unpacking - received,
+                started - unpacking,
+                started,
+                ends,
+                pickle_s,
+            )
+        del results
+        conn.send_bytes(pickle.dumps((chunk_id, busy_s, info) if info else (chunk_id, busy_s)))
+        if packed.table is not None:
+            send_fds(conn, packed.segments)
+        conn.send_bytes(packed.inband)
+        del packed  # closes this side of the result segments
+        if "retire" in info:
+            return  # the parent saw why, and starts a fresh worker in this slot
         # Only now: until the results are in the pipe, the parent must still
         # see the last item's start (its deadline) and whom to blame.
         view[base] = -1  # a death from now on is no item's fault
@@ -223,17 +266,20 @@ def _run_chunk(
     view: Any,
     base: int,
     ends: list[float] | None = None,
+    budget: Budget | None = None,
 ) -> tuple[str, list[Any]]:
     """Run every item; ("values", results) if all succeeded, else ("outcomes", [(ok, value)]).
 
-    The common case (no keywords, no timeout, no error, no report) is a tight
-    loop that only records the item's position for crash blame. ``ends``, when
-    given, receives each item's ``perf_counter()`` at its end (for a report).
+    The common case (no keywords, no timeout, no error, no report, no worker
+    limits) is a tight loop that only records the item's position for crash
+    blame. ``ends``, when given, receives each item's ``perf_counter()`` at
+    its end (for a report). With a ``budget``, items stop once it is spent:
+    fewer results than items come back, and the parent sends the rest elsewhere.
     """
     values: list[Any] = []
     append = values.append
     outcomes: list[Outcome] = []
-    if convention != KEYWORDS and not timed:
+    if convention != KEYWORDS and not timed and budget is None:
         try:
             if ends is not None:  # a report asked for item times: one clock read each
                 stamp, clock = ends.append, time.perf_counter
@@ -270,9 +316,23 @@ def _run_chunk(
             outcomes.append((False, exc))
         if ends is not None:
             ends.append(time.perf_counter())
+        if budget is not None and budget.spent():
+            break
     if all(ok for ok, _ in outcomes):
         return "values", [value for _, value in outcomes]
     return "outcomes", outcomes
+
+
+def _pack_results(kind: str, results: list[Any], items: int) -> Packed:
+    """The results framed by _wire's rules, large buffers in shared memory; if
+    that fails, in-band only (where an item that won't pickle fails alone)."""
+    shipped = results
+    if kind == "outcomes":
+        shipped = [(ok, value if ok else _shippable(value)) for ok, value in results]
+    try:
+        return pack(frame(kind, shipped), items=items)
+    except Exception:  # an item's result won't pickle: find it, fail it alone
+        return Packed(_dump_results(kind, results), None, [])
 
 
 def _dump_results(kind: str, results: list[Any]) -> bytes:
@@ -327,7 +387,9 @@ def _load_function(blob: bytes) -> tuple[Callable[..., Any], list[Install]]:
         return unloadable, []
 
 
-def _watch_parent(alive_r: Connection, alive_w: Connection) -> None:
+def _watch_parent(
+    alive_r: Connection, alive_w: Connection, tick: Callable[[], None] = lambda: None
+) -> None:
     """Exit when orphaned, so a SIGKILLed parent leaves no workers behind.
 
     ``alive_r`` is the read end of a pipe nobody writes to, whose write end
@@ -343,6 +405,7 @@ def _watch_parent(alive_r: Connection, alive_w: Connection) -> None:
 
     def watch() -> None:
         while os.getppid() == parent:
+            tick()  # records this worker's RSS for OOM diagnoses (see _recycle)
             try:
                 if alive_r.poll(ORPHAN_CHECK_S):
                     break
