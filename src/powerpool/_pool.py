@@ -57,16 +57,6 @@ _ASYNC_BACKENDS = ("asyncio",)
 _P = ParamSpec("_P")
 _R = TypeVar("_R")
 
-RUN_OPTION_NAMES = (
-    "chunksize",
-    "timeout",
-    "retries",
-    "retry_on",
-    "errors",
-    "progress",
-    "max_inflight_bytes",
-)
-"""Options a single run may override (the rest shape a pool's workers)."""
 
 FAST_BLOCK_ITEMS = 16384
 """Items auto's in-thread fast path computes between checks for cancel and
