@@ -18,8 +18,7 @@ import fault_helpers as fh
 import powerpool as pp
 from dask_cluster import DaskTestCluster, dask_helper_threads  # noqa: F401
 from powerpool import SerializationError
-from powerpool._backends._wire import FRAMED, OUTCOMES, VALUES, decode, encode
-from powerpool._execute import ShippedError
+from powerpool._backends._wire import FRAMED, OUTCOMES, VALUES, ShippedError, decode, encode
 
 pytestmark = pytest.mark.timeout(120)
 

@@ -10,17 +10,15 @@ from __future__ import annotations
 
 import inspect
 import pickle
-import traceback
 from collections.abc import Callable
 from functools import partial
 from typing import Any
 
-from ._errors import RemoteTraceback
 from ._mainfn import by_value
 from ._stop import StopToken, running
 from ._task import NO_KWARGS, Chunk, Outcome
 
-__all__ = ["ShippedError", "dumps", "is_coroutine_function", "run_items"]
+__all__ = ["dumps", "is_coroutine_function", "run_items"]
 
 
 def run_items(
@@ -53,29 +51,6 @@ def run_items(
                 # item, not silently end a worker thread its caller waits on.
                 append((False, exc))
     return outcomes
-
-
-class ShippedError:
-    """An exception on its way out of a worker process, with its traceback as text.
-
-    Tracebacks and ``__cause__`` do not survive pickling, so the worker formats
-    the traceback while it still exists; unpickling in the caller yields the
-    original exception again, with a :class:`RemoteTraceback` as its cause.
-    """
-
-    __slots__ = ("exc", "tb")
-
-    def __init__(self, exc: BaseException) -> None:
-        self.exc = exc
-        self.tb = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
-
-    def __reduce__(self) -> tuple[Any, ...]:
-        return (_rebuild, (self.exc, self.tb))
-
-
-def _rebuild(exc: BaseException, tb: str) -> BaseException:
-    exc.__cause__ = RemoteTraceback(tb)
-    return exc
 
 
 def is_coroutine_function(fn: object) -> bool:

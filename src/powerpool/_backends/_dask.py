@@ -88,8 +88,8 @@ from ._dask_cluster import (
     _Restarter,
     check_worker_limits,
 )
-from ._dask_worker import TaskReport, _dumps, _format, _RemoteFailure, _run_chunk, _Shipped
-from ._wire import decode
+from ._dask_worker import TaskReport, _dumps, _run_chunk, _Shipped
+from ._wire import decode, format_error
 
 __all__ = ["INSTALL_HINT", "DaskBackend"]
 
@@ -557,7 +557,7 @@ class DaskBackend:
                     entry, functools.partial(_fresh, WorkerCrashedError, _KILLED + str(exc), exc)
                 )
             # The task itself failed outside any item (we catch those).
-            exc.__cause__ = RemoteTraceback(_format(exc))
+            exc.__cause__ = RemoteTraceback(format_error(exc))
             return self._fail_sent(entry, functools.partial(_same, exc))
         report = TaskReport(*value)
         where, busy_s = report.worker, report.busy_s
@@ -571,7 +571,7 @@ class DaskBackend:
         if loaded is None:
             assert values is not None  # decode gives one or the other
             loaded = [(True, value) for value in values]
-        sent_outcomes = [_rebuild(o) for o in loaded]
+        sent_outcomes = loaded  # remote errors arrive rebuilt (see _wire.ShippedError)
         if report.late >= 0:
             sent_outcomes.extend(self._late(entry, report))
             busy_s = float(chunk.timeout_s or 0.0)
@@ -683,10 +683,3 @@ def _task_name(fn: Callable[..., Any]) -> str:
     inner = getattr(fn, "func", fn)  # functools.partial shows what it wraps
     raw = getattr(inner, "__name__", type(inner).__name__)
     return re.sub(r"[^A-Za-z0-9_]", "_", raw)[:40] or "fn"
-
-
-def _rebuild(outcome: tuple[bool, Any]) -> Outcome:
-    ok, value = outcome
-    if ok or not isinstance(value, _RemoteFailure):
-        return ok, value
-    return False, value.rebuild()

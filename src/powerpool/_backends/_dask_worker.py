@@ -4,9 +4,9 @@ Kept apart from the client side (``_dask.py``) because dask pickles these
 functions *by reference*: every worker imports this module, so it must stay
 importable without the client's state and light to import. It holds
 
-* the boxes both sides share: :class:`_Shipped` (bytes pickled once on the
-  client, unpickled once per worker) and :class:`_RemoteFailure` (an item's
-  exception with its worker traceback);
+* :class:`_Shipped`, the box both sides share: bytes pickled once on the
+  client, unpickled once per worker (an item's exception travels in
+  ``_wire.ShippedError``, as from process workers);
 * :func:`_run_chunk`, the task body: initializer once per worker, then every
   item of the chunk, with per-item timeouts when the run has one.
 
@@ -20,14 +20,13 @@ import os
 import pickle
 import threading
 import time
-import traceback
 from collections.abc import Callable, Mapping
 from concurrent.futures import CancelledError
 from typing import Any, NamedTuple
 
-from powerpool._backends._wire import OUTCOMES, VALUES, encode
+from powerpool._backends._wire import OUTCOMES, VALUES, ShippedError, encode
 from powerpool._backends._worker_logs import ChunkCapture, captured
-from powerpool._errors import InitializerError, RemoteTraceback, SerializationError
+from powerpool._errors import InitializerError
 from powerpool._stop import StopToken, running
 
 # -- shared by both sides ----------------------------------------------------
@@ -91,69 +90,34 @@ class _Shipped:
             return self._value
 
 
-class _RemoteFailure:
-    """An item's exception on its way back, with the worker traceback as text.
-
-    Exceptions lose ``__cause__`` when pickled, so the traceback (and, for an
-    initializer failure, the original error) travel beside it and are
-    attached again on the client by :meth:`rebuild`.
-    """
-
-    __slots__ = ("cause", "exc", "tb")
-
-    def __init__(self, exc: BaseException, tb: str, cause: _RemoteFailure | None = None) -> None:
-        self.exc = exc
-        self.tb = tb
-        self.cause = cause
-
-    def __reduce__(self) -> tuple[object, ...]:
-        return (_RemoteFailure, (self.exc, self.tb, self.cause))
-
-    @classmethod
-    def capture(cls, exc: BaseException) -> _RemoteFailure:
-        """Record ``exc``; one that cannot cross the wire becomes a SerializationError."""
-        tb = _format(exc)
-        try:
-            pickle.loads(_dumps(exc))  # both ways: a bad __init__ fails only on loads
-        except Exception as why:
-            name = f"{type(exc).__module__}.{type(exc).__qualname__}"
-            exc = SerializationError(f"{name}: {exc} (the exception could not be pickled: {why})")
-        return cls(exc, tb)
-
-    def rebuild(self) -> BaseException:
-        exc = self.exc
-        exc.__cause__ = self.cause.rebuild() if self.cause else RemoteTraceback(self.tb)
-        return exc
-
-
 # -- worker side -------------------------------------------------------------
 
 _INIT_LOCK = threading.Lock()
-_INIT_DONE: dict[tuple[str, str], _RemoteFailure | None] = {}
+_INIT_DONE: dict[tuple[str, str], ShippedError | None] = {}
 """(backend token, worker address) -> None once the initializer ran, or its failure.
 
 Lives in each worker process; keyed by worker too because several in-process
 workers (LocalCluster(processes=False)) share one module."""
 
 
-def _initialize(box: _Shipped, where: str) -> _RemoteFailure | None:
+def _initialize(box: _Shipped, where: str) -> ShippedError | None:
     """Run the pool's initializer once per worker, before that worker's first item."""
     key = (box.token, where)
     with _INIT_LOCK:  # held while it runs: the worker's other threads must wait for it
         if key in _INIT_DONE:
             return _INIT_DONE[key]
-        failure: _RemoteFailure | None = None
+        failure: ShippedError | None = None
         try:
             initializer, initargs = box.load()
             initializer(*initargs)
         except Exception as exc:
-            failure = _RemoteFailure(
+            failure = ShippedError(
                 InitializerError(
                     f"the pool's initializer raised {type(exc).__name__}: {exc} "
                     f"(on dask worker {where})"
                 ),
                 tb="",
-                cause=_RemoteFailure.capture(exc),
+                cause=ShippedError.capture(exc),
             )
         _INIT_DONE[key] = failure
         return failure
@@ -241,7 +205,7 @@ def _run_chunk(
         calls: list[tuple[tuple[Any, ...], dict[str, Any]]] = pickle.loads(blob)
     except Exception as exc:  # e.g. a module importable on the client but not here
         return TaskReport(
-            where, 0.0, _dump_outcomes([(False, _RemoteFailure.capture(exc))] * n_items)
+            where, 0.0, _dump_outcomes([(False, ShippedError.capture(exc))] * n_items)
         )
     token = StopToken(_TaskCancelled(task_key, epoch), epoch)
     progress = _Progress()
@@ -255,7 +219,7 @@ def _run_chunk(
     logs = progress.logs
     if late >= 0:
         return TaskReport(where, busy_s, _dump_outcomes(outcomes), late, _has_nanny(), logs)
-    stopped = _RemoteFailure(CancelledError("cancelled"), tb="")
+    stopped = ShippedError(CancelledError("cancelled"), tb="")
     outcomes.extend([(False, stopped)] * (len(calls) - len(outcomes)))
     return TaskReport(where, busy_s, _dump_outcomes(outcomes), logs=logs)
 
@@ -313,7 +277,7 @@ def _run_calls(
             try:
                 outcome: tuple[bool, Any] = (True, fn(*args, **kwargs))
             except (Exception, SystemExit) as exc:
-                outcome = (False, _RemoteFailure.capture(exc))
+                outcome = (False, ShippedError.capture(exc))
             if not timed:
                 outcomes.append(outcome)
                 continue
@@ -404,7 +368,3 @@ def _dump_outcomes(outcomes: list[tuple[bool, Any]]) -> bytes:
     if all(ok for ok, _ in outcomes):
         return encode(VALUES, [value for _, value in outcomes])
     return encode(OUTCOMES, outcomes)
-
-
-def _format(exc: BaseException) -> str:
-    return "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))

@@ -38,15 +38,80 @@ the Dask workers), so a result behaves the same wherever it was computed.
 from __future__ import annotations
 
 import pickle
+import traceback
 from array import array
 from itertools import chain
 from typing import Any, Final
 
-from .._errors import SerializationError
-from .._execute import ShippedError, dumps
+from .._errors import RemoteTraceback, SerializationError
+from .._execute import dumps
 from .._task import Outcome
 
-__all__ = ["FRAMED", "OUTCOMES", "VALUES", "decode", "encode", "frame", "unframe"]
+__all__ = [
+    "FRAMED",
+    "OUTCOMES",
+    "VALUES",
+    "ShippedError",
+    "decode",
+    "encode",
+    "format_error",
+    "frame",
+    "unframe",
+]
+
+
+class ShippedError:
+    """An exception on its way out of a worker, with its traceback as text.
+
+    The one carrier of remote errors, for process and Dask workers alike.
+    Tracebacks and ``__cause__`` do not survive pickling, so the worker
+    formats the traceback while it still exists (and an initializer's
+    failure brings the original error as ``cause``); unpickling in the
+    caller yields the original exception again, its ``__cause__`` the
+    rebuilt ``cause`` or else a :class:`RemoteTraceback`.
+    """
+
+    __slots__ = ("cause", "exc", "tb")
+
+    def __init__(
+        self, exc: BaseException, tb: str | None = None, cause: ShippedError | None = None
+    ) -> None:
+        self.exc = exc
+        self.tb = format_error(exc) if tb is None else tb
+        self.cause = cause
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (_rebuild, (self.exc, self.tb, self.cause))
+
+    @classmethod
+    def capture(cls, exc: BaseException) -> ShippedError:
+        """``exc`` with its traceback, or a stand-in if it would not survive pickling.
+
+        Checked both ways: an ``__init__`` that takes other arguments than
+        the exception pickles fails only on loading. Errors are rare, so the
+        check is cheap where it matters.
+        """
+        tb = format_error(exc)
+        try:
+            pickle.loads(dumps(exc))
+        except Exception as problem:
+            stand_in = SerializationError(
+                f"{type(exc).__name__}: {exc} (the original exception could not be "
+                f"pickled: {type(problem).__name__}: {problem})"
+            )
+            return cls(stand_in, tb)
+        return cls(exc, tb)
+
+
+def _rebuild(exc: BaseException, tb: str, cause: BaseException | None = None) -> BaseException:
+    exc.__cause__ = cause if cause is not None else RemoteTraceback(tb)
+    return exc
+
+
+def format_error(exc: BaseException) -> str:
+    """The traceback of ``exc`` as text, the way Python prints it."""
+    return "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
+
 
 VALUES: Final = "values"
 OUTCOMES: Final = "outcomes"

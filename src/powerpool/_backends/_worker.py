@@ -58,14 +58,14 @@ from multiprocessing.connection import Connection
 from typing import Any
 
 from .._errors import SerializationError
-from .._execute import ShippedError, dumps
+from .._execute import dumps
 from .._mainfn import Install, load, refresh
 from .._stop import StopToken, running
 from .._system import set_worker_cores
 from .._task import Outcome
 from ._recycle import Budget, Limits, rss_bytes
 from ._shm import Packed, map_fds, pack, receive_fds, send_fds, unpack
-from ._wire import encode, frame
+from ._wire import ShippedError, encode, frame
 from ._worker_logs import forward_to_parent
 
 __all__ = [
@@ -159,7 +159,7 @@ def worker_main(
         except Exception as exc:
             logs.flush()
             with contextlib.suppress(OSError):  # the parent may be gone already
-                conn.send_bytes(dumps(("init-error", _shippable(exc))))
+                conn.send_bytes(dumps(("init-error", ShippedError.capture(exc))))
             return
         logs.flush()
     functions: OrderedDict[bytes, tuple[Callable[..., Any], list[Install]]] = OrderedDict()
@@ -328,7 +328,7 @@ def _pack_results(kind: str, results: list[Any], items: int) -> Packed:
     that fails, in-band only (where an item that won't pickle fails alone)."""
     shipped = results
     if kind == "outcomes":
-        shipped = [(ok, value if ok else _shippable(value)) for ok, value in results]
+        shipped = [(ok, value if ok else ShippedError.capture(value)) for ok, value in results]
     try:
         return pack(frame(kind, shipped), items=items)
     except Exception:  # an item's result won't pickle: find it, fail it alone
@@ -339,24 +339,8 @@ def _dump_results(kind: str, results: list[Any]) -> bytes:
     """Pickle the results so that an item whose result or error won't pickle here,
     or won't unpickle again, fails alone (see _wire)."""
     if kind == "outcomes":
-        results = [(ok, value if ok else _shippable(value)) for ok, value in results]
+        results = [(ok, value if ok else ShippedError.capture(value)) for ok, value in results]
     return encode(kind, results)
-
-
-def _shippable(exc: BaseException) -> ShippedError:
-    """The exception with its traceback, or a stand-in if it would not survive pickling."""
-    shipped = ShippedError(exc)
-    try:
-        pickle.loads(dumps(exc))  # errors are rare: checking is cheap
-    except Exception as problem:
-        stand_in = SerializationError(
-            f"{type(exc).__name__}: {exc} (the original exception could not be "
-            f"pickled: {type(problem).__name__}: {problem})"
-        )
-        fallback = ShippedError(stand_in)
-        fallback.tb = shipped.tb
-        return fallback
-    return shipped
 
 
 def _limit_native_threads(threads: int) -> None:
