@@ -91,10 +91,10 @@ def test_classes_that_loaded_once_are_trusted_and_bad_ones_never() -> None:
 
     values = [decimal.Decimal(i) for i in range(5)]
     _wire._TRUSTED.discard(decimal.Decimal)
-    assert _wire._checked(values) == {decimal.Decimal}
+    assert _wire._checked(VALUES, values) == {decimal.Decimal}
     assert _kind(encode(VALUES, values)) == VALUES
-    assert _wire._checked(values) is None  # trusted from now on
-    assert _wire._checked([(1, values[0])]) is None
+    assert _wire._checked(VALUES, values) is None  # trusted from now on
+    assert _wire._checked(VALUES, [(1, values[0])]) == {tuple}  # containers: always checked
     bad: list[Any] = [fh.TwoArgError(1, "x")]
     for _ in range(2):
         assert _kind(encode(VALUES, bad)) == FRAMED
