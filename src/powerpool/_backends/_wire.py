@@ -155,21 +155,22 @@ def _trust(kinds: frozenset[type]) -> None:
         _TRUSTED.update(kinds - _CONTAINERS - _ALWAYS)
 
 
-def frame(kind: str, results: list[Any]) -> tuple[Any, ...]:
+def frame(kind: str, results: list[Any], pickled: bytes | None = None) -> tuple[Any, ...]:
     """Worker side: the message for a chunk's results, to pickle as one object.
 
     ``kind`` is ``"values"`` (every item succeeded: ``results`` are the
     values) or ``"outcomes"`` (``(ok, value)`` pairs, failed ones already
     carried by ``ShippedError``). For a backend with its own pickler (shared
-    memory for large buffers); a checked chunk is pickled twice here, so
-    others use :func:`encode`, which pickles once.
+    memory for large buffers): ``pickled`` is ``(kind, results)`` already
+    pickled, when the caller has it, so the check need not pickle it again.
+    The message is ``(kind, results)`` itself unless it had to be framed.
     """
     message = (kind, results)
     kinds = _checked(kind, results)
     if kinds is None:
         return message
     try:
-        pickle.loads(dumps(message))
+        pickle.loads(pickled if pickled is not None else dumps(message))
     except Exception:
         return _framed(kind, results)  # some item will not pickle, or not load again
     _trust(kinds)

@@ -330,7 +330,12 @@ def _pack_results(kind: str, results: list[Any], items: int) -> Packed:
     if kind == "outcomes":
         shipped = [(ok, value if ok else ShippedError.capture(value)) for ok, value in results]
     try:
-        return pack(frame(kind, shipped), items=items)
+        packed = pack((kind, shipped), items=items)
+        # All in-band (the common case): _wire checks these very bytes.
+        message = frame(kind, shipped, packed.inband if packed.table is None else None)
+        if message[0] != kind:  # framed: one pickle per item (this packed's segments close)
+            packed = pack(message, items=items)
+        return packed
     except Exception:  # an item's result won't pickle: find it, fail it alone
         return Packed(_dump_results(kind, results), None, [])
 
