@@ -59,6 +59,14 @@ def _children() -> dict[int, psutil.Process]:
 
 
 @pytest.fixture(autouse=True)
+def cold_auto() -> None:
+    """Every test starts auto cold: no decision remembered from another test's function."""
+    from powerpool._speculate import forget
+
+    forget()
+
+
+@pytest.fixture(autouse=True)
 def no_leaks() -> Iterator[None]:
     """Fail a test that leaves threads or processes of its own running."""
     threads_before = set(threading.enumerate())

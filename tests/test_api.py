@@ -454,7 +454,9 @@ def test_items_after_a_timeout_run_normally(
 )
 def test_auto_backend_over_the_module_api(capsys: pytest.CaptureFixture[str]) -> None:
     assert pp.map(square, range(100), explain=True) == [x * x for x in range(100)]
-    assert capsys.readouterr().out.strip()  # explain=True printed the plan
+    err = capsys.readouterr().err
+    assert "powerpool auto:" in err  # explain=True printed the plan, to stderr
+    assert "plan:" in err
     assert list(pp.imap(square, range(30))) == [x * x for x in range(30)]
     pairs = sorted(pp.imap_unordered(square, range(30), with_index=True))
     assert pairs == [(x, x * x) for x in range(30)]

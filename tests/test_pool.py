@@ -613,11 +613,14 @@ def test_processes_with_each_start_method(method: str) -> None:
         assert pool.submit(lambda: offset * 2).result(timeout=30) == 20  # a closure
 
 
+@pytest.mark.timeout(60)
 def test_auto_honours_a_timeout_on_tiny_work() -> None:
-    # Tiny work plans serial, which cannot stop a late item: auto must not
-    # then refuse timeout= after the sample already ran.
+    # Tiny work would run in the caller's thread, which cannot stop a late
+    # item: with timeout= every item stays in a worker process, and the plan
+    # says why.
     with pp.Pool(progress=False) as pool:
         assert pool.map(abs, [-1, -2, 3] * 10, timeout=5) == [1, 2, 3] * 10
         assert pool.last_plan is not None
-        assert pool.last_plan.backend == "threads"
-        assert "timeout" in pool.last_plan.reasons[-1]
+        assert pool.last_plan.backend == "processes"
+        assert any("timeout=" in reason for reason in pool.last_plan.reasons)
+        assert pool.stats().items_in_caller == 0

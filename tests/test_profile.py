@@ -21,6 +21,7 @@ from typing import Any
 
 import pytest
 
+from auto_tasks import hash_for, spin_10ms
 from powerpool import _profile
 from powerpool._profile import Hotspot, Profile, Workload, profile, profile_calls
 from tasks import sleep_20ms as nap
@@ -84,7 +85,7 @@ def test_socket_read_is_io() -> None:
 
 @pytest.mark.timeout(60)
 def test_pure_python_is_cpu_gil() -> None:
-    prof = profile(spin, range(6), max_seconds=SLACK_S)
+    prof = profile(spin_10ms, range(6), max_seconds=SLACK_S)
     assert prof.workload is Workload.CPU_GIL, str(prof)
     assert prof.gil_measured, str(prof)
     assert prof.gil_held_fraction >= 0.5, str(prof)
@@ -160,7 +161,8 @@ def test_slow_busy_items_get_a_few_more_with_the_heartbeat() -> None:
     # One more item to see the GIL, and more only while the evidence is
     # thin (fewer than 2 heartbeat ticks) or mixed (a loaded machine).
     # A generous budget: a loaded machine can stretch one item to 250 ms.
-    prof, outcomes = profile_calls(spin, calls_of(range(100)), max_seconds=3.0)
+    # Items last 10 ms by the clock (a fixed loop is under SLOW_ITEM_S on a fast CPU).
+    prof, outcomes = profile_calls(spin_10ms, calls_of(range(100)), max_seconds=3.0)
     assert 2 <= prof.items == len(outcomes) <= 4, str(prof)
     assert prof.workload is Workload.CPU_GIL, str(prof)
     assert all(ok for ok, _ in outcomes)
@@ -168,7 +170,7 @@ def test_slow_busy_items_get_a_few_more_with_the_heartbeat() -> None:
 
 @pytest.mark.timeout(60)
 def test_slow_native_item_measures_the_gil_released() -> None:
-    prof, _ = profile_calls(digest, calls_of(range(100)), max_seconds=3.0)
+    prof, _ = profile_calls(hash_for, calls_of(range(100)), max_seconds=3.0)
     assert 2 <= prof.items <= 4, str(prof)
     assert prof.workload is Workload.CPU_NATIVE, str(prof)
 
@@ -266,7 +268,7 @@ def test_empty_input() -> None:
 
 @pytest.mark.timeout(30)
 def test_time_budget_stops_sampling() -> None:
-    prof = profile(spin, range(100), max_items=100, max_seconds=0.05)
+    prof = profile(spin_10ms, range(100), max_items=100, max_seconds=0.05)
     assert 1 <= prof.items < 100
     assert any("time budget" in line for line in prof.evidence)
 

@@ -174,10 +174,14 @@ def test_auto_in_thread_run_is_recorded(tmp_path: Path) -> None:
         assert pool.map(abs, range(-50_000, 0), report=True)[:2] == [50_000, 49_999]
         report = pool.last_report
     assert report is not None
-    assert report.workers == ["caller"]
+    # auto v2: the first chunks ran on worker processes, the rest (tiny items)
+    # in the caller's thread after a recorded switch.
+    assert report.workers[-1] == "serial"
+    assert all(w.startswith("process-") for w in report.workers[:-1])
     assert report.items == 50_000
     assert report.runs[0].plan is not None
     assert any(e.kind == "plan" for e in report.events)
+    assert any(e.kind == "plan-switch" and "serial" in e.detail for e in report.events)
 
 
 def test_plan_switch_events_reach_both_formats() -> None:

@@ -102,19 +102,21 @@ def map(
 ) -> list[Any]:
     """Apply ``fn`` to every input, as fast as this machine allows; a list in input order.
 
+    ``explain=True`` prints auto's plan to stderr when it is decided, at each
+    switch, and what ran.
+
     >>> import powerpool
     >>> powerpool.map(abs, [-1, -2, 3])
     [1, 2, 3]
     """
     pool_options, run_options = _split(backend, options)
     pool, shared = _lease(backend, pool_options)
+    if explain:
+        run_options["explain"] = True  # one run's explain (see Pool._iterate)
     try:
-        result = pool.map(fn, *iterables, **run_options)
+        return pool.map(fn, *iterables, **run_options)
     finally:
         _release(pool, shared)
-    if explain and pool.last_plan is not None:
-        print(pool.last_plan)
-    return result
 
 
 def imap(

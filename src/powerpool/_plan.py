@@ -29,12 +29,12 @@ when that is what limits them.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable, Iterator, Sized
+from collections.abc import Callable, Iterable, Sized
 from dataclasses import dataclass
 from itertools import islice
 from typing import Any
 
-from ._profile import Call, Profile, Workload, format_bytes, format_seconds, profile_calls
+from ._profile import Profile, Workload, format_bytes, format_seconds
 from ._system import usable_cores
 
 __all__ = ["Plan", "cpu_count", "plan", "plan_from_profile"]
@@ -554,23 +554,28 @@ def plan(
     fn: Callable[..., Any],
     items: Iterable[Any],
     *,
-    sample: int = 8,
+    sample: int = 64,
     address: str | None = None,
     star: bool = False,
 ) -> Plan:
-    """Profile ``fn`` on the first ``sample`` items and plan a run over all of them.
+    """What ``backend="auto"`` would decide for ``fn`` over ``items``, and why.
 
-    ``items`` may be a list (its length is used) or an iterator (only the
-    sampled items are consumed from it, and they are then spent). Each item
-    is one argument (``star=True``: a tuple of arguments).
+    Runs at most the first ``sample`` items exactly as auto starts a run (on
+    worker processes, measured there), stopping as soon as the decision
+    settles, and plans the whole input from that evidence, with the same
+    function auto uses. ``items`` may be a list (its
+    length is used) or an iterator (only the sampled items are consumed
+    from it, and they are then spent). Each item is one argument
+    (``star=True``: a tuple of arguments). With ``address`` (a dask
+    scheduler) the plan scales out when the work is much more than this
+    machine finishes soon.
     """
+    from ._speculate import plan_by_running
+
     n = len(items) if isinstance(items, Sized) else None
-    head = islice(iter(items), sample)
-    calls: Iterator[Call] = ((tuple(x), {}) if star else ((x,), {}) for x in head)
-    prof, _ = profile_calls(
-        fn, calls, max_items=max(1, sample), max_seconds=0.5, stop_early=False, thorough=True
-    )
-    return plan_from_profile(prof, n, address=address, memory_bytes=_available_memory())
+    head = list(islice(iter(items), max(1, sample)))
+    sample_args = [tuple(x) for x in head] if star else head
+    return plan_by_running(fn, sample_args, n, star=star, address=address)
 
 
 def _available_memory() -> int | None:

@@ -19,8 +19,8 @@ import weakref
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import CancelledError, Future
-from dataclasses import dataclass, field, replace
-from typing import TYPE_CHECKING, Any, ParamSpec, TypeVar, overload
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, ParamSpec, TypeVar, cast, overload
 
 from ._backends import BackendConfig, load
 from ._errors import PoolClosedError
@@ -41,14 +41,16 @@ from ._recorder import Recorder, RunReport, failed_items, report_format
 from ._run import Attempts, Run, RunOptions
 from ._stats import PoolStats, StatsLedger
 from ._system import usable_cores, worker_cores
-from ._task import Chunk, ChunkResult, Item, ItemLost, Outcome
+from ._task import Chunk, ChunkResult, Item, ItemLost
 
 if TYPE_CHECKING:
     from collections.abc import Awaitable
 
     from ._backends import Backend
+    from ._decide import Evidence
     from ._options import Unpack
     from ._plan import Plan
+    from ._speculate import Steer
 
 __all__ = ["Pool", "PoolState", "ReportTarget"]
 
@@ -56,12 +58,6 @@ _ASYNC_BACKENDS = ("asyncio",)
 
 _P = ParamSpec("_P")
 _R = TypeVar("_R")
-
-
-FAST_BLOCK_ITEMS = 16384
-"""Items auto's in-thread fast path computes between checks for cancel and
-shutdown: large enough that the checks cost nothing per item, small enough
-that a cancel takes effect within milliseconds of tiny work."""
 
 MAX_LIVE_BACKENDS = 4
 """Backends kept warm per pool (auto may start one per kind of work); the
@@ -129,7 +125,7 @@ class Pool:
         self._backend_name = backend
         self._workers = workers
         run: dict[str, Any] = {
-            k: v for k, v in options.items() if k in RUN_OPTION_NAMES and k != "report"
+            k: v for k, v in options.items() if k in RUN_OPTION_NAMES and k not in _NOT_RUN
         }
         self._defaults = _run_options(RunOptions(progress="auto"), **run)
         if backend != "auto":
@@ -154,6 +150,7 @@ class Pool:
         self.last_report: RunReport | None = None
         """What the most recent run recorded, when a report was asked for
         (``report=`` here or on the call); renders inline in notebooks."""
+        self._isolate: str | None = None  # set by `powerpool run`: items never in this process
         self._backend_options = backend_options
         self._state = PoolState.OPEN
         # Invariant: _lock guards _state, _backends, _epoch, _futures and _runs.
@@ -170,7 +167,12 @@ class Pool:
             weakref.WeakKeyDictionary()
         )
         self.last_plan: Plan | None = None
-        """The plan ``auto`` made for the most recent run (None before one)."""
+        """The plan ``auto`` follows in the current run, or followed in the most recent
+        one, with the workers and chunk sizes used (None before one)."""
+        self.steer: Steer | None = None
+        """The steer of the running (or most recent) ``auto`` run."""
+        self.last_evidence: Evidence | None = None
+        """What the workers measured in the most recent ``auto`` run (None before one)."""
         # A pool dropped without shutdown() must not leave workers behind until
         # exit. The finalizer holds the backends, never the pool itself.
         weakref.finalize(self, _release_backends, self._backends)
@@ -448,6 +450,8 @@ class Pool:
             raise TypeError("map() needs at least one iterable of inputs")
         report = overrides.pop("report", None)
         _check_report(report)
+        # explain= is a pool option; pp.map(..., explain=True) passes it per run.
+        explain = bool(cast("dict[str, Any]", overrides).pop("explain", self._explain))
         options = _run_options(self._defaults, **overrides)
         self._check_open()
         if self._backend_name != "auto":
@@ -455,9 +459,9 @@ class Pool:
             _check_timeout(self._backend_name, options)
         if eager:
             return self._results(
-                self._prepare(fn, iterables, options, report), options, ordered, with_index
+                self._prepare(fn, iterables, options, report, explain), options, ordered, with_index
             )
-        return self._lazy(fn, iterables, options, report, ordered, with_index)
+        return self._lazy(fn, iterables, options, report, explain, ordered, with_index)
 
     def _lazy(
         self,
@@ -465,11 +469,12 @@ class Pool:
         iterables: tuple[Iterable[Any], ...],
         options: RunOptions,
         report: ReportTarget,
+        explain: bool,
         ordered: bool,
         with_index: bool,
     ) -> Iterator[Any]:
         yield from self._results(
-            self._prepare(fn, iterables, options, report), options, ordered, with_index
+            self._prepare(fn, iterables, options, report, explain), options, ordered, with_index
         )
 
     def _prepare(
@@ -478,8 +483,9 @@ class Pool:
         iterables: tuple[Iterable[Any], ...],
         options: RunOptions,
         report: ReportTarget = None,
+        explain: bool = False,
     ) -> _Prepared:
-        """Resolve the backend (profiling the first items when auto)."""
+        """Resolve the backend; for auto, the steer that will choose it as the items run."""
         # One input: its items are the bare arguments (no tuple per item).
         star = len(iterables) > 1
         source: Iterator[Any] = zip(*iterables) if star else iter(iterables[0])
@@ -494,104 +500,66 @@ class Pool:
             prepared.report_path = None if isinstance(self._report, bool) else self._report
         if prepared.backend != "auto":
             return prepared
-        from ._auto import choose, choose_with_initializer
-
-        if self._initializer is not None or self._recycles():
-            # Items may need what the initializer sets up in each worker, so
-            # they cannot be measured here, in the caller's thread; worker
-            # limits (max_tasks_per_child, max_worker_memory) need processes.
-            prepared.backend, prepared.workers = "processes", self._workers
-            self.last_plan = choose_with_initializer(prepared.total, self._workers)
-            if self._initializer is None:
-                why = (
-                    "max_tasks_per_child/max_worker_memory replace worker processes: "
-                    "processes, one per core, measured as they run"
-                )
-                self.last_plan = replace(self.last_plan, reasons=(why,))
-            prepared.plan = self.last_plan
+        if is_coroutine_function(fn) or worker_cores() is not None:
+            # Coroutines need an event loop, which no worker process runs here;
+            # inside a worker process, nested work stays in its share of cores.
+            if worker_cores() is not None:
+                plan = _nested_plan(_fixed_plan("processes", self._workers, prepared.total, ""))
+            else:
+                plan = _fixed_plan("asyncio", self._workers, prepared.total, _COROUTINES)
+            prepared.backend, prepared.workers = plan.backend, plan.workers
+            self.last_plan = prepared.plan = plan
+            if explain:
+                print(f"powerpool auto: decided\n{plan}", file=sys.stderr, flush=True)
             return prepared
-        sampled_from = None if prepared.recorder is None else prepared.recorder.now()
-        choice = choose(
+        from ._speculate import Steer
+
+        prepared.steer = Steer(
             fn,
-            source,
-            star,
-            prepared.total,
-            options,
+            total=prepared.total,
+            cores=usable_cores(),
             workers=self._workers,
+            isolate=self._isolation(options),
+            explain=explain,
             address=self._backend_options.get("address"),
+            backend_for=self._live_backend,
+            on_plan=self._set_plan,
         )
-        plan = choice.plan if worker_cores() is None else _nested_plan(choice.plan)
-        self.last_plan = prepared.plan = plan
-        if prepared.recorder is not None and sampled_from is not None:
-            prepared.recorder.span(
-                "caller",
-                sampled_from,
-                prepared.recorder.now(),
-                range(len(choice.prefilled)),
-                "sample",
-            )
-        with contextlib.suppress(TypeError):  # not weak-referenceable: no memory of it
-            self._plans[fn] = plan
-        if self._explain:
-            print(plan)
-        prepared.backend, prepared.workers = plan.backend, plan.workers
-        prepared.prefilled, prepared.per_item_s = choice.prefilled, choice.per_item_s
-        prepared.fast = choice.fast
-        if prepared.fast is None:
-            _check_timeout(prepared.backend, options)
         return prepared
+
+    def _isolation(self, options: RunOptions) -> str | None:
+        """Why user code must stay in worker processes for this run (None: it need not)."""
+        if self._isolate is not None:
+            return self._isolate
+        if self._initializer is not None:
+            return "the pool has an initializer (per-worker state)"
+        if self._recycles():
+            return "max_tasks_per_child/max_worker_memory replace worker processes"
+        faults = []
+        if options.timeout_s is not None:
+            faults.append("timeout=")
+        if options.retries:
+            faults.append("retries=")
+        if options.errors != "raise":
+            faults.append(f"errors={options.errors!r}")
+        if faults:
+            return f"{', '.join(faults)} asks for isolation, so every item runs in a worker"
+        return None
+
+    def _live_backend(self, name: str, workers: int) -> Backend:
+        """The steer's way to a backend: the pool's warm one, started on first use."""
+        with self._lock:
+            self._check_open()
+            return self._backend(name, workers)
+
+    def _set_plan(self, plan: Plan) -> None:
+        self.last_plan = plan
 
     def _results(
         self, prepared: _Prepared, options: RunOptions, ordered: bool, with_index: bool
     ) -> Iterator[Any]:
-        if prepared.fast is not None:
-            values = itertools.chain.from_iterable(self._fast_blocks(prepared.fast, prepared))
-            return enumerate(values) if with_index else values
         blocks = self._blocks(prepared, options, ordered, with_index)
         return itertools.chain.from_iterable(blocks)
-
-    def _fast_blocks(self, values: Iterator[Any], prepared: _Prepared) -> Iterator[list[Any]]:
-        """auto's fast path (serial, in this thread) in blocks: counted, and cancellable.
-
-        Between blocks it checks that nobody cancelled the pool's work; per
-        item it costs nothing beyond the builtin map.
-        """
-        with self._lock:
-            self._check_open()
-            epoch = self._epoch
-        self._ledger.begin("serial", 1)
-        recorder = prepared.recorder
-        if recorder is not None:
-            recorder.begin(
-                function=_name(prepared.fn), backend="serial", workers=1, plan=prepared.plan
-            )
-        done = 0  # the sampled items' values come first, without being computed again
-        try:
-            while True:
-                block: list[Any] = []
-                began = 0.0 if recorder is None else recorder.now()
-                try:
-                    block.extend(itertools.islice(values, FAST_BLOCK_ITEMS))
-                except Exception:
-                    # Like the builtin map: every earlier result, then the error.
-                    self._ledger.items(done=len(block), failed=1)
-                    yield block
-                    raise
-                if not block:
-                    return
-                if recorder is not None:  # the sampled items were computed before
-                    first = max(done, len(prepared.prefilled))
-                    recorder.span(
-                        "caller", began, recorder.now(), range(first, done + len(block)), "serial"
-                    )
-                done += len(block)
-                self._ledger.items(done=len(block))
-                yield block
-                if self._epoch != epoch:
-                    raise CancelledError("the pool's work was cancelled")
-        finally:
-            self._ledger.end()
-            self._finish_report(prepared)
 
     def _finish_report(self, prepared: _Prepared) -> None:
         """End the run in its recorder; keep the report and write its file, if any."""
@@ -610,9 +578,14 @@ class Pool:
     ) -> Iterator[list[Any]]:
         # Registered in the same critical section that checks the state, so a
         # concurrent shutdown() either refuses this run or waits for its end.
+        steer = prepared.steer
+        if steer is not None:
+            self.steer = steer
         with self._lock:
             self._check_open()
-            backend = self._backend(prepared.backend, prepared.workers)
+            backend = None
+            if steer is None:
+                backend = self._backend(prepared.backend, prepared.workers)
             run = Run(
                 backend=backend,
                 fn=prepared.fn,
@@ -625,18 +598,18 @@ class Pool:
                 epoch=self._epoch,
                 ledger=self._ledger,
                 new_chunk_id=self._chunk_ids.__next__,
-                prefilled=prepared.prefilled,
-                per_item_s=prepared.per_item_s,
+                steer=steer,
                 recorder=prepared.recorder,
             )
             self._runs.add(run)
         if prepared.recorder is not None:
+            first = run.backends[0]
             prepared.recorder.begin(
                 function=_name(prepared.fn),
-                backend=backend.name,
-                workers=backend.workers,
-                plan=prepared.plan,
-                start_method=_start_method(backend),
+                backend=first.name,
+                workers=first.workers,
+                plan=prepared.plan if steer is None else steer.plan,
+                start_method=_start_method(first),
             )
         try:
             yield from run
@@ -644,12 +617,27 @@ class Pool:
             # Ctrl-C: a user wants everything to stop now, workers included.
             self.cancel()
             with self._lock:
-                key = next((k for k, b in self._backends.items() if b is backend), None)
-                if key is not None:
-                    del self._backends[key]
-            backend.shutdown(wait=False, kill=True)
+                for used in run.backends:
+                    key = next((k for k, b in self._backends.items() if b is used), None)
+                    if key is not None:
+                        del self._backends[key]
+            for used in run.backends:
+                used.shutdown(wait=False, kill=True)
             raise
         finally:
+            final = None
+            if steer is not None:
+                self.last_evidence = steer.evidence()
+                final = steer.final_plan()
+                if final is not None:
+                    self.last_plan = final
+                    with contextlib.suppress(TypeError):  # not weak-referenceable
+                        self._plans[prepared.fn] = final
+            self._ledger.run_done(
+                predicted=final.expected_speedup if final is not None else None,
+                actual=run.speedup,
+                in_caller=steer.in_process_items if steer is not None else 0,
+            )
             with self._lock:
                 self._runs.discard(run)
                 last = self._state is PoolState.CLOSING and not self._runs
@@ -672,15 +660,11 @@ class _Prepared:
     total: int | None
     """Number of inputs, when every iterable has a length."""
     backend: str
-    """The backend that will run them (never "auto" once prepared)."""
+    """The backend that will run them ("auto": the steer chooses)."""
     workers: int | None
     """Its workers (None: the backend's default)."""
-    prefilled: list[tuple[Item, Outcome]] = field(default_factory=list)
-    """Items auto already ran while measuring, with their outcomes."""
-    per_item_s: float | None = None
-    """Measured seconds per item, to seed the chunk sizer."""
-    fast: Iterator[Any] | None = None
-    """All results, lazily, when auto chose to run in this thread (see _fast_blocks)."""
+    steer: Steer | None = None
+    """For auto: what chooses (and changes) the backend as the items run."""
     plan: Plan | None = None
     """auto's plan for this run (None when the caller chose the backend)."""
     recorder: Recorder | None = None
@@ -736,6 +720,29 @@ def _nested_plan(plan: Plan) -> Plan:
     )
     return dataclasses.replace(
         plan, backend=name, workers=workers or plan.workers, reasons=(*plan.reasons, why)
+    )
+
+
+_NOT_RUN = ("report",)
+"""Run options a pool keeps apart from its RunOptions defaults."""
+
+_COROUTINES = "coroutine function: an event loop in this process runs them"
+
+
+def _fixed_plan(backend: str, workers: int | None, total: int | None, reason: str) -> Plan:
+    """auto's plan where nothing is measured to choose from (coroutines, nested work)."""
+    from ._plan import Plan
+
+    count = workers or default_workers(backend)
+    return Plan(
+        backend=backend,
+        workers=count,
+        chunksize=1,
+        expected_speedup=float(min(count, total or count)),
+        reasons=(reason,) if reason else (),
+        profile=None,
+        n_items=total,
+        cores=usable_cores(),
     )
 
 

@@ -47,6 +47,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from . import _probes
+from ._decide import IO_MAX_BUSY, TINY_S  # one threshold for the profiler and auto
 from ._probes import Heartbeat, SchedClock, pickle_cost
 
 if TYPE_CHECKING:
@@ -78,12 +79,6 @@ SLOW_ITEM_S = 5e-3
 at once: 400 x 20 ms sleeps are profiled in ~20 ms. One that computes gets one
 more item with the heartbeat running, because telling GIL-holding from
 GIL-releasing work needs the heartbeat, and threads versus processes hangs on it."""
-TINY_S = 20e-6
-"""Per-item wall time below this is "tiny": about twice the cheapest per-item
-overhead of any pool (~10 us of chunked IPC), so no backend can beat a loop."""
-IO_MAX_BUSY = 0.5
-"""An item busy (computing) less than this fraction of the time it was not
-queued for a CPU mostly waits ("io"); see :func:`_busy`."""
 NATIVE_THREADS_RATIO = 1.2
 """Process CPU above this multiple of wall time proves code ran outside the GIL
 in several threads at once (BLAS, OpenMP): one Python thread cannot do that."""

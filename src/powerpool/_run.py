@@ -20,11 +20,12 @@ from __future__ import annotations
 import itertools
 import queue
 import sys
+import time
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import CancelledError
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from ._backends._base import chunk_floor_s
 from ._chunking import ChunkSizer
@@ -39,6 +40,9 @@ from ._progress import Progress, ProgressMode
 from ._recorder import Recorder, failed_items
 from ._stats import StatsLedger
 from ._task import Chunk, ChunkResult, Item, ItemLost, Outcome
+
+if TYPE_CHECKING:
+    from ._speculate import Steer
 
 __all__ = ["Attempts", "ErrorPolicy", "Run", "RunOptions", "is_retryable"]
 
@@ -139,8 +143,9 @@ class Run:
     Callers flatten with ``itertools.chain.from_iterable``, which runs in C:
     on trivial items the per-item cost of the core is what users pay.
 
-    ``prefilled`` holds outcomes the caller already has for the first items
-    (auto's profiling sample): they are reported in place, never recomputed.
+    With a ``steer`` (``backend="auto"``) the run asks it where the first
+    chunks go and, after each finished chunk, whether to switch: chunks in
+    flight finish where they are, new ones go to the new routes.
     """
 
     def __init__(
@@ -157,11 +162,9 @@ class Run:
         epoch: int,
         ledger: StatsLedger,
         new_chunk_id: Callable[[], int],
-        prefilled: Sequence[tuple[Item, Outcome]] = (),
-        per_item_s: float | None = None,
+        steer: Steer | None = None,
         recorder: Recorder | None = None,
     ) -> None:
-        self._backend = backend
         self._recorder = recorder
         self._fn = fn
         self._source = source
@@ -173,25 +176,16 @@ class Run:
         self._epoch = epoch
         self._ledger = ledger
         self._new_chunk_id = new_chunk_id
-        self._prefilled = list(prefilled)
-        self._next_input = len(self._prefilled)
-        remaining = None if total is None else max(0, total - self._next_input)
-        self._workers = backend.workers
-        self._window = CHUNKS_IN_FLIGHT_PER_WORKER * max(1, self._workers)
-        # Chunks in flight and results waiting are both bounded by the window
-        # in chunks, so chunks of budget/window bytes keep both in budget.
-        self._sizer = ChunkSizer(
-            fixed=options.chunksize,
-            target_s=backend.chunk_target_s,
-            workers=self._workers,
-            total=remaining,
-            floor_s=chunk_floor_s(backend),
-            max_chunk_bytes=options.max_inflight_bytes // self._window,
-        )
-        if per_item_s is not None:
-            self._sizer.seed(per_item_s)
+        self._steer = steer
+        self._next_input = 0
         # None in the inbox means "the pool cancelled this run" (see abort()).
-        self._inbox: queue.SimpleQueue[ChunkResult | None] = queue.SimpleQueue()
+        self._inbox: queue.SimpleQueue[tuple[_Route, ChunkResult] | None] = queue.SimpleQueue()
+        self._routes: list[_Route] = []
+        self.backends: list[Any] = []
+        """Every backend this run sent chunks to (for Ctrl-C: the pool kills them)."""
+        self._sizer = ChunkSizer(fixed=options.chunksize, target_s=1.0, workers=1, total=total)
+        self._window = 0
+        self._reroute([backend] if steer is None else steer.routes())
         self._closed = False
         # Iteration state (caller's thread only).
         self._retry: deque[Item] = deque()
@@ -207,6 +201,37 @@ class Run:
         self._block: list[Any] = []  # a ready-made block from the in-order fast path
         self._progress: Progress | None = None
         self._input_error: Exception | None = None  # what the caller's input raised
+        self._busy_s = 0.0
+        self.speedup: float | None = None
+        """Measured speed-up of the finished run: worker-busy seconds / wall seconds."""
+
+    def _reroute(self, backends: Sequence[Any]) -> None:
+        """Send new chunks to ``backends`` from now on (chunks already sent finish where they are).
+
+        The one way a run changes backend: each route gets its own in-flight
+        window; the chunk sizer restarts for the new routes from the per-item
+        time measured so far.
+        """
+        remaining = None if self._total is None else max(0, self._total - self._next_input)
+        self._routes = [_Route(b, self._inbox) for b in backends]
+        if all(b.name == "serial" for b in backends):
+            remaining = None  # one thread, nothing to balance: no shrinking tail of chunks
+        self.backends.extend(b for b in backends if b not in self.backends)
+        per_item = self._sizer.per_item_s
+        window = sum(route.window for route in self._routes)
+        self._sizer = ChunkSizer(
+            fixed=self._options.chunksize,
+            target_s=min(b.chunk_target_s for b in backends),
+            workers=sum(max(1, b.workers) for b in backends),
+            total=remaining,
+            floor_s=max(chunk_floor_s(b) for b in backends),
+            # Chunks in flight and results waiting are both bounded by the window
+            # in chunks, so chunks of budget/window bytes keep both in budget.
+            max_chunk_bytes=self._options.max_inflight_bytes // max(1, window),
+        )
+        if per_item is not None:
+            self._sizer.seed(per_item)
+        self._window = sum(route.window for route in self._routes)
 
     def _claim(self) -> bool:
         return not self._closed
@@ -226,25 +251,29 @@ class Run:
         self._progress = Progress(
             self._options.progress, total=self._total, desc=getattr(self._fn, "__name__", "items")
         )
-        self._ledger.begin(self._backend.name, self._backend.workers)
+        first = self._routes[0].backend
+        self._ledger.begin(first.name, first.workers)
+        started = time.perf_counter()
         try:
-            for item, outcome in self._prefilled:
-                self._settle(item, outcome)
             while True:
-                if self._backend.workers != self._workers:
-                    self._resize()
-                # Refill: retries first, then new input, while the window has room.
-                # When ordered, results waiting for an earlier item also count
-                # against the window, or one slow item would let memory grow.
-                while in_flight < self._window and (
-                    in_flight == 0 or self._waiting_count <= self._window * self._sizer.next_size()
-                ):
-                    chunk = self._take(input_done)
-                    if chunk is None:
-                        input_done = True  # retries are taken first: only input is left
-                        break
-                    self._backend.submit(chunk)
-                    in_flight += 1
+                # Refill each route while its window has room: retries first,
+                # then new input. When ordered, results waiting for an earlier
+                # item also count against the window, or one slow item would
+                # let memory grow.
+                for route in self._routes:
+                    if route.backend.workers != route.workers:
+                        self._resize(route)
+                    while route.in_flight < route.window and (
+                        in_flight == 0
+                        or self._waiting_count <= self._window * self._sizer.next_size()
+                    ):
+                        chunk = self._take(input_done, route)
+                        if chunk is None:
+                            input_done = True  # retries are taken first: only input is left
+                            break
+                        route.backend.submit(chunk)
+                        route.in_flight += 1
+                        in_flight += 1
                 block, error = self._handover()
                 if block:
                     yield block
@@ -256,41 +285,64 @@ class Run:
                     return
                 if in_flight == 0:
                     continue
-                result = self._inbox.get()
-                if result is None:
+                got = self._inbox.get()
+                if got is None:
                     raise CancelledError("the pool's work was cancelled")
+                route, result = got
+                route.in_flight -= 1
                 in_flight -= 1
                 self._absorb(result)
+                if self._steer is not None:
+                    switch = self._steer.observe(route.backend.name, result)
+                    if switch is not None:
+                        before = "+".join(route.backend.name for route in self._routes)
+                        self._reroute(switch)
+                        self._ledger.switched(switch[0].name, switch[0].workers)
+                        if self._recorder is not None:
+                            after = "+".join(backend.name for backend in switch)
+                            self._recorder.event("plan-switch", detail=f"{before} -> {after}")
         finally:
             self.close()
             # Shared copies of this run's arguments go now, not when the Run
             # object does (a traceback may keep it alive for a long time).
-            release = getattr(self._backend, "release", None)
-            if release is not None:
-                release(self)
+            for backend in self.backends:
+                release = getattr(backend, "release", None)
+                if release is not None:
+                    release(self)
             self._progress.close()
+            wall = time.perf_counter() - started
+            self.speedup = self._busy_s / wall if wall > 0 and self._busy_s > 0 else None
             self._ledger.end()
 
-    def _resize(self) -> None:
-        """Follow the backend's capacity (a cluster's workers come and go)."""
-        backend = self._backend
-        self._workers = backend.workers
-        self._sizer.resize(workers=self._workers, target_s=backend.chunk_target_s)
-        self._window = CHUNKS_IN_FLIGHT_PER_WORKER * max(1, self._workers)
-        self._sizer.limit_bytes(self._options.max_inflight_bytes // self._window)
+    def _resize(self, route: _Route) -> None:
+        """Follow a backend's capacity (a cluster's workers come and go)."""
+        route.workers = route.backend.workers
+        route.window = CHUNKS_IN_FLIGHT_PER_WORKER * max(1, route.workers)
+        self._window = sum(r.window for r in self._routes)
+        self._sizer.resize(
+            workers=sum(max(1, r.workers) for r in self._routes),
+            target_s=min(r.backend.chunk_target_s for r in self._routes),
+        )
+        self._sizer.limit_bytes(self._options.max_inflight_bytes // max(1, self._window))
 
     # -- outcomes -------------------------------------------------------------
 
     def _absorb(self, result: ChunkResult) -> None:
         """Take one chunk's results; when all succeeded, no Python runs per item."""
         self._ledger.chunk(result.worker, result.busy_s)
+        self._busy_s += result.busy_s
         chunk = result.chunk
         n = len(chunk)
         values = result.values
         if self._recorder is not None:
             self._record(result, values)
         if values is not None:  # failed chunks report no (or a made-up) compute time
-            self._sizer.observe(n, result.busy_s, _result_bytes(result, values))
+            # Time spent queued for a CPU (a loaded machine) is not the items'
+            # cost: counting it would shrink chunks exactly when each round
+            # trip to the parent is slowest.
+            m = result.measures
+            active_s = result.busy_s - (m.queued_s if m is not None else 0.0)
+            self._sizer.observe(n, active_s, _result_bytes(result, values))
         if values is None:
             for item, outcome in zip(chunk.items, result.outcomes):
                 self._settle(item, outcome)
@@ -385,9 +437,14 @@ class Run:
 
     # -- input ----------------------------------------------------------------
 
-    def _take(self, input_done: bool) -> Chunk | None:
+    def _take(self, input_done: bool, route: _Route) -> Chunk | None:
         """The next chunk: re-queued items first, then fresh input; None when both are out."""
         size = self._sizer.next_size()
+        steer = self._steer
+        if steer is not None:
+            cap = steer.max_chunk
+            if cap is not None and self._options.chunksize is None:
+                size = min(size, cap)
         retry = self._retry
         chunk = Chunk(
             self._new_chunk_id(),
@@ -395,12 +452,14 @@ class Run:
             timeout_s=self._options.timeout_s,
             epoch=self._epoch,
             claim=self._claim,
-            on_done=self._inbox.put,
+            on_done=route.deliver,
             star=self._star,
             scope=self,
         )
         if self._recorder is not None:
             chunk.recorder = self._recorder
+        if steer is not None and route.backend.name == "processes":
+            chunk.probe = steer.probe()
         if retry:
             chunk.items = [retry.popleft() for _ in range(min(size, len(retry)))]
             return chunk
@@ -423,3 +482,22 @@ class Run:
         self._next_input = chunk.indices.stop
         self._sizer.taken(len(chunk.args))
         return chunk
+
+
+class _Route:
+    """A backend a run sends chunks to, with its own window of chunks in flight.
+
+    ``in_flight`` is changed by the run's thread only; ``deliver`` (any
+    thread) tags each result with its route, so a run that switched knows
+    which window a late result of the old backend frees.
+    """
+
+    __slots__ = ("backend", "deliver", "in_flight", "window", "workers")
+
+    def __init__(self, backend: Any, inbox: queue.SimpleQueue[Any]) -> None:
+        self.backend = backend
+        self.in_flight = 0
+        self.workers = backend.workers  # as last seen: a cluster's may change
+        self.window = CHUNKS_IN_FLIGHT_PER_WORKER * max(1, backend.workers)
+        put = inbox.put
+        self.deliver: Callable[[ChunkResult], None] = lambda result: put((self, result))

@@ -276,6 +276,9 @@ def execute_run(settings: RunSettings) -> RunSummary:
             report=settings.report_path,
             **settings.backend_options,
         ) as pool:
+            # Every item in a worker process, whatever auto measures: a crash
+            # or hang must fail one line, never this command.
+            pool._isolate = "powerpool run keeps every item in a worker process"
             done, resumed, failed = _drive(pool, settings, stream, journal, total)
             stats = pool.stats()
             plan = pool.last_plan

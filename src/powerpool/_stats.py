@@ -31,6 +31,13 @@ class PoolStats:
     """Seconds during which at least one run or future was active."""
     busy_s_by_worker: Mapping[str, float] = field(default_factory=dict)
     """Seconds each worker spent computing items."""
+    predicted_speedup: float | None = None
+    """For the most recent auto run: the speed-up its plan predicted (None: not auto)."""
+    actual_speedup: float | None = None
+    """For the most recent run: worker-busy seconds / wall seconds, as measured."""
+    items_in_caller: int = 0
+    """For the most recent auto run: items that ran in the caller's process
+    (its thread, or its threads); the rest ran in worker processes."""
 
     @property
     def busy_s(self) -> float:
@@ -70,6 +77,9 @@ class StatsLedger:
         self._active = 0
         self._since = 0.0
         self._wall = 0.0
+        self.predicted: float | None = None
+        self.actual: float | None = None
+        self.in_caller = 0
 
     def begin(self, backend: str, workers: int) -> None:
         with self._lock:
@@ -83,6 +93,18 @@ class StatsLedger:
             self._active -= 1
             if self._active == 0:
                 self._wall += time.perf_counter() - self._since
+
+    def switched(self, backend: str, workers: int) -> None:
+        """A running auto run moved to ``backend``."""
+        with self._lock:
+            self.backend, self.workers = backend, workers
+
+    def run_done(
+        self, *, predicted: float | None, actual: float | None, in_caller: int = 0
+    ) -> None:
+        """Speed-ups of the run that just ended (see PoolStats)."""
+        with self._lock:
+            self.predicted, self.actual, self.in_caller = predicted, actual, in_caller
 
     def chunk(self, worker: str, busy_s: float) -> None:
         with self._lock:
@@ -109,4 +131,7 @@ class StatsLedger:
                 chunks=self.chunks,
                 wall_s=wall,
                 busy_s_by_worker=MappingProxyType(dict(self._busy)),
+                predicted_speedup=self.predicted,
+                actual_speedup=self.actual,
+                items_in_caller=self.in_caller,
             )

@@ -9,15 +9,42 @@ Backends never retry, reorder or count: that is the core's job, written once.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NamedTuple
 
-__all__ = ["NO_KWARGS", "Chunk", "ChunkResult", "Item", "ItemLost", "Outcome"]
+__all__ = ["NO_KWARGS", "Chunk", "ChunkResult", "Item", "ItemLost", "Measures", "Outcome"]
 
 Item = tuple[int, tuple[Any, ...], dict[str, Any]]
 """One call: (index in the caller's input, positional args, keyword args)."""
 
 Outcome = tuple[bool, Any]
 """(True, result) or (False, exception) for one item."""
+
+
+class Measures(NamedTuple):
+    """What the worker measured while it ran one chunk (the evidence ``auto`` decides on).
+
+    Measured where the items ran, never in the caller's thread: a worker
+    process reports its whole-process CPU time (native thread pools
+    included), a worker thread its own thread's CPU time.
+    """
+
+    cpu_s: float
+    """CPU seconds spent while the chunk ran."""
+    first: bool
+    """The function was loaded for this chunk (its first call in this worker):
+    the time may include warm-up such as imports and caches filling."""
+    gil: float | None = None
+    """Heartbeat score of GIL holding, 0..1 (only for chunks sent with ``probe``;
+    None when not asked for or too short to tell)."""
+    wire_bytes: int = 0
+    """Pickled arguments plus results that crossed a process boundary (0 in-process)."""
+    queued_s: float = 0.0
+    """Seconds the running thread was ready but waited for a CPU (a loaded machine;
+    Linux schedstat, else 0): neither computing nor waiting."""
+    blocks: int = -1
+    """Times the running thread blocked (voluntary context switches: I/O, sleep,
+    locks) while the chunk ran; -1 when not measured (not Linux, or a GIL
+    heartbeat ran alongside and caused switches of its own)."""
 
 
 class ItemLost(Exception):
@@ -57,6 +84,7 @@ class Chunk:
         "indices",
         "kwargs",
         "on_done",
+        "probe",
         "recorder",
         "scope",
         "star",
@@ -104,6 +132,8 @@ class Chunk:
         self.recorder: Any = None
         """The run's :class:`~powerpool._recorder.Recorder` when a report was asked
         for (backends then measure more, e.g. each item's time); None otherwise."""
+        self.probe = False
+        """Ask the worker to measure GIL holding while it runs this chunk (auto's evidence)."""
         self.kwargs: list[dict[str, Any]] | None
         """Keyword arguments of each call, or None when every call has none."""
         if items is not None:
@@ -149,6 +179,7 @@ class ChunkResult:
         "_values",
         "busy_s",
         "chunk",
+        "measures",
         "nbytes",
         "started_s",
         "timing",
@@ -167,6 +198,7 @@ class ChunkResult:
         started_s: float = 0.0,
         timing: Any = None,
         nbytes: int | None = None,
+        measures: Measures | None = None,
     ) -> None:
         self.chunk = chunk
         """The chunk this result belongs to."""
@@ -185,6 +217,8 @@ class ChunkResult:
         self.nbytes = nbytes
         """Bytes the chunk's results took in transit (pickled, shared memory
         included), when the backend measured it; None otherwise."""
+        self.measures = measures
+        """CPU time and the like, when the backend measured them (None: not measured)."""
         self._outcomes = outcomes
         self._values = values
         self._decode = decode
@@ -202,12 +236,21 @@ class ChunkResult:
         worker: str,
         busy_s: float,
         started_s: float = 0.0,
+        measures: Measures | None = None,
     ) -> ChunkResult:
         """The result of ``outcomes``, as plain values when all succeeded (the core's fast path)."""
         if all(ok for ok, _ in outcomes):
             values = [value for _, value in outcomes]
-            return cls(chunk, None, worker, busy_s, values=values, started_s=started_s)
-        return cls(chunk, outcomes, worker, busy_s, started_s=started_s)
+            return cls(
+                chunk,
+                None,
+                worker,
+                busy_s,
+                values=values,
+                started_s=started_s,
+                measures=measures,
+            )
+        return cls(chunk, outcomes, worker, busy_s, started_s=started_s, measures=measures)
 
     @property
     def values(self) -> list[Any] | None:

@@ -7,7 +7,12 @@ runs the user's script again (see :mod:`powerpool._mainfn`).
 
 from __future__ import annotations
 
+# sharedctypes (ctypes): every worker unpickles its status array with it,
+# 60-150 ms per worker on a loaded 2-core machine when the server lacks it.
+import multiprocessing.sharedctypes  # noqa: F401 - imported for the workers it forks
+
 from .._mainfn import keep_workers_off_the_script
-from . import _worker  # noqa: F401 - imported for the workers it forks
+from . import _worker
 
 keep_workers_off_the_script()
+_worker.prepare_native_limits()  # threadpoolctl's scan once here, not in each worker

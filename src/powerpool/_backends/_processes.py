@@ -30,6 +30,7 @@ import multiprocessing
 import multiprocessing.forkserver
 import os
 import pickle
+import sys
 import threading
 import time
 import weakref
@@ -52,7 +53,7 @@ from .._execute import dumps
 from .._mainfn import WORKER_NAME_PREFIX, digest, require_guard
 from .._recorder import WorkerTiming
 from .._system import usable_cores
-from .._task import Chunk, ChunkResult, Item, ItemLost, Outcome
+from .._task import Chunk, ChunkResult, Item, ItemLost, Measures, Outcome
 from ._base import BackendConfig, Deliver
 from ._recycle import Limits, Throttle, oom_error
 from ._shm import (
@@ -78,6 +79,7 @@ from ._worker import (
     TRACE_CHUNKS,
     TRACE_ITEMS,
     WORKER_FN_CACHE,
+    prepare_native_limits,
     worker_main,
 )
 from ._worker_logs import deliver, logger_levels
@@ -91,6 +93,9 @@ _PICKLE = pickle.HIGHEST_PROTOCOL
 FN_CACHE = 64
 """Functions kept pickled in the parent (one entry per distinct function);
 re-pickling a closure over a large array per chunk is what this avoids."""
+
+_TRACKER_PATCHERS = ("joblib.externals.loky.backend.resource_tracker",)
+"""Modules that, once imported, make every forkserver worker import them too."""
 
 JOIN_GRACE_S = 5.0
 """How long shutdown waits for an idle worker to exit before killing it."""
@@ -173,7 +178,11 @@ def _preload_worker(context: BaseContext) -> bool:
     # "__main__" (multiprocessing's default entry) is dropped: nothing needs the
     # script there (see _mainfn), a server that ran it would run an unguarded
     # script's work, and on 3.10-3.13 the server never gets its path anyway.
-    context.set_forkserver_preload([m for m in modules if m != "__main__"] + [_PRELOAD])
+    # joblib's loky replaces multiprocessing's resource tracker; each worker
+    # would then import joblib to unpickle it (1-2 s on a loaded machine)
+    # unless the server already has.
+    patchers = [name for name in _TRACKER_PATCHERS if name in sys.modules]
+    context.set_forkserver_preload([m for m in modules if m != "__main__"] + patchers + [_PRELOAD])
     return True
 
 
@@ -191,6 +200,8 @@ class _Worker:
     """The chunk it is running; None when idle (the ledger)."""
     sent_at: float = 0.0
     """time.monotonic() when the chunk was sent: a deadline never starts earlier."""
+    sent_bytes: int = 0
+    """Size of the chunk's pickled arguments (reported with its result, for auto)."""
     functions: OrderedDict[bytes, None] = field(default_factory=OrderedDict)
     """Digests of the functions this worker holds, least recently used first."""
     retiring: bool = False
@@ -283,6 +294,8 @@ class ProcessBackend:
         self._alive = self._context.Pipe(duplex=False)
         self._wake_r, self._wake_w = os.pipe()
         os.set_blocking(self._wake_w, False)
+        if self._context.get_start_method() == "fork":
+            prepare_native_limits()  # once here, not in every forked worker
         self._workers: list[_Worker] = [self._start_worker(slot) for slot in range(self.workers)]
         # Started after the workers so that a fork above saw a single thread.
         self._dispatcher = threading.Thread(
@@ -569,10 +582,14 @@ class ProcessBackend:
                     chunk.timeout_s is not None,
                     _trace_level(chunk),
                     None if payload.table is None else (self._arg_access, payload.table),
+                    chunk.probe,
                 ),
                 _PICKLE,
             )
             worker.chunk = chunk
+            worker.sent_bytes = len(payload.inband) + sum(
+                nbytes for _, nbytes in payload.table or ()
+            )
             worker.sent_at = time.monotonic()
             try:
                 worker.conn.send_bytes(header)
@@ -636,6 +653,10 @@ class ProcessBackend:
             self._resend_rest(chunk, ran, ChunkResult(chunk, None, decode=decode).outcomes)
             return
         timing = WorkerTiming(*info["timing"]) if "timing" in info else None
+        measures = None
+        if "measures" in info:
+            cpu_s, first, gil, queued_s, blocks = info["measures"]
+            measures = Measures(cpu_s, first, gil, worker.sent_bytes + nbytes, queued_s, blocks)
         self._deliver(
             ChunkResult(
                 chunk,
@@ -646,6 +667,7 @@ class ProcessBackend:
                 started_s=0.0 if timing is None else timing.started_s,
                 timing=timing,
                 nbytes=nbytes,
+                measures=measures,
             )
         )
 

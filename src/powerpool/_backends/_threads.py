@@ -25,10 +25,14 @@ from typing import ClassVar
 from .._errors import InitializerError, ItemTimeoutError
 from .._execute import run_items
 from .._stop import CancelFlag, StopToken
-from .._task import Chunk, ChunkResult, ItemLost, Outcome
+from .._task import Chunk, ChunkResult, ItemLost, Measures, Outcome
 from ._base import BackendConfig, Deliver
 
 __all__ = ["ThreadBackend"]
+
+SEEN_FUNCTIONS = 256
+"""Function ids remembered to flag a first call (see Measures.first); cleared
+when full: a forgotten function is only reported cold once more."""
 
 
 @dataclass(eq=False)
@@ -83,6 +87,7 @@ class ThreadBackend:
         self._wake = threading.Condition(self._lock)
         self._closed = False
         self._names = itertools.count()
+        self._seen: set[int] = set()  # ids of functions that ran here (see _first_call)
 
     # -- protocol -------------------------------------------------------------
 
@@ -172,6 +177,8 @@ class ThreadBackend:
 
     def _run(self, me: threading.Thread, chunk: Chunk) -> bool:
         token = StopToken(self._flag, chunk.epoch)
+        first = self._first_call(chunk)
+        cpu_started = time.thread_time()
         started = time.perf_counter()
         if chunk.timeout_s is None:
             outcomes = run_items(chunk.fn, chunk, token)
@@ -198,9 +205,22 @@ class ThreadBackend:
                 del self._running[me]
                 if record.abandoned:
                     return False
-        self._deliver(
-            ChunkResult.of(chunk, outcomes, me.name, time.perf_counter() - started, started)
-        )
+        busy_s = time.perf_counter() - started
+        measures = Measures(time.thread_time() - cpu_started, first)
+        self._deliver(ChunkResult.of(chunk, outcomes, me.name, busy_s, started, measures))
+        return True
+
+    def _first_call(self, chunk: Chunk) -> bool:
+        """Whether no chunk of this function ran here before (its time may include warm-up).
+
+        Racy between threads by design: two first chunks both saying True is harmless.
+        """
+        key = id(chunk.fn)
+        if key in self._seen:
+            return False
+        if len(self._seen) >= SEEN_FUNCTIONS:
+            self._seen.clear()
+        self._seen.add(key)
         return True
 
     # -- timeouts -------------------------------------------------------------

@@ -3,7 +3,8 @@
 Protocol on the worker's pipe (parent -> worker), one chunk per two messages::
 
     header  = pickle((chunk_id, fn_digest, fn_blob | None, epoch, convention, timed, traced,
-                      shared))     shared: None, or (access, table) of _shm segments
+                      shared, probe))     shared: None, or (access, table) of _shm segments;
+                                          probe: run auto's GIL heartbeat (see _task.Measures)
     [descriptors of the shared segments, passed with SCM_RIGHTS, when shared]
     payload = pickle([x, ...])                  convention BARE:     fn(x)
               pickle([args, ...])               convention STAR:     fn(*args)
@@ -13,7 +14,7 @@ Protocol on the worker's pipe (parent -> worker), one chunk per two messages::
 worker -> parent, two messages per chunk (the parent's dispatcher reads only
 the small first one; the results are unpickled by the consumer's thread)::
 
-    pickle((chunk_id, busy_s)) or pickle((chunk_id, busy_s, info))
+    pickle((chunk_id, busy_s, info))   info["measures"]: auto's evidence (_task.Measures)
     [descriptors of result segments, when info["table"] is given]
     pickle(("values", [result, ...]))                 every item succeeded, or
     pickle(("outcomes", [(ok, value | ShippedError)])), or
@@ -48,6 +49,7 @@ from __future__ import annotations
 import contextlib
 import os
 import pickle
+import resource
 import signal
 import sys
 import threading
@@ -60,6 +62,7 @@ from typing import Any
 from .._errors import SerializationError
 from .._execute import dumps
 from .._mainfn import Install, load, refresh
+from .._probes import SchedClock
 from .._stop import StopToken, running
 from .._system import set_worker_cores
 from .._task import Outcome
@@ -78,6 +81,7 @@ __all__ = [
     "TRACE_CHUNKS",
     "TRACE_ITEMS",
     "WORKER_FN_CACHE",
+    "prepare_native_limits",
     "worker_main",
 ]
 
@@ -99,6 +103,13 @@ WORKER_FN_CACHE = 64
 """Functions a worker keeps unpickled, by content digest, least recently used
 dropped first; the parent mirrors this cache to know when it must send a
 function again (a changed function has a new digest: it is sent again)."""
+
+RUSAGE_THREAD: int = getattr(resource, "RUSAGE_THREAD", -1)
+"""getrusage() of the calling thread (Linux); -1 elsewhere, which fails (blocks unknown)."""
+
+GIL_MIN_TICKS = 2
+"""Heartbeat ticks a GIL score must rest on: one tick can be off by one switch
+at the chunk's boundary (chunks under ~2 ms report no score)."""
 
 _PICKLE = pickle.HIGHEST_PROTOCOL
 _NO_KWARGS: dict[str, Any] = {}
@@ -163,6 +174,9 @@ def worker_main(
             return
         logs.flush()
     functions: OrderedDict[bytes, tuple[Callable[..., Any], list[Install]]] = OrderedDict()
+    # Run-queue time per chunk: on a loaded machine a computing chunk waits
+    # for a CPU, which must not pass for waiting on I/O (auto's evidence).
+    sched = SchedClock()
     # Started: a chunk sent meanwhile has been waiting since now (time first:
     # the parent reads the position, then trusts the time). The message wakes
     # the parent, which does not run a chunk's timeout while we are STARTING.
@@ -183,7 +197,9 @@ def worker_main(
         received = time.perf_counter()
         view[base] = -1
         view[base + 1] = time.monotonic()
-        chunk_id, fn_id, fn_blob, epoch, convention, timed, traced, shared = pickle.loads(header)
+        chunk_id, fn_id, fn_blob, epoch, convention, timed, traced, shared, probe = pickle.loads(
+            header
+        )
         try:
             fds = [] if shared is None else receive_fds(conn, len(shared[1]))
             raw = conn.recv_bytes()
@@ -217,19 +233,34 @@ def worker_main(
             conn.send_bytes(pickle.dumps((chunk_id, 0.0, problem), _PICKLE))
             conn.send_bytes(b"")
             continue
+        beat = _start_heartbeat() if probe else None
+        blocks_started = _voluntary_switches()
+        queued_started = sched.waited_s()
+        # CPU of the whole process (native thread pools count), except while
+        # the heartbeat runs: its own ticks would pass for the items' work.
+        cpu_clock = time.thread_time if beat is not None else time.process_time
+        cpu_started = cpu_clock()
         started = time.perf_counter()
         ends: list[float] | None = [] if traced == TRACE_ITEMS else None
         with running(StopToken(cancel_flag, epoch)):
             kind, results = _run_chunk(
                 functions[fn_id][0], payload, convention, timed, view, base, ends, budget
             )
-        busy_s = time.perf_counter() - started
+        ended = time.perf_counter()
+        busy_s = ended - started
+        cpu_s = cpu_clock() - cpu_started
+        queued_s = sched.waited_s() - queued_started
+        blocks = (
+            -1 if beat is not None or blocks_started < 0 else _voluntary_switches() - blocks_started
+        )
+        gil = None if beat is None else _gil_score(beat, started, ended)
         del payload  # the arguments' shared memory is unmapped now, not at the next chunk
         record_rss()
+        dumping = time.perf_counter()
         packed = _pack_results(kind, results, len(results))
-        pickle_s = time.perf_counter() - started - busy_s
+        pickle_s = time.perf_counter() - dumping
         logs.flush()  # before the results: the parent still knows the chunk's items
-        info: dict[str, Any] = {}
+        info: dict[str, Any] = {"measures": (cpu_s, fn_blob is not None, gil, queued_s, blocks)}
         if packed.table is not None:
             info["table"] = packed.table
         if budget is not None and budget.retire is not None:
@@ -245,7 +276,7 @@ def worker_main(
                 pickle_s,
             )
         del results
-        conn.send_bytes(pickle.dumps((chunk_id, busy_s, info) if info else (chunk_id, busy_s)))
+        conn.send_bytes(pickle.dumps((chunk_id, busy_s, info)))
         if packed.table is not None:
             send_fds(conn, packed.segments)
         conn.send_bytes(packed.inband)
@@ -256,6 +287,47 @@ def worker_main(
         # see the last item's start (its deadline) and whom to blame.
         view[base] = -1  # a death from now on is no item's fault
         view[base + 1] = 0.0
+
+
+def _voluntary_switches() -> int:
+    """This thread's voluntary context switches so far (-1 where unknown).
+
+    A thread that waits (I/O, sleep, a lock) switches voluntarily; one that
+    computes is only preempted. So waiting is told from a starved CPU (a
+    loaded or throttled machine, where wall time far exceeds CPU time too).
+    """
+    try:
+        return resource.getrusage(RUSAGE_THREAD).ru_nvcsw
+    except (OSError, ValueError):
+        return -1
+
+
+def _start_heartbeat() -> Any:
+    """A GIL heartbeat for a probe chunk (see ``_probes.Heartbeat``), or None if none starts.
+
+    In a worker process the only other Python threads are idle (the orphan
+    watch sleeps in ``poll``), so a heartbeat that waits for the GIL waits
+    for the chunk's own code: pure Python scores ~1, code that releases the
+    GIL (numpy, hashlib, zlib) ~0. Imported only when asked for.
+    """
+    try:
+        from .._probes import Heartbeat
+
+        beat = Heartbeat()
+    except RuntimeError:
+        return None
+    beat.begin()
+    return beat
+
+
+def _gil_score(beat: Any, started: float, ended: float) -> float | None:
+    """Stop the heartbeat; its GIL-held score, or None when too few ticks fell in the chunk."""
+    beat.end(started, ended)
+    beat.stop()
+    estimate, _ = beat.gil_estimate()
+    if estimate is None or estimate[1] < GIL_MIN_TICKS:
+        return None
+    return float(estimate[0])
 
 
 def _run_chunk(
@@ -348,15 +420,51 @@ def _dump_results(kind: str, results: list[Any]) -> bytes:
     return encode(kind, results)
 
 
+NATIVE_LIBRARY_MODULES = ("numpy", "scipy", "torch", "sklearn")
+"""Modules that load BLAS/OpenMP thread pools a worker must resize."""
+
+_native_pools: Any = None
+"""A ``threadpoolctl.ThreadpoolController`` the parent built before forking
+(see :func:`prepare_native_limits`), or None."""
+_native_pools_key: tuple[str, ...] = ()
+
+
+def prepare_native_limits() -> None:
+    """In the parent, before forking workers: find the native thread pools once.
+
+    Importing threadpoolctl and scanning the loaded libraries costs 50-150 ms
+    (a loaded 2-core machine, numpy loaded); done in each freshly forked
+    worker it delayed every cold start by that much. Forked workers inherit
+    the controller and only call the libraries' set-threads functions. The
+    scan is redone when another native library module was imported since.
+    """
+    global _native_pools, _native_pools_key
+    key = tuple(name for name in NATIVE_LIBRARY_MODULES if name in sys.modules)
+    if not key or key == _native_pools_key:
+        return
+    try:
+        from threadpoolctl import ThreadpoolController
+
+        _native_pools = ThreadpoolController()
+        _native_pools_key = key
+    except Exception:  # threadpoolctl missing or a library it cannot read
+        _native_pools = None
+
+
 def _limit_native_threads(threads: int) -> None:
     """Keep workers x BLAS/OpenMP threads within the cores (no oversubscription)."""
     for name in NATIVE_THREAD_VARS:
         os.environ[name] = str(threads)
     # Libraries loaded before the fork already sized their pools: resize them.
-    if any(name in sys.modules for name in ("numpy", "scipy", "torch", "sklearn")):
-        from threadpoolctl import threadpool_limits
+    if not any(name in sys.modules for name in NATIVE_LIBRARY_MODULES):
+        return
+    key = tuple(name for name in NATIVE_LIBRARY_MODULES if name in sys.modules)
+    if _native_pools is not None and key == _native_pools_key:
+        _native_pools.limit(limits=threads)  # prepared by the parent (fork)
+        return
+    from threadpoolctl import threadpool_limits
 
-        threadpool_limits(limits=threads)
+    threadpool_limits(limits=threads)
 
 
 def _load_function(blob: bytes) -> tuple[Callable[..., Any], list[Install]]:

@@ -1,0 +1,370 @@
+"""``backend="auto"``: start the work in parallel at once, decide while it runs, switch if needed.
+
+Design (auto v2)::
+
+    call ──► Steer.routes(): processes (cold)  or  what this code ran on last time (warm)
+              │
+              ▼
+    Run ── chunks ──► route(s) ──► workers run items, measure each chunk
+     ▲                                   (wall, CPU, GIL heartbeat, bytes: Measures)
+     │                                          │
+     └── Steer.observe(result) ◄── ChunkResult ─┘
+             │  Tally -> Evidence -> decide()   (pure, shared with powerpool.plan)
+             └─► new routes?  processes -> threads   (items wait)
+                              processes -> caller    (items proven tiny)
+                              processes + threads    (native code: a side-by-side trial,
+                                                      the faster per worker keeps the rest)
+
+* **No serial sample.** The first chunks go to worker processes the moment
+  the call is made (one item each, a few per worker, probed), so every core
+  is busy after one pool start, whatever the core count: the cost of
+  deciding is a few chunks' latency, not one item per core.
+* **One switching mechanism.** A route is a backend with its own in-flight
+  window (:class:`powerpool._run.Run`); the steer hands the run a new set of
+  routes. Chunks already sent finish where they are and report to the same
+  inbox; new and retried chunks go to the new routes. So no item runs twice,
+  order and retries stay the core's job, written once.
+* **Isolation.** User code enters the caller's process (threads, or the
+  caller's thread for tiny items) only when the evidence proves it pays and
+  nothing asks for isolation: a fault option (timeout, retries,
+  errors="return"/"skip"), an initializer, or ``powerpool run``. Otherwise
+  every item runs in a worker process, where a segfault fails one item and
+  ``timeout=`` holds from the first item on.
+* **Memory by code identity.** A settled decision is remembered per code
+  object (``fn.__code__``; the function itself for builtins), so a second
+  call of the same function starts where the first one ended (the caller's
+  thread for tiny work, threads for waiting) without paying for processes
+  again — and keeps measuring, so it switches back if the items changed.
+  Code identity, not function identity: a closure re-created per call still
+  hits, and a function redefined with new code does not.
+* **Honest plans.** The plan printed with ``explain=True`` (stderr, at the
+  decision and at each switch) and kept in ``pool.last_plan`` is the one the
+  run is following; at the end it records the workers and chunk sizes used.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import sys
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Hashable
+from functools import partial
+from typing import TYPE_CHECKING, Any
+
+from ._decide import Decision, Evidence, Tally, decide
+
+if TYPE_CHECKING:
+    from ._backends import Backend
+    from ._plan import Plan
+    from ._task import ChunkResult
+
+__all__ = ["Steer", "code_key", "forget", "plan_by_running"]
+
+UNDECIDED_MAX_CHUNK = 64
+"""Largest chunk cut before the decision settles: small enough that a wrong
+first backend holds little work (and that tiny items prove themselves in a
+round trip or two), large enough to measure tiny items' cost above the
+chunk's own overhead."""
+
+PROBE_CHUNKS_PER_WORKER = 2
+"""Chunks per worker sent with the GIL heartbeat while undecided: the first
+one may be a first call (imports), the second is warm."""
+
+MAX_SWITCHES = 4
+"""Switches one run may make: enough for a trial and a correction, few enough
+that noisy evidence cannot make the run flap between backends."""
+
+RECHECK_FIRST = 4
+"""Chunks after a settled decision before it is looked at again; each later
+look waits twice as long. A run whose items change (a remembered tiny
+function given heavy inputs) is caught within a few chunks; a steady one
+pays for a handful of decisions in all, not one per chunk."""
+
+MEMORY_SIZE = 256
+"""Functions whose settled plan is remembered (least recently used dropped)."""
+
+_IN_PROCESS = ("serial", "threads")
+
+_memory: OrderedDict[Hashable, Evidence] = OrderedDict()
+_memory_lock = threading.Lock()
+
+
+def code_key(fn: Callable[..., Any]) -> Hashable | None:
+    """What identifies ``fn``'s code across calls: its code object, else itself if hashable."""
+    while isinstance(fn, partial):
+        fn = fn.func
+    target = getattr(fn, "__func__", fn)  # bound methods share their function's code
+    code = getattr(target, "__code__", None)
+    if code is not None:
+        return code  # type: ignore[no-any-return]
+    try:
+        hash(fn)
+    except TypeError:
+        return None
+    return fn
+
+
+def forget() -> None:
+    """Drop every remembered plan (tests; or after the machine changed)."""
+    with _memory_lock:
+        _memory.clear()
+
+
+class Steer:
+    """Chooses, and changes, where one auto run's chunks go (see the module docstring).
+
+    Called from the run's thread only: :meth:`routes` once, :meth:`observe`
+    after each finished chunk.
+    """
+
+    def __init__(
+        self,
+        fn: Callable[..., Any],
+        *,
+        total: int | None,
+        cores: int,
+        workers: int | None,
+        isolate: str | None,
+        explain: bool,
+        address: str | None = None,
+        backend_for: Callable[[str, int], Backend],
+        on_plan: Callable[[Plan], None],
+    ) -> None:
+        self._fn = fn
+        self._total = total
+        self._cores = cores
+        self._workers = workers
+        self._isolate = isolate
+        self._address = address
+        self._explain = explain
+        self._backend_for = backend_for
+        self._on_plan = on_plan
+        name = getattr(fn, "__qualname__", None) or getattr(fn, "__name__", None) or repr(fn)
+        self._tally = Tally(name)
+        self._prior: Evidence | None = None  # remembered from an earlier call, if used
+        self._key = code_key(fn)
+        self._started = time.perf_counter()
+        self._switches: list[str] = []
+        self._since_switch = 0
+        self._next_look = RECHECK_FIRST
+        self._probes_left = 0
+        self._routes: list[Backend] = []
+        self._settled = False
+        self._was_settled = False
+        self._trial = False
+        self._chunks: dict[str, list[int]] = {}  # backend -> [chunks, items] it ran
+        self.plan: Plan | None = None
+        """The plan being followed now."""
+
+    # -- what the run asks ------------------------------------------------------
+
+    @property
+    def settled(self) -> bool:
+        """Whether the decision is final (later chunks no longer move it)."""
+        return self._settled and not self._trial
+
+    @property
+    def max_chunk(self) -> int | None:
+        """Cap on chunk size while undecided (None once settled)."""
+        return None if self._settled else UNDECIDED_MAX_CHUNK
+
+    def probe(self) -> bool:
+        """Whether the next chunk should carry the GIL heartbeat."""
+        if self._probes_left <= 0 or self._settled:
+            return False
+        self._probes_left -= 1
+        return True
+
+    def routes(self) -> list[Backend]:
+        """Where the first chunks go: the remembered plan's backend, else processes."""
+        remembered = self._remembered()
+        self._prior = remembered
+        if remembered is None:
+            # Fork the workers first: they start while the planner is loaded.
+            self._backend_for("processes", self._workers or self._cores)
+        decision = self._decide()
+        if remembered is not None:
+            # The same function of the same evidence, for this run's size.
+            again = self._decide(remembered)
+            if again.settled and (self._isolate is None or again.plan.backend not in _IN_PROCESS):
+                plan = again.plan
+                why = (
+                    f"as measured on an earlier call of the same code ({remembered.describe()}); "
+                    "still measuring, so a change in the items switches backend"
+                )
+                decision = Decision(
+                    dataclasses.replace(plan, reasons=(why, *plan.reasons)), settled=True
+                )
+        self._apply(decision, first=True)
+        return self._routes
+
+    def observe(self, backend: str, result: ChunkResult) -> list[Backend] | None:
+        """Take one finished chunk; new routes when the run should switch, else None."""
+        counts = self._chunks.setdefault(backend, [0, 0])
+        counts[0] += 1
+        counts[1] += len(result.chunk)
+        self._tally.add(backend, result)
+        self._since_switch += 1
+        if self._trial:
+            if not self._tally.trial_done():
+                return None
+            self._tally.end_trial()
+            self._trial = False
+        elif self._settled and self._since_switch < self._next_look:
+            return None  # settled: look again ever more rarely (the evidence only firms up)
+        elif self._settled:
+            self._next_look *= 2
+        elif not self._tally.alone:
+            return None  # only threads measured: GIL waits there would pass for I/O
+        decision = self._decide()
+        if not decision.settled and not decision.trial:
+            if self._prior is None:  # a remembered plan stands until this run's own settles
+                self.plan = decision.plan
+            return None
+        if len(self._switches) >= MAX_SWITCHES:
+            self._settled = True
+            return None
+        before = [b.name for b in self._routes]
+        self._apply(decision)
+        return self._routes if [b.name for b in self._routes] != before else None
+
+    def final_plan(self) -> Plan | None:
+        """The plan as it ran: workers and mean chunk size used on the last backend."""
+        plan = self.plan
+        if plan is None:
+            return None
+        used = self._chunks.get(plan.backend)
+        chunksize = max(1, round(used[1] / used[0])) if used and used[0] else plan.chunksize
+        workers = self._routes[0].workers if self._routes else plan.workers
+        reasons = plan.reasons
+        if self._switches:
+            reasons = (*reasons, "switches: " + "; ".join(self._switches))
+        ran = ", ".join(f"{name} {c[1]} items in {c[0]} chunks" for name, c in self._chunks.items())
+        if ran:
+            reasons = (*reasons, f"ran: {ran}")
+        final = dataclasses.replace(plan, workers=workers, chunksize=chunksize, reasons=reasons)
+        if self._explain:
+            print(f"powerpool auto: ran\n{final}", file=sys.stderr, flush=True)
+        own = self._tally.evidence()
+        if self._key is not None and self._tally.alone and self._decide(own).settled:
+            # Only evidence that settles a decision by itself replaces what was kept.
+            with _memory_lock:
+                _memory[self._key] = own
+                _memory.move_to_end(self._key)
+                while len(_memory) > MEMORY_SIZE:
+                    _memory.popitem(last=False)
+        return final
+
+    def evidence(self) -> Evidence:
+        """What this run measured so far; the remembered evidence it started from while
+        its own is too thin to settle a decision (a short run of a remembered function)."""
+        own = self._tally.evidence()
+        if self._prior is not None and not self._decide(own).settled:
+            return self._prior
+        return own
+
+    @property
+    def in_process_items(self) -> int:
+        """Items that ran in the caller's process (its thread, or its threads)."""
+        return sum(c[1] for name, c in self._chunks.items() if name in _IN_PROCESS)
+
+    # -- internals ----------------------------------------------------------------
+
+    def _remembered(self) -> Evidence | None:
+        if self._key is None:
+            return None
+        with _memory_lock:
+            return _memory.get(self._key)
+
+    def _decide(self, evidence: Evidence | None = None) -> Decision:
+        return decide(
+            evidence if evidence is not None else self._tally.evidence(),
+            self._total,
+            cores=self._cores,
+            workers=self._workers,
+            isolate=self._isolate,
+            address=self._address,
+        )
+
+    def _apply(self, decision: Decision, *, first: bool = False) -> None:
+        plan = decision.plan
+        names = ["processes", "threads"] if decision.trial else [plan.backend]
+        old = [b.name for b in self._routes]
+        routes = [] if names != old else self._routes  # same backends: keep them as they are
+        for name in names if names != old else ():
+            count = plan.workers if name == plan.backend else (self._workers or self._cores)
+            if name == "serial":
+                count = 1
+            routes.append(self._backend_for(name, count))
+        if decision.trial:
+            self._tally.start_trial(*names)
+            self._trial = True
+        self._settled = decision.settled
+        if first and not decision.settled:
+            self._probes_left = PROBE_CHUNKS_PER_WORKER * max(1, plan.workers)
+        if not first and names != old:
+            elapsed = time.perf_counter() - self._started
+            items = sum(c[1] for c in self._chunks.values())
+            self._switches.append(
+                f"{'+'.join(old)} -> {'+'.join(names)} after {items} items "
+                f"({elapsed * 1000:.0f} ms)"
+            )
+            self._since_switch = 0
+            self._next_look = RECHECK_FIRST
+        newly_settled = decision.settled and not self._was_settled
+        self._was_settled = self._was_settled or decision.settled
+        self._routes = routes
+        self.plan = plan
+        self._on_plan(plan)
+        if not self._explain:
+            return
+        if first:
+            head = "decided" if decision.settled else "starting, deciding as the items run"
+        elif names != old:
+            head = f"switching {self._switches[-1]}"
+        elif newly_settled:
+            head = "decided"
+        else:
+            return
+        print(f"powerpool auto: {head}\n{plan}", file=sys.stderr, flush=True)
+
+
+def plan_by_running(
+    fn: Callable[..., Any],
+    sample: list[Any],
+    n_items: int | None,
+    *,
+    star: bool,
+    address: str | None = None,
+) -> Plan:
+    """What auto would decide for ``n_items`` items, from running ``sample`` the way auto does.
+
+    The sample runs exactly as an auto run starts (on worker processes,
+    measured there, switching as the evidence says), in a private pool that
+    is shut down after; the plan is :func:`decide` on the evidence it left,
+    for the whole input: the same function of the same evidence as auto.
+    An item that raises ends the sample early; what ran is still evidence.
+    """
+    from ._pool import Pool
+    from ._system import usable_cores
+
+    pool = Pool("auto", progress=False)
+    try:
+        columns = list(zip(*sample)) if star else [sample]
+        if columns:
+            results = pool.imap(fn, *columns)
+            with contextlib.suppress(Exception):
+                for _ in results:
+                    steer = pool.steer
+                    if steer is not None and steer.settled:
+                        break  # decided: the rest of the sample need not run
+            results.close()  # type: ignore[attr-defined]
+        evidence = pool.last_evidence
+    finally:
+        pool.shutdown(wait=True)
+    if evidence is None:
+        evidence = Tally(getattr(fn, "__qualname__", repr(fn))).evidence()
+    return decide(evidence, n_items, cores=usable_cores(), address=address).plan

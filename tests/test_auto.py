@@ -1,0 +1,320 @@
+"""auto v2: decided in the workers while the work runs; switches keep order and run items once.
+
+No test here asserts a duration or a sample size tied to the machine: they
+check where items ran (by pid), what the plan says, and what came back.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+import powerpool as pp
+from auto_tasks import (
+    CRASH_AT,
+    crash_at_7,
+    first_sleeps,
+    hash_for,
+    nap_and_record,
+    spin_10ms,
+    where_2ms,
+)
+from powerpool import ItemTimeoutError, WorkerCrashedError
+from powerpool._decide import Evidence, Trial, decide
+from powerpool._speculate import code_key, forget
+
+ME = os.getpid()
+
+
+@pytest.fixture(autouse=True)
+def fresh_memory() -> None:
+    """Each test starts cold: no remembered decisions from other tests."""
+    forget()
+
+
+# --------------------------------------------------------------------------- isolation
+
+
+@pytest.mark.timeout(120)
+def test_computing_items_never_run_in_the_callers_process() -> None:
+    with pp.Pool(progress=False) as pool:
+        results = pool.map(where_2ms, range(40))
+        assert [x for x, _ in results] == list(range(40))
+        assert all(pid != ME for _, pid in results)
+        assert pool.stats().items_in_caller == 0
+        assert pool.last_plan is not None
+        assert pool.last_plan.backend == "processes"
+
+
+@pytest.mark.timeout(120)
+def test_a_segfault_fails_one_item_and_the_caller_lives() -> None:
+    with pp.Pool(progress=False) as pool:
+        results = pool.map(crash_at_7, range(100), errors="return")
+        assert isinstance(results[CRASH_AT], WorkerCrashedError)
+        assert "SIGSEGV" in str(results[CRASH_AT]) or "signal" in str(results[CRASH_AT])
+        assert [r for i, r in enumerate(results) if i != CRASH_AT] == [
+            i for i in range(100) if i != CRASH_AT
+        ]
+        with pytest.raises(WorkerCrashedError):
+            pool.map(crash_at_7, range(100))
+        assert pool.map(abs, [-1, -2]) == [1, 2]  # still usable
+
+
+@pytest.mark.timeout(120)
+def test_a_segfault_under_default_auto_does_not_kill_a_script(tmp_path: Path) -> None:
+    script = tmp_path / "crashy.py"
+    script.write_text(
+        "import powerpool as pp\n"
+        "from auto_tasks import crash_at_7\n"
+        "if __name__ == '__main__':\n"
+        "    try:\n"
+        "        pp.map(crash_at_7, range(100))\n"
+        "    except pp.WorkerCrashedError as exc:\n"
+        "        print('caught', type(exc).__name__)\n",
+        encoding="utf-8",
+    )
+    tests = str(Path(__file__).parent)
+    src = str(Path(pp.__file__).parent.parent)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([src, tests])}
+    done = subprocess.run(
+        [sys.executable, str(script)],
+        capture_output=True,
+        text=True,
+        timeout=100,
+        env=env,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "caught WorkerCrashedError" in done.stdout
+
+
+@pytest.mark.timeout(60)
+def test_timeout_holds_for_the_first_item() -> None:
+    started = time.monotonic()
+    with pp.Pool(progress=False) as pool:
+        with pytest.raises(ItemTimeoutError):
+            pool.map(first_sleeps, range(20), timeout=1)
+        assert pool.stats().items_in_caller == 0
+    assert time.monotonic() - started < 25  # the item would sleep 30 s: it was stopped
+
+
+@pytest.mark.timeout(120)
+def test_fault_options_keep_waiting_items_in_workers(tmp_path: Path) -> None:
+    with pp.Pool(progress=False) as pool:
+        results = pool.map(nap_and_record, [str(tmp_path)] * 30, range(30), errors="return")
+        assert [x for x, _ in results] == list(range(30))
+        assert all(pid != ME for _, pid in results)
+        assert pool.last_plan is not None
+        assert pool.last_plan.backend == "processes"
+        assert any("errors='return'" in reason for reason in pool.last_plan.reasons)
+
+
+# --------------------------------------------------------------------------- switching
+
+
+def _calls(directory: Path) -> list[int]:
+    return sorted(
+        int(line) for path in directory.glob("calls-*.txt") for line in path.read_text().split()
+    )
+
+
+@pytest.mark.timeout(120)
+def test_waiting_items_switch_to_threads_in_order_and_once(tmp_path: Path) -> None:
+    n = 120
+    with pp.Pool(progress=False) as pool:
+        results = pool.map(nap_and_record, [str(tmp_path)] * n, range(n))
+        plan = pool.last_plan
+        stats = pool.stats()
+    assert [x for x, _ in results] == list(range(n))  # input order across the switch
+    assert _calls(tmp_path) == list(range(n))  # every item ran exactly once
+    pids = {pid for _, pid in results}
+    assert ME in pids, (pids, plan)  # finished in threads, in this process
+    assert len(pids) > 1, (pids, plan)  # began in worker processes
+    assert plan is not None
+    assert plan.backend == "threads", plan
+    assert any("processes -> threads" in reason for reason in plan.reasons), plan
+    assert stats.items_in_caller == sum(1 for _, pid in results if pid == ME)
+
+
+@pytest.mark.timeout(120)
+def test_imap_unordered_across_a_switch_yields_each_item_once(tmp_path: Path) -> None:
+    with pp.Pool(progress=False) as pool:
+        got = list(
+            pool.imap_unordered(nap_and_record, [str(tmp_path)] * 80, range(80), with_index=True)
+        )
+    assert sorted(index for index, _ in got) == list(range(80))
+    assert all(index == value[0] for index, value in got)
+    assert _calls(tmp_path) == list(range(80))
+
+
+@pytest.mark.timeout(120)
+def test_tiny_items_finish_in_the_callers_thread() -> None:
+    with pp.Pool(progress=False) as pool:
+        assert pool.map(abs, range(-5000, 5000)) == [abs(x) for x in range(-5000, 5000)]
+        assert pool.last_plan is not None
+        assert pool.last_plan.backend == "serial"
+        assert pool.stats().items_in_caller > 0
+        # The next call of the same code starts where this one ended.
+        assert pool.map(abs, range(-50, 50)) == [abs(x) for x in range(-50, 50)]
+        assert pool.stats().items_in_caller == 100
+        assert "earlier call" in pool.last_plan.reasons[0]
+
+
+@pytest.mark.timeout(120)
+def test_tiny_item_errors_raise_like_a_loop() -> None:
+    with pp.Pool(progress=False) as pool, pytest.raises(ZeroDivisionError):
+        pool.map(lambda x: 1 // (x - 3000), range(6000))
+
+
+@pytest.mark.timeout(180)
+def test_gil_releasing_items_are_tried_on_threads_and_processes_side_by_side() -> None:
+    with pp.Pool(progress=False) as pool:
+        assert pool.map(hash_for, range(60)) == list(range(60))
+        plan = pool.last_plan
+        evidence = pool.last_evidence
+    assert plan is not None
+    assert evidence is not None
+    # Which side wins depends on the machine; that both were measured does not.
+    assert plan.backend in ("threads", "processes")
+    assert evidence.trial is not None, plan
+    assert any("side by side" in reason for reason in plan.reasons), plan
+
+
+# --------------------------------------------------------------------------- honest plans
+
+
+@pytest.mark.timeout(120)
+def test_explain_prints_the_decision_and_each_switch_to_stderr(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    with pp.Pool(progress=False, explain=True) as pool:
+        pool.map(time.sleep, [0.02] * 40)
+    err = capsys.readouterr().err
+    assert "powerpool auto: starting" in err
+    assert "powerpool auto: switching processes -> threads" in err
+    assert "powerpool auto: ran" in err
+
+
+@pytest.mark.timeout(120)
+def test_last_plan_and_stats_describe_what_ran() -> None:
+    with pp.Pool(progress=False, workers=2) as pool:
+        pool.map(spin_10ms, range(12))
+        plan = pool.last_plan
+        stats = pool.stats()
+    assert plan is not None
+    assert plan.backend == "processes", plan
+    assert plan.workers == 2, plan
+    assert any(reason.startswith("ran: processes 12 items") for reason in plan.reasons), plan
+    assert stats.predicted_speedup == plan.expected_speedup
+    assert stats.actual_speedup is not None
+    assert stats.actual_speedup > 0
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize(
+    ("fn", "items", "backend"),
+    [
+        (spin_10ms, range(40), "processes"),
+        (time.sleep, [0.02] * 200, "threads"),
+        (abs, range(50_000), "serial"),
+    ],
+    ids=["computing", "waiting", "tiny"],
+)
+def test_plan_and_auto_agree(fn: Any, items: Any, backend: str) -> None:
+    planned = pp.plan(fn, items)
+    assert planned.backend == backend, planned
+    forget()
+    with pp.Pool(progress=False) as pool:
+        pool.map(fn, items)
+        assert pool.last_plan is not None
+        assert pool.last_plan.backend == planned.backend, pool.last_plan
+
+
+# --------------------------------------------------------------------------- the ladder, pure
+
+
+def evidence(**overrides: object) -> Evidence:
+    base: dict[str, object] = {
+        "function": "f",
+        "items": 20,
+        "chunks": 4,
+        "wall_per_item_s": 0.01,
+        "cpu_per_item_s": 0.01,
+        "gil_held": 1.0,
+        "gil_samples": 4,
+        "wire_bytes_per_item": 40,
+        "warm": True,
+    }
+    base.update(overrides)
+    return Evidence(**base)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    ("overrides", "backend", "isolated"),
+    [
+        ({"items": 0, "chunks": 0}, "processes", "processes"),
+        ({"batched_per_item_s": 1e-6, "wall_per_item_s": 2e-5}, "serial", "processes"),
+        ({"cpu_per_item_s": 0.0005}, "threads", "processes"),
+        ({}, "processes", "processes"),
+        ({"gil_held": None}, "processes", "processes"),
+        ({"gil_held": 0.0, "trial": Trial(100.0, 100.0)}, "threads", "processes"),
+        ({"gil_held": 0.0, "trial": Trial(40.0, 100.0)}, "processes", "processes"),
+    ],
+)
+def test_the_ladder(overrides: dict[str, object], backend: str, isolated: str) -> None:
+    e = evidence(**overrides)
+    assert decide(e, 1000, cores=8).plan.backend == backend
+    strict = decide(e, 1000, cores=8, isolate="timeout= asks for isolation")
+    assert strict.plan.backend == isolated
+    assert any("timeout=" in reason for reason in strict.plan.reasons)
+
+
+def test_one_heartbeat_saying_released_is_not_enough_for_a_trial() -> None:
+    d = decide(evidence(gil_held=0.0, gil_samples=1), 1000, cores=8)
+    assert not d.trial
+    assert not d.settled
+    assert d.plan.backend == "processes"
+
+
+def test_native_code_without_a_trial_asks_for_one() -> None:
+    d = decide(evidence(gil_held=0.0), 1000, cores=8)
+    assert d.trial
+    assert not d.settled
+
+
+def test_quick_one_item_chunks_wait_for_a_batch_before_calling_items_tiny() -> None:
+    d = decide(evidence(wall_per_item_s=2e-5, cpu_per_item_s=2e-5), 1000, cores=8)
+    assert not d.settled
+    assert d.plan.backend == "processes"
+
+
+def test_first_calls_alone_do_not_settle_computing_work() -> None:
+    assert not decide(evidence(warm=False), 1000, cores=8).settled
+    assert decide(evidence(warm=False, cpu_per_item_s=1e-4), 1000, cores=8).settled  # waiting
+
+
+def test_items_that_never_blocked_are_not_waiting_whatever_their_cpu_ratio() -> None:
+    # A throttled or overloaded machine: wall far above CPU, yet no blocking.
+    starved = evidence(cpu_per_item_s=0.001, blocks_per_item=0.0)
+    assert decide(starved, 1000, cores=8).plan.backend == "processes"
+    waiting = evidence(cpu_per_item_s=0.001, blocks_per_item=1.0)
+    assert decide(waiting, 1000, cores=8).plan.backend == "threads"
+
+
+def test_the_users_worker_count_is_kept() -> None:
+    assert decide(evidence(), 1000, cores=8, workers=3).plan.workers == 3
+
+
+def test_code_identity() -> None:
+    def make() -> object:
+        return lambda x: x
+
+    assert code_key(make()) == code_key(make())  # type: ignore[arg-type]
+    assert code_key(abs) is abs
+    assert code_key(spin_10ms) is spin_10ms.__code__
