@@ -37,6 +37,9 @@ xs = [1, 2, 3]
 pp.map(double, xs, chunk_size=3)  # E1
 pp.map(double, xs, backend="procesess")  # E2
 pp.map(double, xs, report="run.html", progress=True)
+pp.map(double, xs, explain=True)
+pp.imap(double, xs, explain=True, max_inflight_bytes=2**20)
+pp.Pool("processes", max_tasks_per_child=10).map(double, xs, explain=True)
 pp.Pool().map(double, xs, retires=2)  # E3
 pp.Pool(backend="procesess")  # E4
 pp.Pool().submit(double, "one")  # E5
@@ -103,7 +106,7 @@ def test_backend_names_are_written_once() -> None:
 
 
 def test_option_records_nest() -> None:
-    assert _options.RUN_OPTION_NAMES < _options.MAP_OPTION_NAMES < _options.POOL_OPTION_NAMES
+    assert _options.RUN_OPTION_NAMES < _options.MAP_OPTION_NAMES == _options.POOL_OPTION_NAMES
     assert _options.DASK_OPTION_NAMES < _options.MAP_OPTION_NAMES
     assert "chunksize" in _options.RUN_OPTION_NAMES
     assert "workers" not in _options.RUN_OPTION_NAMES

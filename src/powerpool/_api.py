@@ -97,7 +97,6 @@ def map(
     fn: Callable[..., Any],
     *iterables: Iterable[Any],
     backend: BackendName = "auto",
-    explain: bool = False,
     **options: Unpack[MapOptions],
 ) -> list[Any]:
     """Apply ``fn`` to every input, as fast as this machine allows; a list in input order.
@@ -109,10 +108,8 @@ def map(
     >>> powerpool.map(abs, [-1, -2, 3])
     [1, 2, 3]
     """
-    pool_options, run_options = _split(backend, options)
+    pool_options, run_options = _split(backend, options)  # explain= is a run option
     pool, shared = _lease(backend, pool_options)
-    if explain:
-        run_options["explain"] = True  # one run's explain (see Pool._iterate)
     try:
         return pool.map(fn, *iterables, **run_options)
     finally:

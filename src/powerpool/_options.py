@@ -9,7 +9,7 @@ adding an option means adding one line here.
 
 Which record a function takes::
 
-    Pool(...), Executor(...)            PoolOptions = MapOptions + explain
+    Pool(...), Executor(...)            PoolOptions = MapOptions
     pp.map/imap/imap_unordered, amap    MapOptions  = RunOptionsDict + WorkerOptions
                                                       + DaskOptions
     Pool.map/imap/imap_unordered        RunOptionsDict (per-run overrides)
@@ -87,6 +87,8 @@ class RunOptionsDict(TypedDict, total=False):
     """A progress bar: True, False, or ``"auto"`` (on a terminal, after 2 s)."""
     report: ReportTarget
     """Record the run: a path (.html or .json), True (``pool.last_report`` only), or None."""
+    explain: bool
+    """Print auto's plan to stderr when it is decided, at each switch, and what ran."""
     max_inflight_bytes: int | None
     """Bytes of results in flight or waiting for an earlier one; chunks shrink to fit
     (default 64 MB; at least one item per worker always runs)."""
@@ -134,10 +136,7 @@ class MapOptions(RunOptionsDict, WorkerOptions, DaskOptions, total=False):
 
 
 class PoolOptions(MapOptions, total=False):
-    """Options of ``Pool(...)`` and ``Executor(...)``."""
-
-    explain: bool
-    """Print auto's plan (backend, workers, chunk size and why) before each run."""
+    """Options of ``Pool(...)`` and ``Executor(...)`` (the same as ``pp.map``'s)."""
 
 
 def _names(record: type) -> frozenset[str]:

@@ -20,7 +20,7 @@ from collections import OrderedDict
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import CancelledError, Future
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, ParamSpec, TypeVar, cast, overload
+from typing import TYPE_CHECKING, Any, ParamSpec, TypeVar, overload
 
 from ._backends import BackendConfig, load
 from ._errors import PoolClosedError
@@ -92,7 +92,7 @@ class Pool:
     Options given here (every one of ``_options.PoolOptions``) are defaults;
     ``map``/``imap``/``imap_unordered`` take the per-run ones
     (``_options.RunOptionsDict``: chunksize, timeout, retries, retry_on,
-    errors, progress, report, max_inflight_bytes) as keyword overrides.
+    errors, progress, report, explain, max_inflight_bytes) as keyword overrides.
 
     Large data (see README "Large data"): ``max_inflight_bytes`` bounds the
     bytes of results in flight or waiting (default 64 MB);
@@ -451,7 +451,7 @@ class Pool:
         report = overrides.pop("report", None)
         _check_report(report)
         # explain= is a pool option; pp.map(..., explain=True) passes it per run.
-        explain = bool(cast("dict[str, Any]", overrides).pop("explain", self._explain))
+        explain = bool(overrides.pop("explain", self._explain))
         options = _run_options(self._defaults, **overrides)
         self._check_open()
         if self._backend_name != "auto":
@@ -723,7 +723,7 @@ def _nested_plan(plan: Plan) -> Plan:
     )
 
 
-_NOT_RUN = ("report",)
+_NOT_RUN = ("report", "explain")
 """Run options a pool keeps apart from its RunOptions defaults."""
 
 _COROUTINES = "coroutine function: an event loop in this process runs them"
