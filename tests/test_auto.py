@@ -7,6 +7,7 @@ check where items ran (by pid), what the plan says, and what came back.
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 import time
@@ -210,7 +211,10 @@ def test_last_plan_and_stats_describe_what_ran() -> None:
     assert plan is not None
     assert plan.backend == "processes", plan
     assert plan.workers == 2, plan
-    assert any(reason.startswith("ran: processes 12 items") for reason in plan.reasons), plan
+    ran = next(reason for reason in plan.reasons if reason.startswith("ran: "))
+    # Every item is accounted for; on a loaded machine a noisy heartbeat may send a
+    # few through a side-by-side trial on threads before processes keep the rest.
+    assert sum(int(n) for n in re.findall(r"(\d+) items", ran)) == 12, plan
     assert stats.predicted_speedup == plan.expected_speedup
     assert stats.actual_speedup is not None
     assert stats.actual_speedup > 0

@@ -78,9 +78,10 @@ worker's fixed cost per chunk (waking, bookkeeping: 5-20 us on a loaded
 machine) is then at most a few us per item. One-item chunks cannot tell a
 1 us item from a 20 us one."""
 
-MAYBE_TINY_S = 200e-6
+MAYBE_TINY_S = 1e-3
 """One-item chunks faster than this may hide tiny items under the per-chunk
-cost: the decision waits for a chunk of BATCH_ITEMS items (one round trip)."""
+cost (a fresh worker's first chunks, on a loaded machine, took 20-230 us for
+``abs``): the decision waits for a chunk of BATCH_ITEMS items (a few ms)."""
 
 IO_MIN_BLOCKS = 0.5
 """Voluntary switches per item below which items never really waited: a low
