@@ -14,8 +14,9 @@ Which record a function takes::
                                                       + DaskOptions
     Pool.map/imap/imap_unordered        RunOptionsDict (per-run overrides)
 
-Values are checked where they are used (``_pool._run_options`` for the run
-options, ``Pool.__init__`` for the workers', the dask backend for its own).
+Values are checked here too (:func:`run_options` for the run options,
+:func:`check_worker_limits`, :func:`check_report`), except the dask
+options' combinations, which the dask backend checks.
 """
 
 from __future__ import annotations
@@ -26,7 +27,8 @@ from collections.abc import Callable, Iterable, Mapping
 from typing import TYPE_CHECKING, Any, Literal, TypeAlias, TypedDict, cast, get_args
 
 from ._progress import ProgressMode
-from ._run import ErrorPolicy
+from ._recorder import report_format
+from ._run import ErrorPolicy, RunOptions
 
 if TYPE_CHECKING:  # for ``**options: Unpack[PoolOptions]`` in the modules that take them
     if sys.version_info >= (3, 11):
@@ -49,6 +51,10 @@ __all__ = [
     "ReportTarget",
     "RunOptionsDict",
     "backend_name",
+    "check_backend_options",
+    "check_report",
+    "check_worker_limits",
+    "run_options",
     "WorkerBackendName",
     "WorkerOptions",
     "check_backend",
@@ -174,3 +180,93 @@ def backend_name(name: str) -> BackendName:
     """A checked :data:`BackendName` from a plain string (the command line's, a benchmark's)."""
     check_backend(name)
     return cast("BackendName", name)
+
+
+def run_options(base: RunOptions, **overrides: Any) -> RunOptions:
+    """Merge keyword overrides (user-facing names) into ``base``, validating each."""
+    check_names(overrides, RUN_OPTION_NAMES)
+    chunksize = overrides.get("chunksize", base.chunksize)
+    timeout = overrides.get("timeout", base.timeout_s)
+    retries = overrides.get("retries", base.retries)
+    retry_on = overrides.get("retry_on", base.retry_on)
+    errors = overrides.get("errors", base.errors)
+    progress = overrides.get("progress", base.progress)
+    inflight = overrides.get("max_inflight_bytes")
+    if inflight is None:
+        inflight = base.max_inflight_bytes
+    if chunksize is not None and (not isinstance(chunksize, int) or chunksize < 1):
+        raise ValueError(f"chunksize must be a positive integer, got {chunksize!r}")
+    if timeout is not None and (not isinstance(timeout, (int, float)) or timeout <= 0):
+        raise ValueError(f"timeout must be a positive number of seconds, got {timeout!r}")
+    if not isinstance(retries, int) or retries < 0:
+        raise ValueError(f"retries must be an integer >= 0, got {retries!r}")
+    if isinstance(retry_on, type):
+        retry_on = (retry_on,)
+    if not all(isinstance(t, type) and issubclass(t, BaseException) for t in retry_on):
+        raise TypeError(f"retry_on must be exception types, got {retry_on!r}")
+    if errors not in ERROR_POLICIES:
+        raise ValueError(f"errors must be one of {ERROR_POLICIES}, got {errors!r}")
+    if progress not in (True, False, "auto"):
+        raise ValueError(f"progress must be True, False or 'auto', got {progress!r}")
+    if isinstance(inflight, bool) or not isinstance(inflight, int) or inflight < 1:
+        raise ValueError(f"max_inflight_bytes must be a positive integer, got {inflight!r}")
+    return RunOptions(
+        chunksize=chunksize,
+        timeout_s=None if timeout is None else float(timeout),
+        retries=retries,
+        retry_on=tuple(retry_on),
+        errors=errors,
+        progress=progress,
+        max_inflight_bytes=inflight,
+    )
+
+
+def check_report(report: object) -> None:
+    """``report=`` must be a path (.html or .json) in an existing folder, True or None."""
+    if report is None or isinstance(report, bool):
+        return
+    if not isinstance(report, (str, os.PathLike)):
+        raise TypeError(f"report must be a path, True or None, got {report!r}")
+    report_format(os.fspath(report))
+    folder = os.path.dirname(os.path.abspath(os.fspath(report)))
+    if not os.path.isdir(folder):
+        raise ValueError(f"report={os.fspath(report)!r}: folder {folder!r} does not exist")
+
+
+def check_backend_options(backend: str, options: dict[str, Any]) -> None:
+    """Only dask reads the dask options (auto hands them on if it picks dask);
+    given to another backend they would be ignored, which must not pass silently."""
+    if backend not in ("dask", "auto"):
+        raise TypeError(
+            f"unexpected option(s) for backend {backend!r}: {', '.join(sorted(options))}"
+        )
+
+
+RECYCLING_BACKENDS = ("auto", "processes", "dask")
+"""Backends with worker processes to replace (max_tasks_per_child, max_worker_memory)."""
+
+
+def check_worker_limits(
+    backend: str,
+    max_tasks_per_child: int | None,
+    max_worker_memory: int | None,
+    backend_options: dict[str, Any],
+) -> None:
+    """Worker recycling needs worker processes: say so at once, not mid-run."""
+    for name, value in (
+        ("max_tasks_per_child", max_tasks_per_child),
+        ("max_worker_memory", max_worker_memory),
+    ):
+        if value is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        if backend not in RECYCLING_BACKENDS:
+            raise ValueError(
+                f"{name} replaces worker processes; backend {backend!r} has none "
+                "(use 'processes', 'dask' or 'auto')"
+            )
+    if backend == "dask":
+        from ._backends._dask_cluster import check_worker_limits
+
+        check_worker_limits(max_tasks_per_child, max_worker_memory, backend_options)

@@ -27,7 +27,6 @@ from ._errors import PoolClosedError
 from ._execute import is_coroutine_function
 from ._options import (
     DASK_OPTION_NAMES,
-    ERROR_POLICIES,
     POOL_OPTION_NAMES,
     RUN_OPTION_NAMES,
     BackendName,
@@ -35,9 +34,13 @@ from ._options import (
     ReportTarget,
     RunOptionsDict,
     check_backend,
+    check_backend_options,
     check_names,
+    check_report,
+    check_worker_limits,
+    run_options,
 )
-from ._recorder import Recorder, RunReport, failed_items, report_format
+from ._recorder import Recorder, RunReport, failed_items
 from ._run import Attempts, Run, RunOptions
 from ._stats import PoolStats, StatsLedger
 from ._system import usable_cores, worker_cores
@@ -115,8 +118,8 @@ class Pool:
             k: v for k, v in options.items() if k in DASK_OPTION_NAMES
         }
         if backend_options:
-            _check_backend_options(backend, backend_options)
-        _check_worker_limits(
+            check_backend_options(backend, backend_options)
+        check_worker_limits(
             backend,
             options.get("max_tasks_per_child"),
             options.get("max_worker_memory"),
@@ -127,7 +130,7 @@ class Pool:
         run: dict[str, Any] = {
             k: v for k, v in options.items() if k in RUN_OPTION_NAMES and k not in _NOT_RUN
         }
-        self._defaults = _run_options(RunOptions(progress="auto"), **run)
+        self._defaults = run_options(RunOptions(progress="auto"), **run)
         if backend != "auto":
             # Say so now: submit() never reaches the per-run check in _iterate.
             _check_timeout(backend, self._defaults)
@@ -140,7 +143,7 @@ class Pool:
         self._writable_arguments = bool(options.get("writable_arguments", False))
         self._explain = options.get("explain", False)
         report = options.get("report")
-        _check_report(report)
+        check_report(report)
         self._report = report
         # One recorder for everything the pool runs (report= given here),
         # made when the first run starts (time 0 of its report): its report
@@ -449,10 +452,10 @@ class Pool:
         if not iterables:
             raise TypeError("map() needs at least one iterable of inputs")
         report = overrides.pop("report", None)
-        _check_report(report)
+        check_report(report)
         # explain= is a pool option; pp.map(..., explain=True) passes it per run.
         explain = bool(overrides.pop("explain", self._explain))
-        options = _run_options(self._defaults, **overrides)
+        options = run_options(self._defaults, **overrides)
         self._check_open()
         if self._backend_name != "auto":
             _check_fn_fits(fn, self._backend_name)
@@ -673,17 +676,6 @@ class _Prepared:
     """Where the report is written as the run ends (None: only ``last_report``)."""
 
 
-def _check_report(report: object) -> None:
-    if report is None or isinstance(report, bool):
-        return
-    if not isinstance(report, (str, os.PathLike)):
-        raise TypeError(f"report must be a path, True or None, got {report!r}")
-    report_format(os.fspath(report))
-    folder = os.path.dirname(os.path.abspath(os.fspath(report)))
-    if not os.path.isdir(folder):
-        raise ValueError(f"report={os.fspath(report)!r}: folder {folder!r} does not exist")
-
-
 def _name(fn: Callable[..., Any]) -> str:
     return str(getattr(fn, "__qualname__", None) or getattr(fn, "__name__", None) or fn)
 
@@ -754,44 +746,6 @@ def _check_timeout(name: str, options: RunOptions) -> None:
         )
 
 
-def _check_backend_options(backend: str, options: dict[str, Any]) -> None:
-    """Only dask reads the dask options (auto hands them on if it picks dask);
-    given to another backend they would be ignored, which must not pass silently."""
-    if backend not in ("dask", "auto"):
-        raise TypeError(
-            f"unexpected option(s) for backend {backend!r}: {', '.join(sorted(options))}"
-        )
-
-
-_RECYCLING_BACKENDS = ("auto", "processes", "dask")
-
-
-def _check_worker_limits(
-    backend: str,
-    max_tasks_per_child: int | None,
-    max_worker_memory: int | None,
-    backend_options: dict[str, Any],
-) -> None:
-    """Worker recycling needs worker processes: say so at once, not mid-run."""
-    for name, value in (
-        ("max_tasks_per_child", max_tasks_per_child),
-        ("max_worker_memory", max_worker_memory),
-    ):
-        if value is None:
-            continue
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"{name} must be a positive integer, got {value!r}")
-        if backend not in _RECYCLING_BACKENDS:
-            raise ValueError(
-                f"{name} replaces worker processes; backend {backend!r} has none "
-                "(use 'processes', 'dask' or 'auto')"
-            )
-    if backend == "dask":
-        from ._backends._dask_cluster import check_worker_limits
-
-        check_worker_limits(max_tasks_per_child, max_worker_memory, backend_options)
-
-
 def _release_backends(backends: OrderedDict[tuple[str, int], Backend]) -> None:
     for backend in list(backends.values()):
         backend.shutdown(wait=False)
@@ -843,42 +797,3 @@ def _length(iterables: tuple[Iterable[Any], ...]) -> int | None:
         return min(len(it) for it in iterables)  # type: ignore[arg-type]
     except TypeError:
         return None
-
-
-def _run_options(base: RunOptions, **overrides: Any) -> RunOptions:
-    """Merge keyword overrides (user-facing names) into ``base``, validating each."""
-    check_names(overrides, RUN_OPTION_NAMES)
-    chunksize = overrides.get("chunksize", base.chunksize)
-    timeout = overrides.get("timeout", base.timeout_s)
-    retries = overrides.get("retries", base.retries)
-    retry_on = overrides.get("retry_on", base.retry_on)
-    errors = overrides.get("errors", base.errors)
-    progress = overrides.get("progress", base.progress)
-    inflight = overrides.get("max_inflight_bytes")
-    if inflight is None:
-        inflight = base.max_inflight_bytes
-    if chunksize is not None and (not isinstance(chunksize, int) or chunksize < 1):
-        raise ValueError(f"chunksize must be a positive integer, got {chunksize!r}")
-    if timeout is not None and (not isinstance(timeout, (int, float)) or timeout <= 0):
-        raise ValueError(f"timeout must be a positive number of seconds, got {timeout!r}")
-    if not isinstance(retries, int) or retries < 0:
-        raise ValueError(f"retries must be an integer >= 0, got {retries!r}")
-    if isinstance(retry_on, type):
-        retry_on = (retry_on,)
-    if not all(isinstance(t, type) and issubclass(t, BaseException) for t in retry_on):
-        raise TypeError(f"retry_on must be exception types, got {retry_on!r}")
-    if errors not in ERROR_POLICIES:
-        raise ValueError(f"errors must be one of {ERROR_POLICIES}, got {errors!r}")
-    if progress not in (True, False, "auto"):
-        raise ValueError(f"progress must be True, False or 'auto', got {progress!r}")
-    if isinstance(inflight, bool) or not isinstance(inflight, int) or inflight < 1:
-        raise ValueError(f"max_inflight_bytes must be a positive integer, got {inflight!r}")
-    return RunOptions(
-        chunksize=chunksize,
-        timeout_s=None if timeout is None else float(timeout),
-        retries=retries,
-        retry_on=tuple(retry_on),
-        errors=errors,
-        progress=progress,
-        max_inflight_bytes=inflight,
-    )
