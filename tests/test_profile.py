@@ -349,9 +349,9 @@ def test_unpicklable_argument_is_reported() -> None:
 
 
 @pytest.mark.xfail(
-    sys.version_info >= (3, 13),
-    strict=True,
-    reason="bug: on Python 3.13 cProfile (sys.monitoring) sees every thread and files the "
+    sys.version_info >= (3, 12),
+    strict=False,  # seen passing and failing on 3.12 and 3.13: it depends on thread timing
+    reason="bug: from Python 3.12 cProfile (sys.monitoring) can see every thread and file the "
     "heartbeat thread's frames under the profiled call, so threading's waits rank first",
 )
 @pytest.mark.timeout(60)
