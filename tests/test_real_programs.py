@@ -76,12 +76,20 @@ def test_unguarded_script_with_a_live_thread(tmp_path: Path, backend: str) -> No
     assert "Traceback" not in done.stderr, done.stderr
 
 
-def test_spawn_names_the_missing_guard(tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    "call",
+    [
+        "backend='processes', start_method='spawn'",
+        # distributed's nannies spawn their workers: before, "Nanny failed to start".
+        "backend='dask'",
+    ],
+)
+def test_spawn_names_the_missing_guard(tmp_path: Path, call: str) -> None:
+    if "dask" in call:
+        pytest.importorskip("distributed")
     script = tmp_path / "no_guard.py"
     script.write_text(
-        "import powerpool as pp\n"
-        "def f(x):\n    return x\n"
-        "print(pp.map(f, range(3), backend='processes', start_method='spawn'))\n"
+        f"import powerpool as pp\ndef f(x):\n    return x\nprint(pp.map(f, range(3), {call}))\n"
     )
     done = run_script(script)
     assert done.returncode != 0

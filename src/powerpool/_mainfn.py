@@ -203,8 +203,13 @@ def keep_workers_off_the_script() -> None:
         setattr(spawn, attribute, fixup)
 
 
-def require_guard(start_method: str) -> None:
-    """Raise if ``start_method`` would re-run an unguarded script in every worker."""
+def require_guard(
+    start_method: str, remedy: str = "or let powerpool choose the start method"
+) -> None:
+    """Raise if ``start_method`` would re-run an unguarded script in every worker.
+
+    ``remedy`` completes the message with the way out other than the guard.
+    """
     main = sys.modules.get("__main__")
     path = getattr(main, "__file__", None)
     if not path or _has_guard(path):
@@ -212,7 +217,7 @@ def require_guard(start_method: str) -> None:
     raise PowerpoolError(
         f"start method {start_method!r} runs the script {path} again in every worker "
         f'process, and it has no `if __name__ == "__main__":` guard: put the script\'s '
-        f"work under that guard, or let powerpool choose the start method"
+        f"work under that guard, {remedy}"
     )
 
 

@@ -225,6 +225,8 @@ def _connect(
     if security is not None:
         kwargs["security"] = security
     kwargs.update(options.get("cluster_kwargs") or {})
+    if kwargs.get("processes", True):
+        _require_guard_for_nannies()
     cluster = distributed.LocalCluster(**kwargs)
     try:
         new = distributed.Client(cluster, security=cluster.security, set_as_default=False)
@@ -232,3 +234,23 @@ def _connect(
         cluster.close()
         raise
     return new, cluster, True
+
+
+def _require_guard_for_nannies() -> None:
+    """Refuse, with a readable message, what would end in "Nanny failed to start".
+
+    Dask's nannies start their workers with ``spawn`` (or ``forkserver``),
+    both of which import the user's script again in each new process: an
+    unguarded script would start a second cluster there, and distributed
+    only reports that the nanny died.
+    """
+    import dask
+
+    from .._mainfn import require_guard
+
+    method = str(dask.config.get("distributed.worker.multiprocessing-method", "spawn"))
+    if method != "fork":
+        require_guard(
+            method,
+            "or start the LocalCluster's workers as threads (cluster_kwargs={'processes': False})",
+        )
