@@ -269,11 +269,19 @@ async def anap(x: int) -> int:
     ],
 )
 def test_real_work_gets_the_matching_backend(fn: Any, backend: str) -> None:
-    prof = profile(fn, range(6), max_seconds=5.0)  # generous: a loaded machine
-    p = plan_from_profile(prof, 2000, cores=CORES)
-    assert p.backend == backend, f"{prof}\n{p}"
-    assert isinstance(p, Plan)
-    assert p.profile is prof
+    # The GIL heartbeat is a measurement: on a heavily loaded machine its
+    # thread can wait for a CPU long enough to misread one run. Three runs
+    # give it room; a planner that is wrong on a quiet machine fails all three.
+    seen = []
+    for _ in range(3):
+        prof = profile(fn, range(6), max_seconds=5.0)  # generous: a loaded machine
+        p = plan_from_profile(prof, 2000, cores=CORES)
+        assert isinstance(p, Plan)
+        assert p.profile is prof
+        if p.backend == backend:
+            return
+        seen.append(f"{prof}\n{p}")
+    pytest.fail("\n\n".join(seen))
 
 
 @pytest.mark.timeout(60)

