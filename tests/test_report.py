@@ -178,6 +178,10 @@ def test_auto_in_thread_run_is_recorded(tmp_path: Path) -> None:
     # in the caller's thread after a recorded switch.
     assert report.workers[-1] == "serial"
     assert all(w.startswith("process-") for w in report.workers[:-1])
+    # The caller's share is drawn as such, not as pool chunks.
+    assert {s.kind for s in report.spans if s.worker == "serial"} == {"serial"}
+    assert {s.kind for s in report.spans if s.worker != "serial"} == {"chunk"}
+    assert "in your thread, items" in report.to_html()
     assert report.items == 50_000
     assert report.runs[0].plan is not None
     assert any(e.kind == "plan" for e in report.events)

@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 from ._system import usable_cores
+from ._task import IN_CALLER_WORKER
 
 if TYPE_CHECKING:
     import logging
@@ -102,8 +103,8 @@ class ChunkSpan:
     measured: bool = True
     """False when the backend gave no start time and the span was placed by arrival."""
     kind: str = "chunk"
-    """"chunk", "future" (a ``submit()``), "sample" (auto's profile) or "serial"
-    (auto's in-thread fast path)."""
+    """"chunk", "future" (a ``submit()``) or "serial" (items run in the caller's
+    thread: the serial backend, auto's fast path for tiny items)."""
 
     def items(self) -> list[tuple[int, float, float]]:
         """(input index, start, end) of each item, when item times were measured."""
@@ -258,8 +259,6 @@ class RunReport:
         chunks count as one item at their first index otherwise."""
         found: list[tuple[int, str, float]] = []
         for span in self.spans:
-            if span.kind == "sample":
-                continue
             if span.item_ends_s is not None:
                 found.extend((i, span.worker, end - start) for i, start, end in span.items())
             elif len(span.indices) == 1:
@@ -392,6 +391,8 @@ class Recorder:
     ) -> None:
         """One chunk came back (call after its values/outcomes were decoded);
         ``kind`` "future" for a ``submit()``."""
+        if kind == "chunk" and result.worker == IN_CALLER_WORKER:
+            kind = "serial"
         arrived = time.perf_counter()
         chunk = result.chunk
         timing: WorkerTiming | None = result.timing
@@ -428,14 +429,6 @@ class Recorder:
             if ends is not None and failure != "lost" and index in positions:
                 at = ends[positions[index]]
             self.event(failure, worker=span.worker, index=index, detail=what, at_s=at)
-
-    def span(
-        self, worker: str, start_s: float, end_s: float, indices: Sequence[int], kind: str
-    ) -> None:
-        """A stretch of work done outside a backend (auto's sample, its in-thread path)."""
-        span = ChunkSpan(worker, start_s, end_s, indices, None, (), kind=kind)
-        with self._lock:
-            self._keep(self._spans, span, MAX_SPANS, "spans")
 
     def event(
         self,

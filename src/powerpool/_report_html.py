@@ -37,8 +37,8 @@ ROW_COLOURS = (
 
 ITEM_COLOURS = ("#4c78a8", "#9ecae9")
 """Consecutive items (or chunks) alternate between these, so boundaries show."""
-KIND_COLOURS = {"sample": "#bab0ac", "serial": "#54a24b"}
-"""auto's profiling sample and its in-thread fast path."""
+KIND_COLOURS = {"serial": "#54a24b"}
+"""Items run in the caller's thread (the serial backend, auto's tiny-item path)."""
 FAILURE_COLOURS = {
     "error": "#e45756",
     "timeout": "#f58518",
@@ -231,7 +231,7 @@ def _span_title(span: ChunkSpan) -> str:
         what = f"item {indices[0]}"
     if span.kind == "future":
         return f"a submit(): {_seconds(span.end_s - span.start_s)}"
-    label = {"sample": "auto's sample", "serial": "in your thread"}.get(span.kind, "chunk")
+    label = "in your thread" if span.kind == "serial" else "chunk"
     note = "" if span.measured else " (placed by arrival)"
     return f"{label}, {what}: {_seconds(span.end_s - span.start_s)}{note}"
 
@@ -297,7 +297,6 @@ def _nice_step(raw: float) -> float:
 def _legend() -> str:
     entries = [
         (ITEM_COLOURS[0], "item / chunk (alternating shades)"),
-        (KIND_COLOURS["sample"], "auto's sample"),
         (KIND_COLOURS["serial"], "in your thread"),
         *((colour, kind) for kind, colour in FAILURE_COLOURS.items()),
         (RETRY_COLOUR, "retry (triangle)"),

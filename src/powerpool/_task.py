@@ -11,7 +11,20 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
-__all__ = ["NO_KWARGS", "Chunk", "ChunkResult", "Item", "ItemLost", "Measures", "Outcome"]
+__all__ = [
+    "IN_CALLER_WORKER",
+    "NO_KWARGS",
+    "Chunk",
+    "ChunkResult",
+    "Item",
+    "ItemLost",
+    "Measures",
+    "Outcome",
+]
+
+IN_CALLER_WORKER = "serial"
+"""``ChunkResult.worker`` of chunks run in the caller's own thread (the serial
+backend): reports draw them apart from work done in a pool."""
 
 Item = tuple[int, tuple[Any, ...], dict[str, Any]]
 """One call: (index in the caller's input, positional args, keyword args)."""

@@ -13,7 +13,7 @@ from typing import Any, ClassVar
 from .._errors import InitializerError
 from .._execute import run_items
 from .._stop import CancelFlag, StopToken, running
-from .._task import Chunk, ChunkResult, Measures, Outcome
+from .._task import IN_CALLER_WORKER, Chunk, ChunkResult, Measures, Outcome
 from ._base import BackendConfig, Deliver
 
 __all__ = ["SerialBackend"]
@@ -42,7 +42,7 @@ class SerialBackend:
         if self._init_error is not None:
             error = InitializerError.wrap(self._init_error)
             failed: list[Outcome] = [(False, error)] * len(chunk)
-            self._deliver(ChunkResult(chunk, failed, "serial", 0.0))
+            self._deliver(ChunkResult(chunk, failed, IN_CALLER_WORKER, 0.0))
             return
         cpu_started = time.thread_time()
         started = time.perf_counter()
@@ -73,7 +73,7 @@ class SerialBackend:
                 ChunkResult(
                     chunk,
                     None,
-                    "serial",
+                    IN_CALLER_WORKER,
                     busy_s,
                     values=values,
                     started_s=started,
@@ -81,7 +81,9 @@ class SerialBackend:
                 )
             )
         else:
-            self._deliver(ChunkResult.of(chunk, outcomes, "serial", busy_s, started, measures))
+            self._deliver(
+                ChunkResult.of(chunk, outcomes, IN_CALLER_WORKER, busy_s, started, measures)
+            )
 
     @staticmethod
     def _finish_after_error(
