@@ -22,8 +22,16 @@ from typing import Any
 import pytest
 
 from auto_tasks import hash_for, spin_10ms
-from powerpool import _profile
-from powerpool._profile import Hotspot, Profile, Workload, profile, profile_calls
+from powerpool._profile import (
+    Hotspot,
+    Profile,
+    Workload,
+    classify,
+    profile,
+    profile_calls,
+    record,
+    sampling,
+)
 from tasks import sleep_20ms as nap
 from tasks import spin
 
@@ -133,7 +141,7 @@ def test_tiny_sampling_is_cheap_and_starts_no_thread(monkeypatch: pytest.MonkeyP
     def no_heartbeat() -> None:
         raise AssertionError("the heartbeat must not start for trivial items")
 
-    monkeypatch.setattr(_profile, "Heartbeat", no_heartbeat)
+    monkeypatch.setattr(sampling, "Heartbeat", no_heartbeat)
     source = calls_of(range(200_000))
     best = float("inf")
     for _ in range(5):  # the best of a few runs: the machine is shared
@@ -248,7 +256,9 @@ def test_interrupt_propagates_and_stops_the_heartbeat() -> None:
 def test_free_threaded_build_reports_python_work_as_cpu_gil(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    monkeypatch.setattr(_profile, "_gil_disabled", lambda: True)
+    # the sampler and the record builder each ask
+    monkeypatch.setattr(sampling, "_gil_disabled", lambda: True)
+    monkeypatch.setattr(classify, "_gil_disabled", lambda: True)
     prof = profile(spin, range(3), max_seconds=SLACK_S)
     assert prof.workload is Workload.CPU_GIL, str(prof)
     assert prof.gil_disabled
@@ -327,7 +337,7 @@ def test_every_field_is_documented() -> None:
 
     # The module's source, not the class's: inspect.getsource() of a slotted
     # dataclass fails on Python 3.13.0 (no __firstlineno__ on the new class).
-    tree = ast.parse(inspect.getsource(_profile))
+    tree = ast.parse(inspect.getsource(record))
     classes = {node.name: node for node in tree.body if isinstance(node, ast.ClassDef)}
     for cls in (Profile, Hotspot):
         body = classes[cls.__name__].body
