@@ -17,13 +17,8 @@ from typing import Any
 import pytest
 
 from powerpool import _plan, _system
-from powerpool._plan import (
-    MIN_CHUNKS_PER_WORKER,
-    TARGET_CHUNK_S,
-    Plan,
-    plan,
-    plan_from_profile,
-)
+from powerpool._estimates import MIN_CHUNKS_PER_WORKER, TARGET_CHUNK_S
+from powerpool._plan import Plan, plan, plan_from_profile
 from powerpool._profile import Profile, Workload, profile
 from tasks import sleep_20ms as nap
 from tasks import spin

@@ -11,7 +11,8 @@ import dataclasses
 import pytest
 
 from powerpool import _plan
-from powerpool._plan import WORKER_BASE_BYTES, plan_from_profile
+from powerpool._estimates import WORKER_BASE_BYTES
+from powerpool._plan import plan_from_profile
 from powerpool._profile import Workload, profile
 from test_plan import made  # the one made-up-profile builder
 
