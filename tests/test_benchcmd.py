@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from powerpool._benchcmd import (
+from powerpool._cli.bench import (
     PLOT_INSTALL_HINT,
     BenchReport,
     BenchRow,
@@ -16,7 +16,7 @@ from powerpool._benchcmd import (
     fit_usl,
     require_matplotlib,
 )
-from powerpool._records import InputError
+from powerpool._cli.inputs import InputError
 
 
 @pytest.mark.parametrize("p", [0.0, 0.5, 0.9, 0.99, 1.0])
@@ -69,7 +69,7 @@ def test_report_json_has_no_infinities() -> None:
         BenchRow("serial", 1, 1.0, 1.0, 1.0, True),
         BenchRow("processes", 2, 0.5, 2.0, 1.0, True),
     )
-    from powerpool._benchcmd import _fit_backend
+    from powerpool._cli.bench import _fit_backend
 
     report = BenchReport("m:f", 10, 2, False, 1.0, rows, (_fit_backend("processes", rows[1:]),))
     data = report.to_json()

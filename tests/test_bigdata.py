@@ -299,7 +299,7 @@ def test_an_oom_death_is_explained_and_retried_with_fewer_workers(tmp_path: Path
 def test_cli_run_takes_memory_options(tmp_path: Path) -> None:
     from click.testing import CliRunner
 
-    from powerpool._cli import cli
+    from powerpool._cli.app import cli
 
     source = tmp_path / "items.jsonl"
     source.write_text("".join(f"{i}\n" for i in range(6)))

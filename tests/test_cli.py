@@ -24,7 +24,7 @@ import psutil
 import pytest
 
 from dask_cluster import dask_helper_threads  # noqa: F401  (needed by the dask_cluster fixture)
-from powerpool._records import InputError, call_record_for, load_function, read_records
+from powerpool._cli.inputs import InputError, call_record_for, load_function, read_records
 
 pytestmark = pytest.mark.timeout(120)
 

@@ -1,6 +1,6 @@
 """``python -m powerpool``: the same command line as ``powerpool``."""
 
-from ._cli import main
+from ._cli.app import main
 
 if __name__ == "__main__":
     main()

@@ -244,7 +244,7 @@ def why_auto(plan: Plan | None, measured: str = "the first items") -> str:
     """The auto row's "why": what it measured and what it chose."""
     if plan is None:
         return "auto chose without measuring"
-    from ._profcmd import describe_auto
+    from ._cli.profile import describe_auto
 
     chose = plan.backend if plan.backend == "serial" else f"{plan.backend} x{plan.workers}"
     return f"measured {measured} ({describe_auto(plan)}) and chose {chose}"

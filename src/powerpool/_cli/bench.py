@@ -24,10 +24,10 @@ from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any
 
-from ._records import Call, InputError
+from .inputs import Call, InputError
 
 if TYPE_CHECKING:
-    from ._recorder import RunReport
+    from .._recorder import RunReport
 
 __all__ = [
     "AmdahlFit",
@@ -305,8 +305,8 @@ def run_bench(
     """
     import powerpool as pp
 
-    from ._options import backend_name
-    from ._system import usable_cores
+    from .._options import backend_name
+    from .._system import usable_cores
 
     if not calls:
         raise InputError("the input has no records to benchmark")

@@ -1,7 +1,8 @@
 """The ``powerpool`` command line: ``run``, ``bench``, ``profile`` and ``demo``.
 
-Only option parsing and exit codes live here; each command's work is in its
-own module (``_runcmd``, ``_benchcmd``, ``_demo``, and the profiler).
+Only option parsing and exit codes live here (the options the commands share
+are in :mod:`.params`); each command's work is in its own module
+(:mod:`.run`, :mod:`.bench`, :mod:`.profile`, and ``powerpool._demo``).
 
 Exit codes, for every command::
 
@@ -17,177 +18,38 @@ never as a Python traceback.
 
 from __future__ import annotations
 
-import json
 import os
 import sys
-from collections.abc import Callable
-from typing import TYPE_CHECKING, Any, ClassVar, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import click
 
-from ._errors import BackendUnavailableError, CheckpointMismatchError
-from ._options import BACKEND_NAMES
-from ._records import Call, InputError, LoadedFunction, load_function, open_input, read_records
+from .._errors import BackendUnavailableError, CheckpointMismatchError
+from .inputs import InputError
+from .params import (
+    _BACKENDS,
+    _BYTES,
+    EXIT_FAILED,
+    EXIT_INTERRUPTED,
+    _check_distinct_files,
+    _check_timeout_backend,
+    _cluster,
+    _cluster_options,
+    _Fail,
+    _lines_option,
+    _load,
+    _note,
+    _positive_list,
+    _read_calls,
+    _report_option,
+    _scheduler_address,
+    _write_json,
+)
 
 if TYPE_CHECKING:
-    from ._recorder import RunReport
+    from .._recorder import RunReport
 
 __all__ = ["cli", "main"]
-
-EXIT_FAILED = 1
-EXIT_USAGE = 2
-EXIT_INTERRUPTED = 130
-
-_BACKENDS = list(BACKEND_NAMES)
-
-
-class _Fail(click.ClickException):
-    """A one-line error with exit code 2."""
-
-    exit_code = EXIT_USAGE
-
-    def show(self, file: Any = None) -> None:
-        click.echo(f"powerpool: error: {self.format_message()}", err=True)
-
-
-def _note(message: str) -> None:
-    click.echo(f"powerpool: {message}", err=True)
-
-
-def _load(spec: str) -> LoadedFunction:
-    try:
-        return load_function(spec)
-    except InputError as exc:
-        raise _Fail(str(exc)) from None
-
-
-def _read_calls(path: str, *, lines: bool, sample: int | None) -> tuple[list[Call], int]:
-    """The first ``sample`` records of INPUT (all if None) as calls, and how many there are."""
-    try:
-        stream = open_input(path, seekable=False)
-    except InputError as exc:
-        raise _Fail(str(exc)) from None
-    try:
-        calls: list[Call] = []
-        count = 0
-        for record in read_records(stream, lines=lines):
-            count += 1
-            if sample is None or record.index < sample:
-                calls.append(record.call)
-        return calls, count
-    except InputError as exc:
-        raise _Fail(str(exc)) from None
-    finally:
-        if stream is not sys.stdin.buffer:
-            stream.close()
-
-
-def _positive_list(text: str) -> list[int]:
-    try:
-        values = [int(part) for part in text.split(",") if part.strip()]
-    except ValueError:
-        raise _Fail(f"--workers expects comma-separated integers, got {text!r}") from None
-    if not values or min(values) < 1:
-        raise _Fail(f"--workers expects positive integers, got {text!r}")
-    return sorted(set(values))
-
-
-def _write_json(path: str, data: dict[str, Any]) -> None:
-    try:
-        with open(path, "w", encoding="utf-8") as f:
-            json.dump(data, f, indent=2)
-            f.write("\n")
-    except OSError as exc:
-        raise _Fail(f"cannot write {path}: {exc.strerror or exc}") from None
-
-
-def _check_report_path(ctx: click.Context, param: click.Parameter, value: str | None) -> Any:
-    if value is None:
-        return None
-    from ._recorder import report_format
-
-    try:
-        report_format(value)
-    except ValueError:
-        raise click.BadParameter("the file name must end in .html or .json") from None
-    return value
-
-
-_report_option = click.option(
-    "--report",
-    "report_path",
-    metavar="FILE",
-    callback=_check_report_path,
-    help="Write what happened: FILE.html (a timeline page) or FILE.json (a Perfetto trace).",
-)
-
-
-class _ByteSize(click.ParamType):  # type: ignore[type-arg]
-    """A size in bytes: 1000000, 200MB, 1.5GiB (KB/MB/GB are powers of 1000, KiB... of 1024)."""
-
-    name = "size"
-    _UNITS: ClassVar[dict[str, int]] = {
-        "": 1,
-        "b": 1,
-        "k": 1000,
-        "kb": 1000,
-        "m": 1000**2,
-        "mb": 1000**2,
-        "g": 1000**3,
-        "gb": 1000**3,
-        "kib": 1024,
-        "mib": 1024**2,
-        "gib": 1024**3,
-    }
-
-    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> int:
-        if isinstance(value, int):
-            return value
-        text = str(value).strip().lower().replace("_", "")
-        number = text.rstrip("abcdefghijklmnopqrstuvwxyz")
-        unit = text[len(number) :].strip()
-        try:
-            size = int(float(number) * self._UNITS[unit])
-        except (ValueError, KeyError):
-            self.fail(f"expected a size such as 500MB or 2GB, got {value!r}", param, ctx)
-        if size < 1:
-            self.fail(f"expected a positive size, got {value!r}", param, ctx)
-        return size
-
-
-_BYTES = _ByteSize()
-
-_lines_option = click.option(
-    "--lines",
-    is_flag=True,
-    help="Plain text input: each line is one string argument (default: JSON Lines).",
-)
-
-
-def _cluster_options(command: Callable[..., Any]) -> Callable[..., Any]:
-    """--address and --scheduler-file: a dask cluster to run on (one of them)."""
-    command = click.option(
-        "--scheduler-file",
-        metavar="FILE",
-        type=click.Path(dir_okay=False),
-        help="The file `dask scheduler --scheduler-file` wrote (implies --backend dask).",
-    )(command)
-    return click.option("--address", help="Dask scheduler address (implies --backend dask).")(
-        command
-    )
-
-
-def _cluster(address: str | None, scheduler_file: str | None) -> dict[str, Any]:
-    """The dask backend options for --address / --scheduler-file ({} for neither)."""
-    if address is not None and scheduler_file is not None:
-        raise _Fail("give --address or --scheduler-file, not both")
-    if address is not None:
-        return {"address": address}
-    if scheduler_file is not None:
-        if not os.path.isfile(scheduler_file):
-            raise _Fail(f"no scheduler file at {scheduler_file}")
-        return {"scheduler_file": scheduler_file}
-    return {}
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
@@ -272,7 +134,7 @@ def run(
     items go to --errors FILE (exit code 1). With --checkpoint, a killed or
     interrupted run resumes where it stopped when the same command is run again.
     """
-    from ._runcmd import Interrupted, RunSettings, execute_run, format_summary
+    from .run import Interrupted, RunSettings, execute_run, format_summary
 
     options = _cluster(address, scheduler_file)
     if options and backend == "auto":
@@ -331,36 +193,6 @@ def run(
     return EXIT_FAILED if summary.failed else 0
 
 
-def _check_distinct_files(**paths: str | None) -> None:
-    """Refuse to run when two of run's files are one: writing the results (or
-    errors, or the journal) over the input would destroy it before it is read."""
-    named = [(role, path) for role, path in paths.items() if path is not None and path != "-"]
-    for i, (role, path) in enumerate(named):
-        for other_role, other in named[:i]:
-            same = os.path.abspath(path) == os.path.abspath(other)
-            if not same and os.path.exists(path) and os.path.exists(other):
-                same = os.path.samefile(path, other)
-            if same:
-                option = "INPUT" if other_role == "input" else f"--{other_role}"
-                raise _Fail(
-                    f"--{role} {path} is the same file as {option}; "
-                    f"writing it would destroy the other: choose another file"
-                )
-
-
-def _check_timeout_backend(backend: str, timeout: float | None) -> None:
-    if timeout is None or backend == "auto":
-        return
-    from ._backends import load
-
-    try:
-        supported = load(backend).supports_timeout
-    except (ImportError, ValueError) as exc:
-        raise _Fail(str(exc)) from None
-    if not supported:
-        raise _Fail(f"--timeout needs a backend that can stop an item; {backend!r} can't")
-
-
 # -- bench ------------------------------------------------------------------------------
 
 
@@ -410,7 +242,8 @@ def bench(
     Prints time, speedup and efficiency for each, checks every result against
     the serial run, fits Amdahl's law (and the USL) and names the best setting.
     """
-    from ._benchcmd import (
+    from .._system import usable_cores
+    from .bench import (
         TABLE_HEADER,
         default_workers_list,
         format_bench,
@@ -419,8 +252,7 @@ def bench(
         run_bench,
         write_plot,
     )
-    from ._records import AsyncCallRecord, call_record_for
-    from ._system import usable_cores
+    from .inputs import AsyncCallRecord, call_record_for
 
     backends = [b.strip() for b in backends_text.split(",") if b.strip()]
     unknown = [b for b in backends if b not in _BACKENDS or b == "auto"]
@@ -532,8 +364,8 @@ def profile(
     whole input. --by-line adds the slowest lines, --memory each item's
     memory peak and where it was allocated.
     """
-    from ._errors import WorkerCrashedError
-    from ._profcmd import profile_spec_isolated
+    from .._errors import WorkerCrashedError
+    from .profile import profile_spec_isolated
 
     _load(function)  # a mistake in MODULE:FUNC is reported here, in one line
     calls, count = _read_calls(input_path, lines=lines, sample=sample)
@@ -561,19 +393,6 @@ def profile(
     return 0
 
 
-def _scheduler_address(cluster: dict[str, Any]) -> str | None:
-    """The scheduler's address, read from its scheduler file if that is what was given."""
-    if "scheduler_file" not in cluster:
-        return cluster.get("address")
-    path = cluster["scheduler_file"]
-    try:
-        with open(path, encoding="utf-8") as f:
-            address = json.load(f)["address"]
-    except (OSError, ValueError, KeyError, TypeError) as exc:
-        raise _Fail(f"cannot read the scheduler address from {path}: {exc}") from None
-    return str(address)
-
-
 # -- demo -------------------------------------------------------------------------------
 
 
@@ -593,7 +412,7 @@ def demo(*, work: str, size: str, json_path: str | None) -> int:
     GIL, so threads and asyncio overlap it, and processes only add start-up.
     Prints the time of each, the speedup over sequential, and why.
     """
-    from ._demo import format_report, run_demo
+    from .._demo import format_report, run_demo
 
     chosen: Literal["small", "full"] = "full" if size == "full" else "small"
     agree = True
@@ -604,7 +423,7 @@ def demo(*, work: str, size: str, json_path: str | None) -> int:
         agree = agree and report.all_agree
         dumps["cpu"] = report.to_json()
     if work in ("io", "all"):
-        from ._demo_io import format_io_report, run_io_demo
+        from .._demo_io import format_io_report, run_io_demo
 
         if work == "all":
             click.echo("")

@@ -9,17 +9,17 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
-from ._records import Call
+from .inputs import Call
 
 if TYPE_CHECKING:
-    from ._plan import Plan
+    from .._plan import Plan
 
 __all__ = ["describe_auto", "profile_and_plan", "profile_spec_isolated"]
 
 
 def describe_auto(plan: Plan) -> str:
     """What auto measured, in a few words: ``cpu-gil work, 55 ms per item, GIL held 98%``."""
-    from ._profile import format_seconds
+    from .._profile import format_seconds
 
     prof = plan.profile
     if prof is None:
@@ -48,9 +48,9 @@ def profile_and_plan(
     memory per item); ImportError names the install command when
     line_profiler is missing.
     """
-    from ._itemprobe import item_probes
-    from ._plan import plan_from_profile
-    from ._profile import profile_calls
+    from .._itemprobe import item_probes
+    from .._plan import plan_from_profile
+    from .._profile import profile_calls
 
     # The user's function itself, not the CLI's JSON-encoding wrapper, so the
     # hot spots, the pickled sizes and the function's name are the user's.
@@ -78,7 +78,7 @@ def profile_spec_isolated(spec: str, calls: Sequence[Call], **options: Any) -> s
     has the machine's cores as its share, so the plan is the one the caller's
     process would make.
     """
-    from ._pool import Pool
+    from .._pool import Pool
 
     with Pool("processes", workers=1, progress=False) as pool:
         text: str = pool.submit(_profile_spec, spec, list(calls), **options).result()
@@ -86,6 +86,6 @@ def profile_spec_isolated(spec: str, calls: Sequence[Call], **options: Any) -> s
 
 
 def _profile_spec(spec: str, calls: list[Call], **options: Any) -> str:
-    from ._records import load_function
+    from .inputs import load_function
 
     return profile_and_plan(load_function(spec).fn, calls, **options)

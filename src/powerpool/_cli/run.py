@@ -29,10 +29,10 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import IO, TYPE_CHECKING, Any, TextIO
 
-from ._checkpoint import Fingerprint, Journal
-from ._errors import CheckpointMismatchError, RemoteTraceback
-from ._options import backend_name
-from ._records import (
+from .._checkpoint import Fingerprint, Journal
+from .._errors import CheckpointMismatchError, RemoteTraceback
+from .._options import backend_name
+from .inputs import (
     InputError,
     LoadedFunction,
     Record,
@@ -43,7 +43,7 @@ from ._records import (
 )
 
 if TYPE_CHECKING:
-    from ._pool import Pool
+    from .._pool import Pool
 
 __all__ = ["RunSettings", "RunSummary", "Interrupted", "execute_run"]
 
@@ -299,7 +299,7 @@ def execute_run(settings: RunSettings) -> RunSummary:
             journal.close()
         if stream is not sys.stdin.buffer:
             stream.close()
-    from ._profcmd import describe_auto
+    from .profile import describe_auto
 
     return RunSummary(
         total=total,
