@@ -629,7 +629,7 @@ def test_workers_follow_the_cluster_as_it_grows(make_backend: Any, tmp_path: Pat
 
 def test_shipped_box_can_be_copied_again_after_loading() -> None:
     # _Shipped drops its bytes once loaded but can still be copied on.
-    from powerpool._backends._dask import _dumps, _Shipped
+    from powerpool._backends._dask_worker import _dumps, _Shipped
 
     box = pickle.loads(pickle.dumps(_Shipped(_dumps(square), "t")))
     assert box.load() is square

@@ -60,7 +60,6 @@ import functools
 import itertools
 import logging
 import queue
-import re
 import threading
 import time
 import uuid
@@ -88,7 +87,8 @@ from ._dask_cluster import (
     _Restarter,
     check_worker_limits,
 )
-from ._dask_worker import TaskReport, _dumps, _run_chunk, _Shipped
+from ._dask_ship import Box, Shipper, pack_items, pickle_initializer, task_name
+from ._dask_worker import TaskReport, _run_chunk
 from ._wire import decode, format_error
 
 __all__ = ["INSTALL_HINT", "DaskBackend"]
@@ -105,12 +105,6 @@ _Client = Any
 _Future = Any
 _Cluster = Any
 
-_FN_CACHE_SIZE = 4
-# Scattered functions kept alive on the cluster. A run uses one function, and
-# a warm pool may alternate between a few; each entry pins one copy of the
-# function (and whatever a functools.partial carries) in every worker's
-# memory, so the cache stays small.
-
 _KILLED = (
     "dask gave up on this chunk: every worker that ran it died "
     "(often out of memory, or a crash in native code). "
@@ -122,13 +116,6 @@ _BATCH_MAX = 64
 # Results handed to the core per wake-up of the results thread: enough to
 # read the cluster's thread count once per batch, few enough that the first
 # results are not held back.
-
-_INLINE_MAX_BYTES = 64 * 1024
-# A pickled function (or initializer) up to this size travels inside every
-# task; a bigger one is scattered to every worker once. Inline costs its
-# bytes per task through the scheduler (64 KB x a few hundred tasks/s is
-# still small) but lets dask run any chunk on any worker; a scattered one
-# ties chunks to the workers holding a copy.
 
 _THREADS_REFRESH_S = 1.0
 # How often, while results arrive, the cluster's thread count is read again
@@ -165,7 +152,7 @@ class _InFlight:
     """Positions in ``chunk.items`` that were sent (the rest failed to pickle)."""
     prefailed: dict[int, BaseException]
     """Position -> error for items that never left this process."""
-    fn_box: _Shipped | _Future
+    fn_box: Box
     """Keeps the shipped function wanted while this chunk may still need it."""
     cancelled: bool = False
     """Set by cancel()/shutdown(): a CancelledError from dask is then expected."""
@@ -231,15 +218,7 @@ class DaskBackend:
         self._killed_worker: type[BaseException] = KilledWorker
 
         self._native_threads = config.native_threads
-        init_blob: bytes | None = None
-        if config.initializer is not None:
-            spec = (config.initializer, tuple(config.initargs))
-            try:
-                init_blob = _dumps(spec)
-            except Exception as exc:
-                raise SerializationError(
-                    f"the initializer or its initargs could not be pickled: {exc}"
-                ) from exc
+        init_blob = pickle_initializer(config.initializer, config.initargs)
 
         check_worker_limits(config.max_tasks_per_child, config.max_worker_memory, options)
         if config.max_worker_memory is not None:
@@ -252,14 +231,11 @@ class DaskBackend:
         )
         self._default_workers = max(1, config.workers)
         self.workers = self._default_workers
-        self._fn_lock = threading.Lock()  # held while scattering: blocks only new functions
-        self._fns: list[tuple[Callable[..., Any], _Shipped | _Future]] = []
-        self._init_box: _Shipped | _Future | None = None
+        self._shipper = Shipper(self._client, self._token)
         self._threads_read_at = 0.0
         try:
             self._read_threads()
-            if init_blob is not None:
-                self._init_box = self._box(init_blob)
+            self._shipper.ship_initializer(init_blob)
         except BaseException:
             self._close_owned()
             raise
@@ -290,7 +266,7 @@ class DaskBackend:
         if not chunk.claim():
             return
         try:
-            fn_box = self._ship(chunk.fn)
+            fn_box = self._shipper.ship(chunk.fn)
         except SerializationError as exc:
             # Delivered right here, as the serial backend does: the core allows
             # deliver() from inside submit().
@@ -298,17 +274,17 @@ class DaskBackend:
             make = functools.partial(_fresh, SerializationError, message, cause)
             self._safe_deliver(_all_failed(chunk, make))
             return
-        blob, sent, prefailed = _pack_items(chunk)
+        blob, sent, prefailed = pack_items(chunk)
         if not sent:
             outcomes: list[Outcome] = [(False, prefailed[i]) for i in range(len(chunk.items))]
             self._safe_deliver(ChunkResult(chunk, outcomes, worker="", busy_s=0.0))
             return
-        key = f"powerpool-{_task_name(chunk.fn)}-{self._token}-{next(self._seq)}"
+        key = f"powerpool-{task_name(chunk.fn)}-{self._token}-{next(self._seq)}"
         try:
             future = self._client.submit(
                 _run_chunk,
                 fn_box,
-                self._init_box,
+                self._shipper.initializer,
                 blob,
                 n_items=len(sent),
                 task_key=key,
@@ -384,9 +360,7 @@ class DaskBackend:
             self._safe_deliver(_all_failed(entry.chunk, _cancelled_error))
         if not on_results_thread:
             self._thread.join()
-        with self._fn_lock:
-            self._fns.clear()  # dropping the futures lets dask free the shipped copies
-        self._init_box = None
+        self._shipper.clear()
         self._restarter.stop()
         if self._cluster is None:
             # Someone else's cluster lives on: let a restart under way finish
@@ -427,7 +401,7 @@ class DaskBackend:
         except Exception:  # an older scheduler, or none left: keep the old count
             return
         if self._set_threads(threads):
-            boxes = self._scattered_boxes()
+            boxes = self._shipper.scattered()
             if boxes:  # new workers get work only once they hold the scattered boxes
                 with contextlib.suppress(Exception):
                     await self._client.replicate(boxes, asynchronous=True)
@@ -441,49 +415,6 @@ class DaskBackend:
         grew = workers > self.workers
         self.workers = workers
         return grew
-
-    def _box(self, blob: bytes) -> _Shipped | _Future:
-        """What tasks get to reach ``blob``: the box itself, or a cluster future of it.
-
-        A small blob (a function pickled by name, a small closure) travels
-        inside each task: a dependency on cluster data would tie every
-        chunk to the workers holding a copy (dask runs a task where its
-        inputs are), so workers that join later, or come back after a
-        restart, would never get work. A big one (a ``functools.partial``
-        holding an array) is scattered to every worker once instead, and
-        copied again to workers that join (see _refresh_threads).
-        """
-        box = _Shipped(blob, self._token)
-        if len(blob) <= _INLINE_MAX_BYTES:
-            return box
-        future: _Future = self._client.scatter(box, broadcast=True, hash=False)
-        return future
-
-    def _scattered_boxes(self) -> list[_Future]:
-        """The cluster futures of the big functions (and initializer) in use."""
-        with self._fn_lock:
-            boxes = [box for _, box in self._fns if not isinstance(box, _Shipped)]
-        if self._init_box is not None and not isinstance(self._init_box, _Shipped):
-            boxes.append(self._init_box)
-        return boxes
-
-    def _ship(self, fn: Callable[..., Any]) -> _Shipped | _Future:
-        """Scatter ``fn`` to every worker once; later chunks refer to the copy."""
-        with self._fn_lock:
-            for i, (known, box) in enumerate(self._fns):
-                if known is fn:
-                    self._fns.append(self._fns.pop(i))  # most recently used last
-                    return box
-            try:
-                blob = _dumps(fn)
-            except Exception as exc:
-                raise SerializationError(
-                    f"the function {getattr(fn, '__qualname__', fn)!s} could not be pickled: {exc}"
-                ) from exc
-            box = self._box(blob)
-            self._fns.append((fn, box))
-            del self._fns[:-_FN_CACHE_SIZE]
-            return box
 
     def _results_loop(self) -> None:
         """Turn fetched results into ChunkResults, off dask's threads."""
@@ -623,30 +554,6 @@ def _chunk_target_s(threads: int) -> float:
     return max(DaskBackend.chunk_target_s, threads * _TASK_COST_S / _SCHEDULER_SHARE)
 
 
-def _pack_items(chunk: Chunk) -> tuple[bytes, list[int], dict[int, BaseException]]:
-    """Pickle the calls of ``chunk``; an item that cannot be pickled fails alone."""
-    calls = [(args, kwargs) for _index, args, kwargs in chunk.items]
-    try:
-        return _dumps(calls), list(range(len(calls))), {}
-    except Exception:
-        pass  # find the culprits one by one: the rare path, so the double work is fine
-    sent: list[int] = []
-    prefailed: dict[int, BaseException] = {}
-    for pos, call in enumerate(calls):
-        try:
-            _dumps(call)
-        except Exception as exc:
-            err = SerializationError(
-                f"the arguments of item {chunk.items[pos][0]} could not be pickled: {exc}"
-            )
-            err.__cause__ = exc
-            prefailed[pos] = err
-        else:
-            sent.append(pos)
-    blob = _dumps([calls[pos] for pos in sent]) if sent else b""
-    return blob, sent, prefailed
-
-
 def _merge(entry: _InFlight, sent_outcomes: list[Outcome]) -> list[Outcome]:
     """Put the outcomes of sent items and of items that failed here back in order."""
     if not entry.prefailed:
@@ -676,10 +583,3 @@ def _same(exc: BaseException) -> BaseException:
 
 def _cancelled_error() -> CancelledError:
     return CancelledError("the pool cancelled this item before it finished")
-
-
-def _task_name(fn: Callable[..., Any]) -> str:
-    """A readable task prefix for the dashboard, e.g. ``powerpool-is_prime-...``."""
-    inner = getattr(fn, "func", fn)  # functools.partial shows what it wraps
-    raw = getattr(inner, "__name__", type(inner).__name__)
-    return re.sub(r"[^A-Za-z0-9_]", "_", raw)[:40] or "fn"
