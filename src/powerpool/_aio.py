@@ -1,27 +1,31 @@
-"""The async face: ``await amap(...)`` and ``async for r in aimap(...)``.
+"""The async face: ``await amap(...)`` and ``async for r in aimap(...)``, on the pool core.
 
-Neither ever blocks the caller's event loop:
+Neither ever blocks the caller's event loop, and both are one
+:class:`~powerpool._run.Run` of a :class:`Pool` (order, window, retries,
+``errors=``, progress, ``pool.stats()``, ``report=``), driven one of two ways:
 
 * **Coroutine functions** run on the caller's own loop (so they can use the
-  caller's sessions and connections), at most ``workers`` at a time. This is
-  a small loop of its own rather than the pool core because the core blocks a
-  thread on its inbox, which an event loop must never do.
-* **Plain functions** run in a :class:`Pool` (any backend, ``auto`` by
-  default) driven from a helper thread; results cross to the loop with
-  ``call_soon_threadsafe``, with backpressure so memory stays bounded.
+  caller's sessions and connections; no thread hop): the run is driven from
+  that loop (``Run.ablocks``, awaiting its inbox) and its chunks go to a
+  :class:`~powerpool._coroutines.CoroutineEngine` on the same loop, at most
+  ``workers`` coroutines at a time.
+* **Plain functions** run on the pool's workers (any backend, ``auto`` by
+  default), the run driven from a helper thread (auto may run tiny items in
+  the thread that drives it, which must not be the loop's); results cross to
+  the loop with ``call_soon_threadsafe``, with backpressure so memory stays
+  bounded.
 """
 
 from __future__ import annotations
 
 import threading
-from collections.abc import AsyncIterator, Callable, Iterable
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterable
 from typing import TYPE_CHECKING, Any
 
-from ._errors import ItemTimeoutError
 from ._execute import is_coroutine_function
 from ._options import (
-    ERROR_POLICIES,
     MAP_OPTION_NAMES,
+    RUN_OPTION_NAMES,
     BackendName,
     MapOptions,
     check_backend,
@@ -29,12 +33,11 @@ from ._options import (
 )
 
 if TYPE_CHECKING:
-    import asyncio
+    from ._options import RunOptionsDict, Unpack
+    from ._pool import Pool
+    from ._task import ChunkResult
 
-    from ._options import Unpack
-    from ._run import ErrorPolicy
-
-__all__ = ["aimap", "amap"]
+__all__ = ["aimap", "amap", "pool_aimap"]
 
 ASYNC_DEFAULT_WORKERS = 100
 """Coroutines in flight by default: enough to overlap network waits, few
@@ -45,8 +48,8 @@ _BRIDGE_BUFFER = 64
 
 _DONE = object()
 
-_COROUTINE_OPTIONS = frozenset({"workers", "timeout", "errors"})
-"""What coroutines running on the caller's loop can honour (see aimap)."""
+_COROUTINE_POOL_OPTIONS = frozenset({"workers", "initializer", "initargs"})
+"""Worker options that mean something for coroutines on the caller's loop."""
 
 
 async def amap(
@@ -57,9 +60,9 @@ async def amap(
 ) -> list[Any]:
     """Await all results, in input order.
 
-    Plain functions take every option of :func:`powerpool.map`. Coroutine
-    functions run on this loop and take ``workers`` (how many in flight),
-    ``timeout`` (per item) and ``errors``.
+    Takes every option of :func:`powerpool.map`. Coroutine functions run on
+    this loop, ``workers`` at a time (100 by default); worker options other
+    than ``workers``, ``initializer`` and ``initargs`` are for plain functions.
     """
     return [result async for result in aimap(fn, *iterables, backend=backend, **options)]
 
@@ -72,127 +75,107 @@ async def aimap(
     **options: Unpack[MapOptions],
 ) -> AsyncIterator[Any]:
     """Results as an async iterator (input order unless ``ordered=False``)."""
+    from ._pool import Pool
+
     if not callable(fn):
         raise TypeError(f"expected a callable to run, got {type(fn).__name__}: {fn!r}")
     check_backend(backend)
     check_names(options, MAP_OPTION_NAMES)
-    workers = options.get("workers")
-    timeout = options.get("timeout")
-    errors = options.get("errors", "raise")
+    pool_options: Any = {k: v for k, v in options.items() if k not in RUN_OPTION_NAMES}
+    run_options: Any = {k: v for k, v in options.items() if k in RUN_OPTION_NAMES}
     if is_coroutine_function(fn) and backend in ("auto", "asyncio"):
-        check_names(options, _COROUTINE_OPTIONS, "coroutines")
-        # Checked here because no Pool does it on this path (workers=-1 used to yield nothing).
-        if workers is not None and (not isinstance(workers, int) or workers < 1):
-            raise ValueError(f"workers must be a positive integer, got {workers!r}")
-        if timeout is not None and (not isinstance(timeout, (int, float)) or timeout <= 0):
-            raise ValueError(f"timeout must be a positive number of seconds, got {timeout!r}")
-        gen = _on_this_loop(
-            fn, iterables, ordered, workers or ASYNC_DEFAULT_WORKERS, timeout, errors
-        )
+        check_names(pool_options, _COROUTINE_POOL_OPTIONS, "coroutines")
+    # A pool of its own, not a warm shared one: cancelling the awaiting task
+    # cancels this pool's work (should_stop() turns true in running tasks),
+    # which must not touch anybody else's. Coroutines start no workers, so
+    # it costs them nothing; plain functions pay a pool start per call.
+    pool = Pool(backend, progress=False, **pool_options)  # a bar only if asked for
+    try:
+        async for result in pool_aimap(pool, fn, iterables, run_options, ordered=ordered, own=True):
+            yield result
+    finally:
+        pool.shutdown(wait=False)
+
+
+async def pool_aimap(
+    pool: Pool,
+    fn: Callable[..., Any],
+    iterables: tuple[Iterable[Any], ...],
+    overrides: RunOptionsDict,
+    *,
+    ordered: bool,
+    own: bool,
+) -> AsyncIterator[Any]:
+    """One run of ``pool`` from async code (``Pool.aimap``); ``own``: nobody else uses ``pool``."""
+    options, report, explain = pool._checked(fn, iterables, dict(overrides))  # type: ignore[arg-type]
+    prepared = pool._prepare(fn, iterables, options, report, explain)
+    if prepared.backend == "asyncio":
+        gen = _on_this_loop(pool, prepared, options, ordered)
     else:
-        gen = _bridged(fn, iterables, ordered, backend, options)
-    async for result in gen:
-        yield result
+        gen = _bridged(pool, prepared, options, ordered, own)
+    try:
+        async for result in gen:
+            yield result
+    finally:
+        await gen.aclose()
 
 
 async def _on_this_loop(
-    fn: Callable[..., Any],
-    iterables: tuple[Iterable[Any], ...],
-    ordered: bool,
-    workers: int,
-    timeout: float | None,
-    errors: ErrorPolicy,
-) -> AsyncIterator[Any]:
-    import asyncio  # here, not at the top: `import powerpool` must stay fast
+    pool: Pool, prepared: Any, options: Any, ordered: bool
+) -> AsyncGenerator[Any, None]:
+    # Imported here, not at the top: `import powerpool` must not import asyncio.
+    from ._coroutines import CoroutineEngine, LoopInbox
+    from ._pool import default_workers
 
-    if errors not in ERROR_POLICIES:
-        raise ValueError(f"errors must be 'raise', 'return' or 'skip', got {errors!r}")
-    calls = enumerate(zip(*iterables))
-    running: dict[asyncio.Task[Any], int] = {}
-    waiting: dict[int, tuple[bool, Any]] = {}
-    next_index = 0
-    exhausted = False
+    def deliver(result: ChunkResult) -> None:
+        on_done = result.chunk.on_done
+        if on_done is not None:
+            on_done(result)
 
-    async def call(index: int, args: tuple[Any, ...]) -> Any:
-        if timeout is None:
-            return await fn(*args)
-        try:
-            return await asyncio.wait_for(fn(*args), timeout)
-        except asyncio.TimeoutError:
-            raise ItemTimeoutError(
-                f"item {index} ran longer than its {timeout:g} s timeout"
-            ) from None
-
+    engine = CoroutineEngine(prepared.workers or default_workers("asyncio"), deliver)
+    if pool._initializer is not None:
+        await engine.initialize(pool._initializer, pool._initargs)
     try:
-        while True:
-            # At most `workers` in flight, and (ordered) at most that many waiting.
-            while not exhausted and len(running) + len(waiting) < workers:
-                try:
-                    index, args = next(calls)
-                except StopIteration:
-                    exhausted = True
-                    break
-                running[asyncio.ensure_future(call(index, args))] = index
-            if not running and not waiting:
-                return
-            if running:
-                done, _ = await asyncio.wait(running, return_when=asyncio.FIRST_COMPLETED)
-                for task in done:
-                    index = running.pop(task)
-                    exc = task.exception()
-                    waiting[index] = (exc is None, task.result() if exc is None else exc)
-            order = [next_index] if ordered else sorted(waiting)
-            while order and order[0] in waiting:
-                index = order.pop(0)
-                ok, value = waiting.pop(index)
-                if ok or errors == "return":
+        with pool._running(
+            prepared, options, ordered, False, backend=engine, inbox=LoopInbox()
+        ) as run:
+            async for block in run.ablocks():
+                for value in block:
                     yield value
-                elif errors == "raise":
-                    raise value
-                if ordered:
-                    next_index += 1
-                    order = [next_index]
     finally:
-        for task in running:
-            task.cancel()
+        # Cancelled, broken out of, or failed: the items still in flight are
+        # cancelled, and awaited, so no task of this run outlives it.
+        engine.shutdown(kill=True)
+        await engine.drain()
 
 
 async def _bridged(
-    fn: Callable[..., Any],
-    iterables: tuple[Iterable[Any], ...],
-    ordered: bool,
-    backend: BackendName,
-    options: MapOptions,
-) -> AsyncIterator[Any]:
+    pool: Pool, prepared: Any, options: Any, ordered: bool, own: bool
+) -> AsyncGenerator[Any, None]:
     import asyncio
-
-    from ._pool import Pool
 
     loop = asyncio.get_running_loop()
     queue: asyncio.Queue[Any] = asyncio.Queue()
     room = threading.Semaphore(_BRIDGE_BUFFER)
     stop = threading.Event()
-    # A pool of its own, not a warm shared one: cancelling the awaiting task
-    # cancels this pool's work (should_stop() turns true in running tasks),
-    # which must not touch anybody else's. The price is a pool start per call.
-    settings: MapOptions = {"progress": False, **options}  # a bar only if asked for
-    pool = Pool(backend, **settings)
-    results = (pool.imap if ordered else pool.imap_unordered)(fn, *iterables)
+    runs: list[Any] = []
 
     def produce() -> None:
         try:
-            for result in results:
-                room.acquire()
-                if stop.is_set():
-                    return
-                loop.call_soon_threadsafe(queue.put_nowait, (True, result))
+            with pool._running(prepared, options, ordered, False) as run:
+                runs.append(run)
+                if stop.is_set():  # cancelled before the run existed
+                    run.abort()
+                for block in run:
+                    for result in block:
+                        room.acquire()
+                        if stop.is_set():
+                            return
+                        loop.call_soon_threadsafe(queue.put_nowait, (True, result))
             loop.call_soon_threadsafe(queue.put_nowait, (True, _DONE))
         except BaseException as exc:
             if not stop.is_set():
                 loop.call_soon_threadsafe(queue.put_nowait, (False, exc))
-        finally:
-            results.close()  # type: ignore[attr-defined]
-            pool.shutdown(wait=not stop.is_set())
 
     thread = threading.Thread(target=produce, name="powerpool-aimap", daemon=True)
     thread.start()
@@ -208,5 +191,11 @@ async def _bridged(
     finally:
         stop.set()
         room.release()
-        pool.cancel()
+        if own:
+            pool.cancel()  # running tasks see should_stop(); nobody else's work is touched
+        else:
+            # The caller's pool may run other work: only this run stops
+            # (its running items finish, their results are dropped).
+            for run in runs:
+                run.abort()
         await loop.run_in_executor(None, thread.join)

@@ -17,7 +17,7 @@ import sys
 import threading
 import weakref
 from collections import OrderedDict
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator
 from concurrent.futures import CancelledError, Future
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ParamSpec, TypeVar, overload
@@ -342,6 +342,25 @@ class Pool:
         """Results as they complete; ``with_index=True`` yields ``(input_index, result)``."""
         return self._iterate(fn, iterables, overrides, ordered=False, with_index=with_index)
 
+    async def amap(
+        self, fn: Callable[..., Any], *iterables: Iterable[Any], **overrides: Unpack[RunOptionsDict]
+    ) -> list[Any]:
+        """``map`` from async code: coroutine functions run on the caller's loop
+        (see :func:`powerpool.amap`), plain functions on this pool's workers."""
+        return [r async for r in self.aimap(fn, *iterables, **overrides)]
+
+    def aimap(
+        self,
+        fn: Callable[..., Any],
+        *iterables: Iterable[Any],
+        ordered: bool = True,
+        **overrides: Unpack[RunOptionsDict],
+    ) -> AsyncIterator[Any]:
+        """``imap`` (or ``imap_unordered``) as an async iterator; see :meth:`amap`."""
+        from ._aio import pool_aimap
+
+        return pool_aimap(self, fn, iterables, overrides, ordered=ordered, own=False)
+
     # -- internals ------------------------------------------------------------
 
     def _recycles(self) -> bool:
@@ -448,6 +467,20 @@ class Pool:
         eager: bool = False,
     ) -> Iterator[Any]:
         """Validate now (so mistakes raise at the call); run lazily unless ``eager``."""
+        options, report, explain = self._checked(fn, iterables, overrides)
+        if eager:
+            return self._results(
+                self._prepare(fn, iterables, options, report, explain), options, ordered, with_index
+            )
+        return self._lazy(fn, iterables, options, report, explain, ordered, with_index)
+
+    def _checked(
+        self,
+        fn: Callable[..., Any],
+        iterables: tuple[Iterable[Any], ...],
+        overrides: RunOptionsDict,
+    ) -> tuple[RunOptions, ReportTarget, bool]:
+        """A run's options, checked against this pool: (options, report=, explain=)."""
         _check_callable(fn)
         if not iterables:
             raise TypeError("map() needs at least one iterable of inputs")
@@ -460,11 +493,7 @@ class Pool:
         if self._backend_name != "auto":
             _check_fn_fits(fn, self._backend_name)
             _check_timeout(self._backend_name, options)
-        if eager:
-            return self._results(
-                self._prepare(fn, iterables, options, report, explain), options, ordered, with_index
-            )
-        return self._lazy(fn, iterables, options, report, explain, ordered, with_index)
+        return options, report, explain
 
     def _lazy(
         self,
@@ -579,6 +608,22 @@ class Pool:
     def _blocks(
         self, prepared: _Prepared, options: RunOptions, ordered: bool, with_index: bool
     ) -> Iterator[list[Any]]:
+        with self._running(prepared, options, ordered, with_index) as run:
+            yield from run
+
+    @contextlib.contextmanager
+    def _running(
+        self,
+        prepared: _Prepared,
+        options: RunOptions,
+        ordered: bool,
+        with_index: bool,
+        *,
+        backend: Backend | None = None,
+        inbox: Any = None,
+    ) -> Iterator[Run]:
+        """One run's life in this pool, around whoever drives it (``_blocks`` in
+        a thread, ``_aio`` on an event loop with its own ``backend`` and ``inbox``)."""
         # Registered in the same critical section that checks the state, so a
         # concurrent shutdown() either refuses this run or waits for its end.
         steer = prepared.steer
@@ -586,8 +631,7 @@ class Pool:
             self.steer = steer
         with self._lock:
             self._check_open()
-            backend = None
-            if steer is None:
+            if steer is None and backend is None:
                 backend = self._backend(prepared.backend, prepared.workers)
             run = Run(
                 backend=backend,
@@ -603,6 +647,7 @@ class Pool:
                 new_chunk_id=self._chunk_ids.__next__,
                 steer=steer,
                 recorder=prepared.recorder,
+                inbox=inbox,
             )
             self._runs.add(run)
         if prepared.recorder is not None:
@@ -615,7 +660,7 @@ class Pool:
                 start_method=_start_method(first),
             )
         try:
-            yield from run
+            yield run
         except KeyboardInterrupt:
             # Ctrl-C: a user wants everything to stop now, workers included.
             self.cancel()

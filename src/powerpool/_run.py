@@ -12,7 +12,8 @@ Data flow (caller's thread on the left, backend threads on the right)::
 * **Retries** re-queue a failed item ahead of new input; items lost with a
   crashed worker are re-queued without counting a retry.
 * The caller's thread blocks only on ``inbox.get()``: no polling, and Ctrl-C
-  interrupts it promptly.
+  interrupts it promptly. From async code (``amap``) the same run awaits its
+  inbox on the caller's event loop instead (see ``Run.ablocks``).
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ import queue
 import sys
 import time
 from collections import deque
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import AsyncIterator, Callable, Generator, Iterator, Sequence
 from concurrent.futures import CancelledError
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
@@ -63,6 +64,9 @@ MAX_LOSSES = 3
 many times; past that the pool is failing repeatedly and the item fails."""
 
 _NEVER_RETRIED = (InitializerError, SerializationError, CancelledError)
+
+_WAIT: list[Any] = []
+"""What Run._steps yields when it needs the next chunk result (a block is never empty)."""
 
 
 @dataclass(frozen=True)
@@ -164,6 +168,7 @@ class Run:
         new_chunk_id: Callable[[], int],
         steer: Steer | None = None,
         recorder: Recorder | None = None,
+        inbox: Any = None,
     ) -> None:
         self._recorder = recorder
         self._fn = fn
@@ -179,7 +184,7 @@ class Run:
         self._steer = steer
         self._next_input = 0
         # None in the inbox means "the pool cancelled this run" (see abort()).
-        self._inbox: queue.SimpleQueue[tuple[_Route, ChunkResult] | None] = queue.SimpleQueue()
+        self._inbox: Any = queue.SimpleQueue() if inbox is None else inbox
         self._routes: list[_Route] = []
         self.backends: list[Any] = []
         """Every backend this run sent chunks to (for Ctrl-C: the pool kills them)."""
@@ -245,7 +250,52 @@ class Run:
         self._closed = True
         self._inbox.put(None)
 
+    # The run is written once, as a sans-IO state machine (_steps), and
+    # driven two ways: __iter__ blocks the caller's thread on the inbox (the
+    # blocking API), ablocks() awaits it on an event loop (amap/aimap, whose
+    # coroutines run on that same loop, so nothing may block it). Every
+    # decision (windows, order, retries, errors, progress, stats) lives in
+    # _steps; a driver only waits for the next result and hands blocks on.
+    # A generator that yields WAIT and is sent each result costs one resume
+    # per chunk, not per item: the blocking path keeps its speed.
+
     def __iter__(self) -> Iterator[list[Any]]:
+        steps = self._steps()
+        get = self._inbox.get
+        try:
+            step = next(steps)
+            while True:
+                if step is _WAIT:
+                    step = steps.send(get())
+                else:
+                    yield step
+                    step = next(steps)
+        except StopIteration:
+            return
+        finally:
+            steps.close()  # Ctrl-C in get(), or the caller stopped early: clean up now
+
+    async def ablocks(self) -> AsyncIterator[list[Any]]:
+        """Like ``__iter__``, awaiting results on the running loop (the inbox must
+        have an async ``get``; see :class:`powerpool._coroutines.LoopInbox`)."""
+        steps = self._steps()
+        get = self._inbox.get
+        try:
+            step = next(steps)
+            while True:
+                if step is _WAIT:
+                    step = steps.send(await get())
+                else:
+                    yield step
+                    step = next(steps)
+        except StopIteration:
+            return
+        finally:
+            steps.close()  # cancelled while awaiting, or the caller stopped early
+
+    def _steps(self) -> Generator[list[Any], tuple[_Route, ChunkResult] | None, None]:
+        """The run: yields a block of results to hand over, or ``_WAIT`` when it
+        needs the next chunk result, which the driver sends in."""
         in_flight = 0
         input_done = False
         self._progress = Progress(
@@ -285,7 +335,7 @@ class Run:
                     return
                 if in_flight == 0:
                     continue
-                got = self._inbox.get()
+                got = yield _WAIT
                 if got is None:
                     raise CancelledError("the pool's work was cancelled")
                 route, result = got
@@ -494,7 +544,7 @@ class _Route:
 
     __slots__ = ("backend", "deliver", "in_flight", "window", "workers")
 
-    def __init__(self, backend: Any, inbox: queue.SimpleQueue[Any]) -> None:
+    def __init__(self, backend: Any, inbox: Any) -> None:
         self.backend = backend
         self.in_flight = 0
         self.workers = backend.workers  # as last seen: a cluster's may change

@@ -1,0 +1,273 @@
+"""The one event-loop engine: coroutine calls on an event loop, a bounded number at a time.
+
+Every place where powerpool awaits the user's coroutines goes through here:
+
+* ``amap``/``aimap`` (:mod:`powerpool._aio`): on the *caller's* running loop,
+  driven by the pool core (:class:`~powerpool._run.Run`) from that same loop;
+* ``backend="asyncio"`` (:mod:`powerpool._backends._asyncio`): on a private
+  loop in a helper thread, for the blocking API;
+* the profiler's async sample: :func:`call` and :func:`run_private`.
+
+So one coroutine item behaves the same wherever it runs (:func:`call`):
+
+* its exception becomes its outcome (``SystemExit`` too: it must not stop
+  the loop), so the core's policies (retries, ``errors=``) apply unchanged;
+* a timeout is ``asyncio.wait_for``: the late coroutine is really cancelled
+  (it sees ``CancelledError`` at its ``await``) and the item fails with
+  :class:`~powerpool.ItemTimeoutError`;
+* cancelling the task that runs it (a cancelled run, a closed pool) is not an
+  outcome: it propagates, and :class:`CoroutineEngine` reports the chunk as
+  cancelled;
+* :func:`~powerpool.should_stop` answers for the item's own task.
+
+The engine only runs chunks and reports them, like any backend (it
+implements the protocol of :mod:`powerpool._backends._base`): ordering,
+windows, retries and counting stay in the pool core, written once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import inspect
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import CancelledError
+from typing import Any, ClassVar, TypeVar
+
+from ._errors import InitializerError, ItemTimeoutError
+from ._stop import CancelFlag, StopToken, running
+from ._task import NO_KWARGS, Chunk, ChunkResult, Outcome
+
+__all__ = ["CoroutineEngine", "LoopInbox", "call", "close_loop", "run_private"]
+
+_T = TypeVar("_T")
+
+
+async def call(
+    fn: Callable[..., Any],
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any],
+    timeout_s: float | None = None,
+    index: int = 0,
+) -> Outcome:
+    """Await one call of ``fn`` and turn it into an outcome (the one policy, see above).
+
+    ``fn`` may also be a plain function that returns an awaitable (the
+    profiler meets those); a plain value is its own result.
+    """
+    try:
+        made: Any = fn(*args, **kwargs)
+        if not inspect.isawaitable(made):
+            return True, made
+        if timeout_s is None:
+            return True, await made
+        try:
+            return True, await asyncio.wait_for(made, timeout_s)
+        except asyncio.TimeoutError:
+            return False, ItemTimeoutError(
+                f"item {index} ran longer than its {timeout_s:g} s timeout"
+            )
+    except asyncio.CancelledError as exc:
+        # Task.cancelling() (3.11+) tells a cancel of this task (not an outcome)
+        # from a CancelledError the coroutine let out of something of its own;
+        # without it, assume the former.
+        cancelling = getattr(asyncio.current_task(), "cancelling", None)
+        if cancelling is None or cancelling():
+            raise
+        return False, exc
+    except BaseException as exc:
+        # SystemExit and KeyboardInterrupt raised *by the item* included: on
+        # an event loop they would stop the loop (and every other item).
+        return False, exc
+
+
+class CoroutineEngine:
+    """Runs chunks of coroutine calls as tasks on one event loop, ``workers`` at a time.
+
+    Every method except :meth:`cancel_epoch` and the ``workers`` attribute is
+    called on the loop's own thread: ``submit`` (from the pool core running
+    on that loop, or hopped there by the asyncio backend) creates the
+    chunk's task at once. Results go to ``deliver``, on the loop's thread.
+
+    Invariant: ``_tasks`` holds the task of every chunk started and not yet
+    delivered; ``on_idle`` (if given) is called each time it becomes empty.
+    """
+
+    name: ClassVar[str] = "asyncio"
+    chunk_target_s: ClassVar[float] = 0.0  # chunks of one: every item is its own task
+    supports_timeout: ClassVar[bool] = True
+
+    def __init__(
+        self,
+        workers: int,
+        deliver: Callable[[ChunkResult], None],
+        *,
+        on_idle: Callable[[], None] | None = None,
+    ) -> None:
+        self.workers = workers
+        self._deliver = deliver
+        self._on_idle = on_idle
+        self._flag = CancelFlag()
+        # Made here, bound to the loop on first use (Python >= 3.10), so the
+        # asyncio backend can build the engine before its loop thread runs.
+        self._semaphore = asyncio.Semaphore(workers)
+        self._tasks: dict[Chunk, asyncio.Task[None]] = {}
+        self._init_error: BaseException | None = None
+
+    async def initialize(self, initializer: Callable[..., Any], initargs: tuple[Any, ...]) -> None:
+        """Run the pool's initializer once, on this loop; a failure fails every item."""
+        try:
+            result = initializer(*initargs)
+            if asyncio.iscoroutine(result):
+                await result
+        except Exception as exc:
+            self._init_error = exc
+
+    # -- the backend protocol (on the loop's thread) ------------------------------
+
+    def submit(self, chunk: Chunk) -> None:
+        if not chunk.claim():
+            return
+        self._tasks[chunk] = asyncio.get_running_loop().create_task(self._run_chunk(chunk))
+
+    def cancel(self, epoch: int) -> None:
+        """Cancel the chunks of epochs <= ``epoch``: their coroutines see ``CancelledError``."""
+        self.cancel_epoch(epoch)
+        for chunk, task in self._tasks.items():
+            if chunk.epoch <= epoch:
+                task.cancel()
+
+    def cancel_epoch(self, epoch: int) -> None:
+        """Make ``should_stop()`` true for epochs <= ``epoch`` (any thread)."""
+        self._flag.value = max(self._flag.value, epoch)
+
+    def shutdown(self, *, wait: bool = True, kill: bool = False) -> None:
+        """``kill`` cancels every running chunk; otherwise they finish (see :meth:`drain`)."""
+        if kill:
+            for task in self._tasks.values():
+                task.cancel()
+
+    async def drain(self) -> None:
+        """Wait until every chunk started has ended (delivered or cancelled)."""
+        while self._tasks:
+            await asyncio.wait(list(self._tasks.values()))
+
+    @property
+    def idle(self) -> bool:
+        """True when no chunk is running."""
+        return not self._tasks
+
+    # -- running ------------------------------------------------------------------
+
+    async def _run_chunk(self, chunk: Chunk) -> None:
+        started = time.perf_counter()
+        try:
+            if self._init_error is not None:
+                error = InitializerError.wrap(self._init_error)
+                outcomes: list[Outcome] = [(False, error)] * len(chunk)
+            else:
+                token = StopToken(self._flag, chunk.epoch)
+                if len(chunk) == 1:  # the common case (chunks of one): no gather
+                    outcomes = [await self._run_item(chunk, 0, token)]
+                else:
+                    outcomes = list(
+                        await asyncio.gather(
+                            *(self._run_item(chunk, i, token) for i in range(len(chunk)))
+                        )
+                    )
+        except asyncio.CancelledError:
+            outcomes = [(False, CancelledError())] * len(chunk)
+        finally:
+            del self._tasks[chunk]
+            if not self._tasks and self._on_idle is not None:
+                self._on_idle()
+        busy_s = time.perf_counter() - started
+        self._deliver(ChunkResult.of(chunk, outcomes, self.name, busy_s, started))
+
+    async def _run_item(self, chunk: Chunk, position: int, token: StopToken) -> Outcome:
+        args = chunk.args[position]
+        if not chunk.star:
+            args = (args,)
+        kwargs = chunk.kwargs[position] if chunk.kwargs else NO_KWARGS
+        index = chunk.indices[position]
+        async with self._semaphore:
+            with running(token):
+                return await call(chunk.fn, args, kwargs, chunk.timeout_s, index)
+
+
+def close_loop(loop: asyncio.AbstractEventLoop) -> None:
+    """Close a private loop cleanly: leftover tasks cancelled, async generators
+    finalized, the default executor's threads joined (none outlive the loop)."""
+    try:
+        tasks = asyncio.all_tasks(loop)
+        for task in tasks:  # only left over after KeyboardInterrupt or a kill
+            task.cancel()
+        if tasks:
+            loop.run_until_complete(asyncio.gather(*tasks, return_exceptions=True))
+        loop.run_until_complete(loop.shutdown_asyncgens())
+        loop.run_until_complete(loop.shutdown_default_executor())
+    finally:
+        loop.close()
+
+
+def run_private(main: Callable[[asyncio.AbstractEventLoop], _T]) -> _T:
+    """``main(loop)`` with a new private loop, closed afterwards.
+
+    Runs in this thread, or, when this thread already runs a loop (called
+    from async code, where a second loop cannot run), in a short-lived
+    helper thread that this call waits for.
+    """
+
+    def body() -> _T:
+        loop = asyncio.new_event_loop()
+        try:
+            return main(loop)
+        finally:
+            close_loop(loop)
+
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return body()
+    box: list[Any] = []
+
+    def target() -> None:
+        try:
+            box.append((True, body()))
+        except BaseException as exc:  # handed to the caller's thread below
+            box.append((False, exc))
+
+    helper = threading.Thread(target=target, name="powerpool-private-loop", daemon=True)
+    helper.start()
+    helper.join()
+    ok, value = box[0]
+    if not ok:
+        raise value
+    result: _T = value
+    return result
+
+
+class LoopInbox:
+    """A run's inbox on an event loop: ``put`` from any thread, ``get`` awaited on the loop.
+
+    Results from the engine arrive on the loop's own thread and go straight
+    in; anything else (``Pool.cancel()`` from another thread) hops over with
+    ``call_soon_threadsafe``.
+    """
+
+    def __init__(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._thread = threading.get_ident()
+        self._queue: asyncio.Queue[Any] = asyncio.Queue()
+
+    def put(self, item: Any) -> None:
+        if threading.get_ident() == self._thread:
+            self._queue.put_nowait(item)
+            return
+        with contextlib.suppress(RuntimeError):  # the loop is closed: nobody waits any more
+            self._loop.call_soon_threadsafe(self._queue.put_nowait, item)
+
+    async def get(self) -> Any:
+        return await self._queue.get()
