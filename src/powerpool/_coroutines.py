@@ -44,6 +44,14 @@ __all__ = ["CoroutineEngine", "LoopInbox", "call", "close_loop", "run_private"]
 
 _T = TypeVar("_T")
 
+CHUNK_TARGET_S = 0.001
+"""Wall seconds a chunk of coroutines should take. Each item is still its own
+task (they overlap, ``workers`` at a time); the chunk only batches the pool
+core's bookkeeping, ~100 us per chunk. 1 ms groups trivial coroutines by the
+dozen (the core then costs a few us per item instead of ~100 us) while any
+coroutine that really waits (>= 1 ms) gets a chunk of its own, so its result
+is never held back by a slower neighbour."""
+
 
 async def call(
     fn: Callable[..., Any],
@@ -84,19 +92,23 @@ async def call(
 
 
 class CoroutineEngine:
-    """Runs chunks of coroutine calls as tasks on one event loop, ``workers`` at a time.
+    """Runs chunks of coroutine calls on one event loop, ``workers`` at a time.
 
     Every method except :meth:`cancel_epoch` and the ``workers`` attribute is
     called on the loop's own thread: ``submit`` (from the pool core running
-    on that loop, or hopped there by the asyncio backend) creates the
-    chunk's task at once. Results go to ``deliver``, on the loop's thread.
+    on that loop, or hopped there by the asyncio backend) creates one task
+    per item at once; the last item of a chunk to end delivers the chunk's
+    result to ``deliver``, on the loop's thread. Items get no wrapping task
+    per chunk and no ``gather``: on trivial coroutines those were most of
+    the cost.
 
-    Invariant: ``_tasks`` holds the task of every chunk started and not yet
-    delivered; ``on_idle`` (if given) is called each time it becomes empty.
+    Invariant: ``_running`` holds the item tasks of every chunk started and
+    not yet delivered; ``on_idle`` (if given) is called each time it becomes
+    empty.
     """
 
     name: ClassVar[str] = "asyncio"
-    chunk_target_s: ClassVar[float] = 0.0  # chunks of one: every item is its own task
+    chunk_target_s: ClassVar[float] = CHUNK_TARGET_S
     supports_timeout: ClassVar[bool] = True
 
     def __init__(
@@ -113,14 +125,14 @@ class CoroutineEngine:
         # Made here, bound to the loop on first use (Python >= 3.10), so the
         # asyncio backend can build the engine before its loop thread runs.
         self._semaphore = asyncio.Semaphore(workers)
-        self._tasks: dict[Chunk, asyncio.Task[None]] = {}
+        self._running: dict[Chunk, list[asyncio.Task[Outcome]]] = {}
         self._init_error: BaseException | None = None
 
     async def initialize(self, initializer: Callable[..., Any], initargs: tuple[Any, ...]) -> None:
         """Run the pool's initializer once, on this loop; a failure fails every item."""
         try:
             result = initializer(*initargs)
-            if asyncio.iscoroutine(result):
+            if inspect.isawaitable(result):
                 await result
         except Exception as exc:
             self._init_error = exc
@@ -130,14 +142,39 @@ class CoroutineEngine:
     def submit(self, chunk: Chunk) -> None:
         if not chunk.claim():
             return
-        self._tasks[chunk] = asyncio.get_running_loop().create_task(self._run_chunk(chunk))
+        started = time.perf_counter()
+        n = len(chunk)
+        if self._init_error is not None:
+            error = InitializerError.wrap(self._init_error)
+            self._deliver(ChunkResult(chunk, [(False, error)] * n, self.name, 0.0))
+            return
+        loop = asyncio.get_running_loop()
+        token = StopToken(self._flag, chunk.epoch)
+        spent = [0.0]  # the items' own seconds, added up (see _run_item)
+        tasks = [loop.create_task(self._run_item(chunk, i, token, spent)) for i in range(n)]
+        self._running[chunk] = tasks
+        left = [n]
+
+        def item_done(_: object) -> None:
+            left[0] -= 1
+            if left[0]:
+                return
+            outcomes = [_outcome(task) for task in tasks]
+            del self._running[chunk]
+            self._deliver(ChunkResult.of(chunk, outcomes, self.name, spent[0], started))
+            if not self._running and self._on_idle is not None:
+                self._on_idle()
+
+        for task in tasks:
+            task.add_done_callback(item_done)
 
     def cancel(self, epoch: int) -> None:
         """Cancel the chunks of epochs <= ``epoch``: their coroutines see ``CancelledError``."""
         self.cancel_epoch(epoch)
-        for chunk, task in self._tasks.items():
+        for chunk, tasks in self._running.items():
             if chunk.epoch <= epoch:
-                task.cancel()
+                for task in tasks:
+                    task.cancel()
 
     def cancel_epoch(self, epoch: int) -> None:
         """Make ``should_stop()`` true for epochs <= ``epoch`` (any thread)."""
@@ -146,55 +183,53 @@ class CoroutineEngine:
     def shutdown(self, *, wait: bool = True, kill: bool = False) -> None:
         """``kill`` cancels every running chunk; otherwise they finish (see :meth:`drain`)."""
         if kill:
-            for task in self._tasks.values():
-                task.cancel()
+            for tasks in self._running.values():
+                for task in tasks:
+                    task.cancel()
 
     async def drain(self) -> None:
         """Wait until every chunk started has ended (delivered or cancelled)."""
-        while self._tasks:
-            await asyncio.wait(list(self._tasks.values()))
+        while self._running:
+            await asyncio.wait([task for tasks in self._running.values() for task in tasks])
 
     @property
     def idle(self) -> bool:
         """True when no chunk is running."""
-        return not self._tasks
+        return not self._running
 
-    # -- running ------------------------------------------------------------------
+    async def _run_item(
+        self, chunk: Chunk, position: int, token: StopToken, spent: list[float]
+    ) -> Outcome:
+        """One item, once a place among ``workers`` is free; its seconds go to ``spent``.
 
-    async def _run_chunk(self, chunk: Chunk) -> None:
-        started = time.perf_counter()
-        try:
-            if self._init_error is not None:
-                error = InitializerError.wrap(self._init_error)
-                outcomes: list[Outcome] = [(False, error)] * len(chunk)
-            else:
-                token = StopToken(self._flag, chunk.epoch)
-                if len(chunk) == 1:  # the common case (chunks of one): no gather
-                    outcomes = [await self._run_item(chunk, 0, token)]
-                else:
-                    outcomes = list(
-                        await asyncio.gather(
-                            *(self._run_item(chunk, i, token) for i in range(len(chunk)))
-                        )
-                    )
-        except asyncio.CancelledError:
-            outcomes = [(False, CancelledError())] * len(chunk)
-        finally:
-            del self._tasks[chunk]
-            if not self._tasks and self._on_idle is not None:
-                self._on_idle()
-        busy_s = time.perf_counter() - started
-        self._deliver(ChunkResult.of(chunk, outcomes, self.name, busy_s, started))
-
-    async def _run_item(self, chunk: Chunk, position: int, token: StopToken) -> Outcome:
+        A chunk's busy time is the sum of its items' own seconds (from their
+        start, not their chunk's: 200 chunks queued on a loop would otherwise
+        each seem to take the whole queue's time). Summed over overlapping
+        coroutines it can exceed the wall time: that ratio is how many
+        waited at once (``actual_speedup`` in ``pool.stats()``), and per
+        item it tells the chunk sizer which coroutines are trivial enough
+        to group.
+        """
         args = chunk.args[position]
         if not chunk.star:
             args = (args,)
         kwargs = chunk.kwargs[position] if chunk.kwargs else NO_KWARGS
-        index = chunk.indices[position]
         async with self._semaphore:
-            with running(token):
-                return await call(chunk.fn, args, kwargs, chunk.timeout_s, index)
+            t0 = time.perf_counter()
+            try:
+                with running(token):
+                    return await call(
+                        chunk.fn, args, kwargs, chunk.timeout_s, chunk.indices[position]
+                    )
+            finally:
+                spent[0] += time.perf_counter() - t0
+
+
+def _outcome(task: asyncio.Task[Outcome]) -> Outcome:
+    """A finished item task's outcome; a cancelled one's is ``CancelledError``."""
+    if task.cancelled():
+        return False, CancelledError()
+    return task.result()  # call() never raises but CancelledError
 
 
 def close_loop(loop: asyncio.AbstractEventLoop) -> None:
