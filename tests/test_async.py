@@ -199,6 +199,309 @@ def test_breaking_out_of_aimap_cancels_the_rest() -> None:
     assert time.monotonic() - started < 5  # the 10 s sleepers were cancelled
 
 
+# -- the pool core's policies for coroutines on the caller's loop ---------------
+
+
+class Flaky:
+    """Fails each item's first ``failures`` calls, then returns it."""
+
+    def __init__(self, failures: int) -> None:
+        self.failures = failures
+        self.calls: dict[int, int] = {}
+
+    async def __call__(self, x: int) -> int:
+        await asyncio.sleep(0)
+        self.calls[x] = self.calls.get(x, 0) + 1
+        if self.calls[x] <= self.failures:
+            raise CustomError(f"item {x}, call {self.calls[x]}")
+        return x
+
+
+def test_amap_retries_a_flaky_coroutine() -> None:
+    flaky = Flaky(failures=2)
+
+    async def main() -> list[int]:
+        return await pp.amap(flaky, range(6), retries=2)
+
+    assert run(main) == list(range(6))
+    assert flaky.calls == dict.fromkeys(range(6), 3)
+
+
+def test_amap_retries_give_up_after_the_limit() -> None:
+    flaky = Flaky(failures=3)
+
+    async def main() -> list[Any]:
+        return await pp.amap(flaky, range(3), retries=2, errors="return")
+
+    results = run(main)
+    assert all(isinstance(r, CustomError) for r in results)
+    assert [str(r) for r in results] == [f"item {x}, call 3" for x in range(3)]
+    assert flaky.calls == dict.fromkeys(range(3), 3)
+
+
+def test_amap_retry_on_limits_what_is_retried() -> None:
+    flaky = Flaky(failures=1)
+
+    async def main() -> list[Any]:
+        return await pp.amap(flaky, range(3), retries=2, retry_on=KeyError, errors="return")
+
+    assert all(isinstance(r, CustomError) for r in run(main))
+    assert flaky.calls == {0: 1, 1: 1, 2: 1}  # CustomError is not a KeyError: never re-run
+
+
+def test_aimap_keeps_input_order_through_retries() -> None:
+    """Item 1 fails twice and item 3 once: their results still come in input order."""
+    calls: dict[int, int] = {}
+
+    async def flaky(x: int) -> int:
+        calls[x] = calls.get(x, 0) + 1
+        await asyncio.sleep(0.01 * (5 - x))  # earlier items finish later
+        if (x == 1 and calls[x] <= 2) or (x == 3 and calls[x] == 1):
+            raise CustomError(x)
+        return x
+
+    async def main() -> list[int]:
+        return [r async for r in pp.aimap(flaky, range(6), retries=2, workers=2)]
+
+    assert run(main) == list(range(6))
+    assert calls[1] == 3
+    assert calls[3] == 2
+
+
+def test_pool_amap_counts_items_in_stats() -> None:
+    flaky = Flaky(failures=1)
+
+    async def main(pool: pp.Pool) -> tuple[list[Any], list[Any]]:
+        first = await pool.amap(flaky, range(8), retries=1)
+        second = await pool.amap(async_fail_on_three, range(5), errors="return")
+        return first, second
+
+    with pp.Pool("asyncio", workers=4) as pool:
+        first, second = asyncio.run(main(pool))
+        stats = pool.stats()
+    assert first == list(range(8))
+    assert isinstance(second[3], CustomError)
+    assert stats.backend == "asyncio"
+    assert stats.workers == 4
+    assert (stats.items_done, stats.items_failed, stats.items_retried) == (8 + 4, 1, 8)
+    assert stats.chunks >= 2
+    assert stats.wall_s > 0
+    assert set(stats.busy_s_by_worker) == {"asyncio"}
+
+
+def test_overlapping_coroutines_show_in_the_measured_speedup() -> None:
+    """busy time is the items' own seconds: 20 sleepers at once overlap ~20 times."""
+
+    async def main(pool: pp.Pool) -> list[float]:
+        return await pool.amap(async_sleep, [0.1] * 20)
+
+    with pp.Pool("auto", workers=20) as pool:
+        assert asyncio.run(main(pool)) == [0.1] * 20
+        stats = pool.stats()
+    assert stats.busy_s >= 20 * 0.1
+    assert stats.actual_speedup is not None
+    assert stats.actual_speedup > 2
+
+
+def test_amap_shows_a_progress_bar(capsys: pytest.CaptureFixture[str]) -> None:
+    async def main() -> list[int]:
+        return await pp.amap(async_square, range(7), progress=True)
+
+    assert run(main) == [x * x for x in range(7)]
+    err = capsys.readouterr().err
+    assert "async_square" in err
+    assert "7/7" in err
+
+
+def test_amap_writes_a_report(tmp_path: Any) -> None:
+    path = tmp_path / "run.json"
+
+    async def main() -> list[Any]:
+        return await pp.amap(async_fail_on_three, range(5), errors="skip", report=path)
+
+    assert run(main) == [0, 1, 2, 4]
+    import json
+
+    text = path.read_text()
+    assert "async_fail_on_three" in text
+    assert json.loads(text)  # a readable report, written as the run ended
+
+
+def test_coroutines_run_on_the_callers_loop_and_thread() -> None:
+    seen: list[tuple[Any, int]] = []
+
+    async def where(x: int) -> int:
+        seen.append((asyncio.get_running_loop(), threading.get_ident()))
+        return x
+
+    async def main() -> Any:
+        await pp.amap(where, range(5), backend="asyncio")
+        return asyncio.get_running_loop()
+
+    loop = run(main)
+    assert seen == [(loop, threading.get_ident())] * 5
+
+
+def test_amap_runs_the_initializer_on_the_callers_loop() -> None:
+    state: dict[str, Any] = {}
+
+    async def setup(value: int) -> None:
+        state["loop"] = asyncio.get_running_loop()
+        state["value"] = value
+
+    async def read(x: int) -> int:
+        return x + state["value"]
+
+    async def main() -> list[int]:
+        out = await pp.amap(read, range(3), initializer=setup, initargs=(10,))
+        assert state["loop"] is asyncio.get_running_loop()
+        return out
+
+    assert run(main) == [10, 11, 12]
+
+
+def test_amap_failing_initializer_fails_the_items() -> None:
+    def setup() -> None:
+        raise CustomError("no model")
+
+    async def main() -> list[int]:
+        return await pp.amap(async_square, range(3), initializer=setup)
+
+    with pytest.raises(pp.InitializerError) as info:
+        run(main)
+    assert isinstance(info.value.__cause__, CustomError)
+
+
+def test_amap_rejects_process_options_for_coroutines() -> None:
+    async def main() -> list[int]:
+        return await pp.amap(async_square, range(3), max_tasks_per_child=5)
+
+    with pytest.raises(TypeError, match="coroutines"):
+        run(main)
+
+
+def test_timeout_cancels_the_late_coroutine() -> None:
+    cancelled: list[int] = []
+
+    async def late(x: int) -> int:
+        try:
+            await asyncio.sleep(10 if x == 1 else 0)
+        except asyncio.CancelledError:
+            cancelled.append(x)
+            raise
+        return x
+
+    async def main() -> list[Any]:
+        return await pp.amap(late, range(3), timeout=0.2, errors="return")
+
+    started = time.monotonic()
+    results = run(main)
+    assert results[0] == 0
+    assert results[2] == 2
+    assert isinstance(results[1], pp.ItemTimeoutError)
+    assert cancelled == [1]  # really cancelled at its await, not left running
+    assert time.monotonic() - started < 5
+
+
+def test_timeouts_are_retried() -> None:
+    calls: list[int] = []
+
+    async def slow_once(x: int) -> int:
+        calls.append(x)
+        if len(calls) == 1:
+            await asyncio.sleep(10)
+        return x
+
+    async def main() -> list[int]:
+        return await pp.amap(slow_once, [7], timeout=0.2, retries=1)
+
+    assert run(main) == [7]
+    assert calls == [7, 7]
+
+
+def test_cancelling_the_awaiting_task_cancels_items_and_leaves_no_task() -> None:
+    started: list[int] = []
+    cancelled: list[int] = []
+
+    async def sleeper(x: int) -> int:
+        started.append(x)
+        try:
+            await asyncio.sleep(10)
+        except asyncio.CancelledError:
+            cancelled.append(x)
+            raise
+        return x
+
+    async def main() -> set[asyncio.Task[Any]]:
+        task = asyncio.create_task(pp.amap(sleeper, range(20), workers=5))
+        while len(started) < 5:
+            await asyncio.sleep(0.01)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        return asyncio.all_tasks() - {asyncio.current_task()}  # type: ignore[operator]
+
+    left = run(main)
+    assert left == set()
+    assert sorted(cancelled) == sorted(started) == [0, 1, 2, 3, 4]  # the rest never started
+
+
+def test_breaking_out_of_aimap_cancels_in_flight_items() -> None:
+    cancelled: list[int] = []
+
+    async def sleeper(x: int) -> int:
+        try:
+            await asyncio.sleep(0 if x == 0 else 10)
+        except asyncio.CancelledError:
+            cancelled.append(x)
+            raise
+        return x
+
+    async def main() -> set[asyncio.Task[Any]]:
+        results = pp.aimap(sleeper, range(6), ordered=False)
+        async for r in results:
+            assert r == 0
+            break
+        await results.aclose()  # type: ignore[attr-defined]
+        return asyncio.all_tasks() - {asyncio.current_task()}  # type: ignore[operator]
+
+    assert run(main) == set()
+    assert sorted(cancelled) == [1, 2, 3, 4, 5]
+
+
+def test_pool_cancel_from_another_thread_stops_an_amap() -> None:
+    with pp.Pool("asyncio", workers=4) as pool:
+
+        async def main() -> None:
+            loop = asyncio.get_running_loop()
+            loop.call_later(0.2, lambda: threading.Thread(target=pool.cancel).start())
+            await pool.amap(async_sleep, [10.0] * 8)
+
+        started = time.monotonic()
+        with pytest.raises(CancelledError):
+            run(main)
+        assert time.monotonic() - started < 5
+        assert pool.idle()
+
+
+def test_pool_amap_of_a_coroutine_on_a_thread_pool_is_a_type_error() -> None:
+    async def main(pool: pp.Pool) -> list[Any]:
+        return await pool.amap(async_square, [1])
+
+    with pp.Pool("threads") as pool, pytest.raises(TypeError, match="asyncio"):
+        asyncio.run(main(pool))
+
+
+def test_pool_aimap_of_a_plain_function_counts_in_the_pools_stats() -> None:
+    async def main(pool: pp.Pool) -> list[int]:
+        return [r async for r in pool.aimap(fail_on_three, range(6), errors="skip")]
+
+    with pp.Pool("threads", workers=2) as pool:
+        assert asyncio.run(main(pool)) == [0, 1, 2, 4, 5]
+        stats = pool.stats()
+    assert (stats.items_done, stats.items_failed) == (5, 1)
+
+
 # -- plain functions through amap (in a pool, off the loop) ---------------------
 
 

@@ -18,6 +18,7 @@ Neither ever blocks the caller's event loop, and both are one
 
 from __future__ import annotations
 
+import contextlib
 import threading
 from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterable
 from typing import TYPE_CHECKING, Any
@@ -91,8 +92,12 @@ async def aimap(
     # it costs them nothing; plain functions pay a pool start per call.
     pool = Pool(backend, progress=False, **pool_options)  # a bar only if asked for
     try:
-        async for result in pool_aimap(pool, fn, iterables, run_options, ordered=ordered, own=True):
-            yield result
+        # aclosing: an exception here (or this generator closed) must close the
+        # run's generator now, not whenever the loop finalizes it.
+        run = pool_aimap(pool, fn, iterables, run_options, ordered=ordered, own=True)
+        async with contextlib.aclosing(run) as results:
+            async for result in results:
+                yield result
     finally:
         pool.shutdown(wait=False)
 
@@ -105,7 +110,7 @@ async def pool_aimap(
     *,
     ordered: bool,
     own: bool,
-) -> AsyncIterator[Any]:
+) -> AsyncGenerator[Any, None]:
     """One run of ``pool`` from async code (``Pool.aimap``); ``own``: nobody else uses ``pool``."""
     options, report, explain = pool._checked(fn, iterables, dict(overrides))  # type: ignore[arg-type]
     prepared = pool._prepare(fn, iterables, options, report, explain)
@@ -113,11 +118,9 @@ async def pool_aimap(
         gen = _on_this_loop(pool, prepared, options, ordered)
     else:
         gen = _bridged(pool, prepared, options, ordered, own)
-    try:
-        async for result in gen:
+    async with contextlib.aclosing(gen) as results:
+        async for result in results:
             yield result
-    finally:
-        await gen.aclose()
 
 
 async def _on_this_loop(
@@ -139,9 +142,10 @@ async def _on_this_loop(
         with pool._running(
             prepared, options, ordered, False, backend=engine, inbox=LoopInbox()
         ) as run:
-            async for block in run.ablocks():
-                for value in block:
-                    yield value
+            async with contextlib.aclosing(run.ablocks()) as blocks:
+                async for block in blocks:
+                    for value in block:
+                        yield value
     finally:
         # Cancelled, broken out of, or failed: the items still in flight are
         # cancelled, and awaited, so no task of this run outlives it.

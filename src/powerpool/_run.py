@@ -23,7 +23,7 @@ import queue
 import sys
 import time
 from collections import deque
-from collections.abc import AsyncIterator, Callable, Generator, Iterator, Sequence
+from collections.abc import AsyncGenerator, Callable, Generator, Iterator, Sequence
 from concurrent.futures import CancelledError
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
@@ -275,7 +275,7 @@ class Run:
         finally:
             steps.close()  # Ctrl-C in get(), or the caller stopped early: clean up now
 
-    async def ablocks(self) -> AsyncIterator[list[Any]]:
+    async def ablocks(self) -> AsyncGenerator[list[Any], None]:
         """Like ``__iter__``, awaiting results on the running loop (the inbox must
         have an async ``get``; see :class:`powerpool._coroutines.LoopInbox`)."""
         steps = self._steps()
