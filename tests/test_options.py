@@ -147,11 +147,13 @@ async def _twice(x: int) -> int:
 
 
 def test_coroutines_refuse_pool_only_options() -> None:
+    """Coroutines run on the caller's loop: every run option applies, worker-process ones don't."""
     import asyncio
 
-    with pytest.raises(TypeError, match="coroutines: chunksize"):
-        asyncio.run(pp.amap(_twice, [1], chunksize=2))
+    with pytest.raises(TypeError, match="coroutines: native_threads"):
+        asyncio.run(pp.amap(_twice, [1], native_threads=2))
     assert asyncio.run(pp.amap(_twice, [1, 2], workers=2, timeout=5, errors="raise")) == [2, 4]
+    assert asyncio.run(pp.amap(_twice, [1, 2, 3], chunksize=2, retries=1)) == [2, 4, 6]
 
 
 def test_plain_functions_in_amap_take_pool_options() -> None:
