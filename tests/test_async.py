@@ -718,3 +718,60 @@ def test_asyncio_backend_cancel_stops_a_running_map() -> None:
     assert isinstance(box.get("error"), CancelledError)
     assert pool.map(async_square, [3]) == [9]  # still usable
     pool.shutdown()
+
+
+# -- as a user would: Ctrl-C -----------------------------------------------------
+
+_CTRL_C_SCRIPT = """
+import asyncio, sys
+import powerpool as pp
+
+async def slow(x):
+    try:
+        await asyncio.sleep(60)
+    except asyncio.CancelledError:
+        print("cancelled", x, flush=True)
+        raise
+
+async def main():
+    task = asyncio.ensure_future(pp.amap(slow, range(3), progress=False))
+    await asyncio.sleep(0.2)
+    print("started", flush=True)
+    await task
+
+asyncio.run(main())
+"""
+
+
+@pytest.mark.timeout(60)
+def test_ctrl_c_during_amap_cancels_the_coroutines_promptly(tmp_path: Any) -> None:
+    """A script without a main guard, run as a user would, interrupted as a terminal would."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    script = tmp_path / "script.py"
+    script.write_text(_CTRL_C_SCRIPT)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    proc = subprocess.Popen(
+        [sys.executable, str(script)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+    )
+    try:
+        assert proc.stdout is not None
+        assert proc.stdout.readline().strip() == "started"
+        sent = time.monotonic()
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=20)
+        assert time.monotonic() - sent < 10
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert proc.returncode in (1, -signal.SIGINT, 128 + signal.SIGINT), err
+    assert "KeyboardInterrupt" in err
+    assert sorted(out.split("\n")[:-1]) == ["cancelled 0", "cancelled 1", "cancelled 2"]
