@@ -502,6 +502,58 @@ def test_pool_aimap_of_a_plain_function_counts_in_the_pools_stats() -> None:
     assert (stats.items_done, stats.items_failed) == (5, 1)
 
 
+def test_a_coroutines_own_timeout_error_keeps_its_type() -> None:
+    """Only a late item is an ItemTimeoutError; a TimeoutError it raises itself stays its own."""
+
+    async def gives_up(x: int) -> int:
+        raise TimeoutError(f"upstream {x} timed out")
+
+    async def main() -> list[Any]:
+        return await pp.amap(gives_up, [1], timeout=5, errors="return")
+
+    [error] = run(main)
+    assert type(error) is TimeoutError
+    assert "upstream 1" in str(error)
+
+
+@pytest.mark.parametrize("backend", ["auto", "asyncio"])
+def test_sys_exit_in_a_coroutine_fails_its_item_only(backend: str) -> None:
+    async def exits(x: int) -> int:
+        if x == 1:
+            raise SystemExit(3)
+        return x
+
+    async def main() -> list[Any]:
+        return await pp.amap(exits, range(3), errors="return", backend=backend)  # type: ignore[arg-type]
+
+    results = run(main)
+    assert results[0] == 0
+    assert results[2] == 2
+    assert isinstance(results[1], SystemExit)
+    on_the_backend = pp.map(exits, range(3), backend="asyncio", errors="return")
+    assert isinstance(on_the_backend[1], SystemExit)
+
+
+def test_profiling_coroutines_names_the_users_functions() -> None:
+    """The profiler's async sample runs on the engine; its frames are not hot spots."""
+
+    def crunch(n: int) -> int:
+        return sum(i * i for i in range(n))
+
+    async def fetch_and_crunch(n: int) -> int:
+        await asyncio.sleep(0)
+        return crunch(n)
+
+    prof = pp.profile(fetch_and_crunch, [30_000] * 3, hotspots=True)
+    if any("hot spots unavailable" in line for line in prof.evidence):
+        pytest.skip("another profiler (e.g. coverage on 3.12+) is active")
+    assert prof.workload is pp.Workload.ASYNC
+    names = [spot.function for spot in prof.hotspots]
+    assert any(name.startswith("fetch_and_crunch") for name in names), names
+    assert any(name.startswith("crunch") for name in names), names
+    assert not any(name.startswith(("call", "timed", "_run_async_sample")) for name in names)
+
+
 # -- plain functions through amap (in a pool, off the loop) ---------------------
 
 

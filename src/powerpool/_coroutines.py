@@ -12,6 +12,9 @@ So one coroutine item behaves the same wherever it runs (:func:`call`):
 
 * its exception becomes its outcome (``SystemExit`` too: it must not stop
   the loop), so the core's policies (retries, ``errors=``) apply unchanged;
+  ``KeyboardInterrupt`` too, except in the main thread, where it is the
+  user's Ctrl-C (on Python 3.10, or a loop not run by ``asyncio.run``) and
+  stops the run, as the sync item loop does in the caller's thread;
 * a timeout is ``asyncio.wait_for``: the late coroutine is really cancelled
   (it sees ``CancelledError`` at its ``await``) and the item fails with
   :class:`~powerpool.ItemTimeoutError`;
@@ -66,17 +69,10 @@ async def call(
     profiler meets those); a plain value is its own result.
     """
     try:
-        made: Any = fn(*args, **kwargs)
-        if not inspect.isawaitable(made):
-            return True, made
-        if timeout_s is None:
-            return True, await made
-        try:
-            return True, await asyncio.wait_for(made, timeout_s)
-        except asyncio.TimeoutError:
-            return False, ItemTimeoutError(
-                f"item {index} ran longer than its {timeout_s:g} s timeout"
-            )
+        result: Any = fn(*args, **kwargs)
+        if inspect.isawaitable(result):
+            result = await (result if timeout_s is None else _limited(result, timeout_s, index))
+        return True, result
     except asyncio.CancelledError as exc:
         # Task.cancelling() (3.11+) tells a cancel of this task (not an outcome)
         # from a CancelledError the coroutine let out of something of its own;
@@ -85,10 +81,28 @@ async def call(
         if cancelling is None or cancelling():
             raise
         return False, exc
+    except KeyboardInterrupt:
+        if threading.current_thread() is threading.main_thread():
+            raise  # the user's Ctrl-C (signals arrive in the main thread only): stop
+        return False, KeyboardInterrupt()  # raised by the item itself, on a helper loop
     except BaseException as exc:
-        # SystemExit and KeyboardInterrupt raised *by the item* included: on
-        # an event loop they would stop the loop (and every other item).
+        # SystemExit included: on an event loop it would stop the loop (and
+        # every other item); a task is not the program.
         return False, exc
+
+
+async def _limited(awaitable: Any, timeout_s: float, index: int) -> Any:
+    """``awaitable`` within ``timeout_s``; when late, it is cancelled and the item
+    fails with ItemTimeoutError (its own TimeoutError, raised sooner, stays its own)."""
+    started = time.perf_counter()
+    try:
+        return await asyncio.wait_for(awaitable, timeout_s)
+    except asyncio.TimeoutError:
+        if time.perf_counter() - started < timeout_s:
+            raise
+        raise ItemTimeoutError(
+            f"item {index} ran longer than its {timeout_s:g} s timeout"
+        ) from None
 
 
 class CoroutineEngine:
@@ -229,7 +243,8 @@ def _outcome(task: asyncio.Task[Outcome]) -> Outcome:
     """A finished item task's outcome; a cancelled one's is ``CancelledError``."""
     if task.cancelled():
         return False, CancelledError()
-    return task.result()  # call() never raises but CancelledError
+    error = task.exception()  # only a Ctrl-C that call() let through
+    return (False, error) if error is not None else task.result()
 
 
 def close_loop(loop: asyncio.AbstractEventLoop) -> None:

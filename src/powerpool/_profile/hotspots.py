@@ -21,7 +21,12 @@ HOTSPOT_LIMIT = 8
 _OWN_DIR = os.path.normcase(os.path.dirname(os.path.abspath(__file__)))
 """The profiler package's folder: frames from its files never count as hot spots."""
 _PROBES_FILE = os.path.normcase(os.path.abspath(_probes.__file__))
-"""...nor those from the heartbeat's module."""
+"""...nor those from the heartbeat's module..."""
+_ENGINE_FILE = os.path.join(os.path.dirname(_PROBES_FILE), "_coroutines.py")
+"""...nor the event-loop engine's (whose ``call`` awaits each sampled coroutine;
+named, not imported: importing it imports asyncio, ~30 ms on auto's first run)."""
+_ENTRIES = ("_invoke", "timed", "call")
+"""The profiler's frames that call the user's function: what they call counts."""
 
 
 def _start_cprofile(raw: _Raw) -> Any:
@@ -44,13 +49,13 @@ def _hotspots(prof: Any) -> tuple[Hotspot, ...]:
 
     def ours(key: tuple[str, int, str]) -> bool:
         path = os.path.normcase(os.path.abspath(key[0]))
-        return path == _PROBES_FILE or os.path.dirname(path) == _OWN_DIR
+        return path in (_PROBES_FILE, _ENGINE_FILE) or os.path.dirname(path) == _OWN_DIR
 
     # Leave out the profiler's own frames and everything only they called
     # (timers, the event loop's machinery, the heartbeat), but never what its
     # entry points called: that is the user's function. Calls from frames that
     # were already running when cProfile started have no recorded caller.
-    entries = {key for key in stats if ours(key) and key[2] in ("_invoke", "timed")}
+    entries = {key for key in stats if ours(key) and key[2] in _ENTRIES}
     excluded = {key for key in stats if ours(key)}
     changed = True
     while changed:

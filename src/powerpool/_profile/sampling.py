@@ -9,7 +9,6 @@ a private event loop. Both fill a :class:`_Raw` for :mod:`.classify`.
 from __future__ import annotations
 
 import inspect
-import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from typing import TYPE_CHECKING, Any
@@ -254,54 +253,38 @@ def _unclear(beat: Heartbeat) -> bool:
 def _sample_async(
     fn: Callable[..., Any], it: Iterator[Call], first: tuple[Call, Any] | None, budget: _Budget
 ) -> _Raw:
-    import asyncio
+    """Sample coroutines on a private loop of the event-loop engine (in a helper
+    thread when this thread already runs a loop), each through its one item
+    policy, :func:`powerpool._coroutines.call`."""
+    from .._coroutines import run_private
 
-    try:
-        asyncio.get_running_loop()
-    except RuntimeError:
-        return _run_async_sample(fn, it, first, budget)
-    # This thread already runs an event loop (we were called from async code):
-    # a second loop cannot run here, so ours runs in a short-lived helper thread.
-    box: list[_Raw | BaseException] = []
-
-    def target() -> None:
-        try:
-            box.append(_run_async_sample(fn, it, first, budget))
-        except BaseException as exc:  # handed to the caller's thread below
-            box.append(exc)
-
-    helper = threading.Thread(target=target, name="powerpool-profile-loop", daemon=True)
-    helper.start()
-    helper.join()
-    result = box[0]
-    if isinstance(result, BaseException):
-        raise result
-    return result
+    return run_private(lambda loop: _run_async_sample(fn, it, first, budget, loop))
 
 
 def _run_async_sample(
-    fn: Callable[..., Any], it: Iterator[Call], first: tuple[Call, Any] | None, budget: _Budget
+    fn: Callable[..., Any],
+    it: Iterator[Call],
+    first: tuple[Call, Any] | None,
+    budget: _Budget,
+    loop: Any,
 ) -> _Raw:
     import asyncio
+
+    from .._coroutines import call
 
     perf = time.perf_counter
     raw = _Raw(is_async=True)
 
-    async def timed(call: Call, made: Any) -> tuple[Outcome, float, float]:
+    async def timed(item: Call, made: Any) -> tuple[Outcome, float, float]:
+        # ``made``: the coroutine a plain function already returned (sampled once).
+        target = fn if made is None else lambda *_args, **_kwargs: made
         t0, c0 = perf(), time.thread_time()
-        try:
-            if made is None:
-                made = fn(*call[0], **call[1])
-            result = (await made) if inspect.isawaitable(made) else made
-            outcome: Outcome = (True, result)
-        except (Exception, asyncio.CancelledError) as exc:
-            outcome = (False, exc)
+        outcome = await call(target, item[0], item[1])
         return outcome, perf() - t0, time.thread_time() - c0
 
     async def gather(batch: list[tuple[Call, Any]]) -> list[tuple[Outcome, float, float]]:
         return await asyncio.gather(*(timed(c, m) for c, m in batch))
 
-    loop = asyncio.new_event_loop()
     prof = _start_cprofile(raw) if budget.hotspots else None
     max_items = budget.max_items
     try:
@@ -310,10 +293,10 @@ def _run_async_sample(
         while len(raw.outcomes) < max_items:
             room = min(batch_size, max_items - len(raw.outcomes))
             while len(pending) < room:
-                call = next(it, None)
-                if call is None:
+                next_call = next(it, None)
+                if next_call is None:
                     break
-                pending.append((call, None))
+                pending.append((next_call, None))
             if not pending:
                 break
             for probe in budget.probes:
@@ -323,7 +306,7 @@ def _run_async_sample(
             c1, p1 = time.thread_time(), time.process_time()
             for probe in reversed(budget.probes):
                 probe.after(len(raw.outcomes), len(pending))
-            for (call, _), (outcome, wall, own_cpu) in zip(pending, done, strict=True):
+            for (item, _), (outcome, wall, own_cpu) in zip(pending, done, strict=True):
                 raw.outcomes.append(outcome)
                 raw.walls.append(wall)
                 # Alone, a coroutine's own CPU clock excludes the loop's start-up;
@@ -332,7 +315,7 @@ def _run_async_sample(
                 raw.thread_cpus.append(own_cpu if alone else (c1 - c0) / len(done))
                 raw.process_cpus.append(own_cpu if alone else (p1 - p0) / len(done))
                 if len(raw.calls) < PICKLE_SAMPLES:
-                    raw.calls.append(call)
+                    raw.calls.append(item)
             pending = []
             n = len(raw.outcomes)
             if budget.stop_early and n == 1 and raw.walls[0] >= SLOW_ITEM_S:
@@ -351,26 +334,9 @@ def _run_async_sample(
             probe.after(len(raw.outcomes), 1)
         if prof is not None:
             prof.disable()
-        _close_loop(loop)
     if prof is not None:
         raw.hotspots = _hotspots(prof)
     return raw
-
-
-def _close_loop(loop: Any) -> None:
-    import asyncio
-
-    try:
-        tasks = asyncio.all_tasks(loop)
-        for task in tasks:  # only left over after KeyboardInterrupt
-            task.cancel()
-        if tasks:
-            loop.run_until_complete(asyncio.gather(*tasks, return_exceptions=True))
-        loop.run_until_complete(loop.shutdown_asyncgens())
-        # Joins threads that run_in_executor started, so none outlive the profile.
-        loop.run_until_complete(loop.shutdown_default_executor())
-    finally:
-        loop.close()
 
 
 def _is_coroutine_function(fn: Callable[..., Any]) -> bool:
