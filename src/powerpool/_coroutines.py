@@ -32,9 +32,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import inspect
 import threading
 import time
+from collections import deque
 from collections.abc import Callable
 from concurrent.futures import CancelledError
 from typing import Any, ClassVar, TypeVar
@@ -105,20 +107,42 @@ async def _limited(awaitable: Any, timeout_s: float, index: int) -> Any:
         ) from None
 
 
+class _Running:
+    """One chunk in the engine: its items' tasks and outcomes, filled as they end."""
+
+    __slots__ = ("cancelled", "chunk", "left", "outcomes", "spent", "started", "tasks", "token")
+
+    def __init__(self, chunk: Chunk, token: StopToken) -> None:
+        self.chunk = chunk
+        self.token = token
+        self.started = time.perf_counter()
+        self.outcomes: list[Outcome] = [(True, None)] * len(chunk)  # each set as it ends
+        self.left = len(chunk)
+        self.spent = 0.0
+        """The items' own seconds, added up (see CoroutineEngine._run_item)."""
+        self.tasks: set[asyncio.Task[Outcome]] = set()
+        self.cancelled = False
+
+
 class CoroutineEngine:
     """Runs chunks of coroutine calls on one event loop, ``workers`` at a time.
 
     Every method except :meth:`cancel_epoch` and the ``workers`` attribute is
     called on the loop's own thread: ``submit`` (from the pool core running
-    on that loop, or hopped there by the asyncio backend) creates one task
-    per item at once; the last item of a chunk to end delivers the chunk's
-    result to ``deliver``, on the loop's thread. Items get no wrapping task
-    per chunk and no ``gather``: on trivial coroutines those were most of
-    the cost.
+    on that loop, or hopped there by the asyncio backend) queues the chunk's
+    items; each starts as a task of its own when one of ``workers`` places
+    is free, in input order. The last item of a chunk to end delivers the
+    chunk's result to ``deliver``, on the loop's thread.
 
-    Invariant: ``_running`` holds the item tasks of every chunk started and
-    not yet delivered; ``on_idle`` (if given) is called each time it becomes
-    empty.
+    Items wait in a queue of the engine's, not as tasks blocked on a
+    semaphore: the pool core keeps two chunks per worker in flight, and a
+    thousand tasks queued on one semaphore cost a future and an extra
+    wake-up each (on trivial coroutines that was most of the time).
+
+    Invariant: ``_running`` holds every chunk submitted and not yet
+    delivered; ``_active`` counts started item tasks not yet ended (at most
+    ``workers``); ``on_idle`` (if given) is called each time ``_running``
+    becomes empty.
     """
 
     name: ClassVar[str] = "asyncio"
@@ -136,10 +160,9 @@ class CoroutineEngine:
         self._deliver = deliver
         self._on_idle = on_idle
         self._flag = CancelFlag()
-        # Made here, bound to the loop on first use (Python >= 3.10), so the
-        # asyncio backend can build the engine before its loop thread runs.
-        self._semaphore = asyncio.Semaphore(workers)
-        self._running: dict[Chunk, list[asyncio.Task[Outcome]]] = {}
+        self._running: dict[Chunk, _Running] = {}
+        self._queue: deque[tuple[_Running, int]] = deque()  # items not started yet
+        self._active = 0
         self._init_error: BaseException | None = None
 
     async def initialize(self, initializer: Callable[..., Any], initargs: tuple[Any, ...]) -> None:
@@ -156,87 +179,107 @@ class CoroutineEngine:
     def submit(self, chunk: Chunk) -> None:
         if not chunk.claim():
             return
-        started = time.perf_counter()
-        n = len(chunk)
         if self._init_error is not None:
             error = InitializerError.wrap(self._init_error)
-            self._deliver(ChunkResult(chunk, [(False, error)] * n, self.name, 0.0))
+            self._deliver(ChunkResult(chunk, [(False, error)] * len(chunk), self.name, 0.0))
             return
-        loop = asyncio.get_running_loop()
-        token = StopToken(self._flag, chunk.epoch)
-        spent = [0.0]  # the items' own seconds, added up (see _run_item)
-        tasks = [loop.create_task(self._run_item(chunk, i, token, spent)) for i in range(n)]
-        self._running[chunk] = tasks
-        left = [n]
-
-        def item_done(_: object) -> None:
-            left[0] -= 1
-            if left[0]:
-                return
-            outcomes = [_outcome(task) for task in tasks]
-            del self._running[chunk]
-            self._deliver(ChunkResult.of(chunk, outcomes, self.name, spent[0], started))
-            if not self._running and self._on_idle is not None:
-                self._on_idle()
-
-        for task in tasks:
-            task.add_done_callback(item_done)
+        state = _Running(chunk, StopToken(self._flag, chunk.epoch))
+        self._running[chunk] = state
+        self._queue.extend((state, i) for i in range(len(chunk)))
+        self._start()
 
     def cancel(self, epoch: int) -> None:
         """Cancel the chunks of epochs <= ``epoch``: their coroutines see ``CancelledError``."""
         self.cancel_epoch(epoch)
-        for chunk, tasks in self._running.items():
-            if chunk.epoch <= epoch:
-                for task in tasks:
-                    task.cancel()
+        self._cancel([s for s in self._running.values() if s.chunk.epoch <= epoch])
 
     def cancel_epoch(self, epoch: int) -> None:
         """Make ``should_stop()`` true for epochs <= ``epoch`` (any thread)."""
         self._flag.value = max(self._flag.value, epoch)
 
     def shutdown(self, *, wait: bool = True, kill: bool = False) -> None:
-        """``kill`` cancels every running chunk; otherwise they finish (see :meth:`drain`)."""
+        """``kill`` cancels every chunk; otherwise they finish (see :meth:`drain`)."""
         if kill:
-            for tasks in self._running.values():
-                for task in tasks:
-                    task.cancel()
+            self._cancel(list(self._running.values()))
 
     async def drain(self) -> None:
-        """Wait until every chunk started has ended (delivered or cancelled)."""
+        """Wait until every chunk submitted has ended (delivered or cancelled)."""
         while self._running:
-            await asyncio.wait([task for tasks in self._running.values() for task in tasks])
+            tasks = [task for state in self._running.values() for task in state.tasks]
+            if not tasks:  # only queued items of chunks not cancelled: cannot happen
+                break
+            await asyncio.wait(tasks)
 
     @property
     def idle(self) -> bool:
-        """True when no chunk is running."""
+        """True when no chunk is running or queued."""
         return not self._running
 
-    async def _run_item(
-        self, chunk: Chunk, position: int, token: StopToken, spent: list[float]
-    ) -> Outcome:
-        """One item, once a place among ``workers`` is free; its seconds go to ``spent``.
+    # -- running ------------------------------------------------------------------
+
+    def _cancel(self, states: list[_Running]) -> None:
+        for state in states:
+            state.cancelled = True
+            for task in state.tasks:
+                task.cancel()
+        # Their queued items never start: they end here, as cancelled.
+        kept: deque[tuple[_Running, int]] = deque()
+        for state, position in self._queue:
+            if state.cancelled:
+                self._ended(state, position, (False, CancelledError()))
+            else:
+                kept.append((state, position))
+        self._queue = kept
+
+    def _start(self) -> None:
+        queue = self._queue
+        loop = asyncio.get_running_loop()
+        while queue and self._active < self.workers:
+            state, position = queue.popleft()
+            task = loop.create_task(self._run_item(state, position))
+            self._active += 1
+            state.tasks.add(task)
+            task.add_done_callback(functools.partial(self._task_done, state, position))
+
+    def _task_done(self, state: _Running, position: int, task: asyncio.Task[Outcome]) -> None:
+        self._active -= 1
+        state.tasks.discard(task)
+        self._ended(state, position, _outcome(task))
+        self._start()
+
+    def _ended(self, state: _Running, position: int, outcome: Outcome) -> None:
+        state.outcomes[position] = outcome
+        state.left -= 1
+        if state.left:
+            return
+        chunk = state.chunk
+        del self._running[chunk]
+        self._deliver(ChunkResult.of(chunk, state.outcomes, self.name, state.spent, state.started))
+        if not self._running and self._on_idle is not None:
+            self._on_idle()
+
+    async def _run_item(self, state: _Running, position: int) -> Outcome:
+        """One item; its seconds go to its chunk's ``spent``.
 
         A chunk's busy time is the sum of its items' own seconds (from their
-        start, not their chunk's: 200 chunks queued on a loop would otherwise
+        start, not their chunk's: chunks queued on a loop would otherwise
         each seem to take the whole queue's time). Summed over overlapping
         coroutines it can exceed the wall time: that ratio is how many
         waited at once (``actual_speedup`` in ``pool.stats()``), and per
         item it tells the chunk sizer which coroutines are trivial enough
         to group.
         """
+        chunk = state.chunk
         args = chunk.args[position]
         if not chunk.star:
             args = (args,)
         kwargs = chunk.kwargs[position] if chunk.kwargs else NO_KWARGS
-        async with self._semaphore:
-            t0 = time.perf_counter()
-            try:
-                with running(token):
-                    return await call(
-                        chunk.fn, args, kwargs, chunk.timeout_s, chunk.indices[position]
-                    )
-            finally:
-                spent[0] += time.perf_counter() - t0
+        t0 = time.perf_counter()
+        try:
+            with running(state.token):
+                return await call(chunk.fn, args, kwargs, chunk.timeout_s, chunk.indices[position])
+        finally:
+            state.spent += time.perf_counter() - t0
 
 
 def _outcome(task: asyncio.Task[Outcome]) -> Outcome:
