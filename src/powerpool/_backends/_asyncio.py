@@ -13,6 +13,7 @@ the caller's own loop.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import threading
 from concurrent.futures import CancelledError
 from typing import ClassVar
@@ -67,9 +68,9 @@ class AsyncioBackend:
 
     def cancel(self, epoch: int) -> None:
         self._engine.cancel_epoch(epoch)  # should_stop() turns true at once, from this thread
-        with self._submit_lock:
-            if not self._loop.is_closed():
-                self._loop.call_soon_threadsafe(self._engine.cancel, epoch)
+        # A closed loop has nothing left to cancel (it may close between check and call).
+        with self._submit_lock, contextlib.suppress(RuntimeError):
+            self._loop.call_soon_threadsafe(self._engine.cancel, epoch)
 
     def shutdown(self, *, wait: bool = True, kill: bool = False) -> None:
         with self._submit_lock:  # no submit slips in between: it would never run
