@@ -327,6 +327,23 @@ def test_amap_writes_a_report(tmp_path: Any) -> None:
     assert json.loads(text)  # a readable report, written as the run ended
 
 
+def test_report_of_amap_draws_chunks_within_the_run() -> None:
+    """Chunks of overlapping coroutines (a fixed chunksize) are drawn where they ran."""
+
+    async def main(pool: pp.Pool) -> list[float]:
+        return await pool.amap(async_sleep, [0.1] * 8, chunksize=4, report=True)
+
+    with pp.Pool("asyncio", workers=8) as pool:
+        assert asyncio.run(main(pool)) == [0.1] * 8
+        report = pool.last_report
+    assert report is not None
+    assert sorted(i for span in report.spans for i in span.indices) == list(range(8))
+    for span in report.spans:
+        assert span.worker == "asyncio"
+        assert span.end_s - span.start_s >= 0.09  # it waited ~0.1 s...
+        assert span.end_s <= report.wall_s + 0.05  # ...and is not drawn past the run
+
+
 def test_coroutines_run_on_the_callers_loop_and_thread() -> None:
     seen: list[tuple[Any, int]] = []
 

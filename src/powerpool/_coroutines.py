@@ -115,7 +115,8 @@ class _Running:
     def __init__(self, chunk: Chunk, token: StopToken) -> None:
         self.chunk = chunk
         self.token = token
-        self.started = time.perf_counter()
+        self.started = 0.0
+        """When its first item started (0.0: none yet)."""
         self.outcomes: list[Outcome] = [(True, None)] * len(chunk)  # each set as it ends
         self.left = len(chunk)
         self.spent = 0.0
@@ -254,7 +255,12 @@ class CoroutineEngine:
             return
         chunk = state.chunk
         del self._running[chunk]
-        self._deliver(ChunkResult.of(chunk, state.outcomes, self.name, state.spent, state.started))
+        # Items of one chunk that overlapped (a fixed chunksize of waiting
+        # coroutines) count no more than the chunk's own span, so a report's
+        # timeline never draws a chunk past its end.
+        span_s = time.perf_counter() - state.started if state.started else 0.0
+        busy_s = min(state.spent, span_s)
+        self._deliver(ChunkResult.of(chunk, state.outcomes, self.name, busy_s, state.started))
         if not self._running and self._on_idle is not None:
             self._on_idle()
 
@@ -262,12 +268,12 @@ class CoroutineEngine:
         """One item; its seconds go to its chunk's ``spent``.
 
         A chunk's busy time is the sum of its items' own seconds (from their
-        start, not their chunk's: chunks queued on a loop would otherwise
-        each seem to take the whole queue's time). Summed over overlapping
-        coroutines it can exceed the wall time: that ratio is how many
-        waited at once (``actual_speedup`` in ``pool.stats()``), and per
-        item it tells the chunk sizer which coroutines are trivial enough
-        to group.
+        start, not the chunk's submission: chunks queued in the engine would
+        otherwise each seem to take the whole queue's time). Summed over
+        chunks of overlapping coroutines it exceeds the wall time: that
+        ratio is how many waited at once (``actual_speedup`` in
+        ``pool.stats()``), and per item it tells the chunk sizer which
+        coroutines are trivial enough to group.
         """
         chunk = state.chunk
         args = chunk.args[position]
@@ -275,6 +281,8 @@ class CoroutineEngine:
             args = (args,)
         kwargs = chunk.kwargs[position] if chunk.kwargs else NO_KWARGS
         t0 = time.perf_counter()
+        if not state.started:
+            state.started = t0
         try:
             with running(state.token):
                 return await call(chunk.fn, args, kwargs, chunk.timeout_s, chunk.indices[position])
