@@ -789,6 +789,26 @@ def test_asyncio_backend_cancel_stops_a_running_map() -> None:
     pool.shutdown()
 
 
+def test_cancelling_pool_amap_of_a_plain_function_stops_only_that_run() -> None:
+    """On the caller's own pool, cancelling stops feeding that run; the pool keeps working."""
+
+    async def main(pool: pp.Pool) -> None:
+        task = asyncio.create_task(pool.amap(blocking_sleep, [0.2] * 20))
+        await asyncio.sleep(0.1)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+
+    with pp.Pool("threads", workers=2) as pool:
+        asyncio.run(main(pool))
+        deadline = time.monotonic() + 10
+        while not pool.idle() and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert pool.idle()  # the run ended; its items in flight finished
+        assert pool.stats().items_done < 20  # the rest never started
+        assert pool.map(square, range(3)) == [0, 1, 4]
+
+
 # -- as a user would: Ctrl-C -----------------------------------------------------
 
 _CTRL_C_SCRIPT = """
