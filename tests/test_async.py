@@ -759,6 +759,42 @@ def test_asyncio_backend_bounds_coroutines_in_flight() -> None:
     assert 1 <= counter.peak <= 3
 
 
+def test_cancelled_coroutines_see_should_stop() -> None:
+    """The engine makes each item's stop token current in its own task."""
+    seen: list[bool] = []
+
+    async def watches(x: int) -> int:
+        assert not pp.should_stop()
+        try:
+            await asyncio.sleep(10)
+        except asyncio.CancelledError:
+            seen.append(pp.should_stop())
+            raise
+        return x
+
+    pool = pp.Pool("asyncio", workers=4)
+    errors: list[BaseException] = []
+
+    def target() -> None:
+        try:
+            pool.map(watches, [1, 2])
+        except BaseException as exc:  # inspected below
+            errors.append(exc)
+
+    thread = threading.Thread(target=target)
+    thread.start()
+    deadline = time.monotonic() + 10
+    while pool.idle() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    time.sleep(0.1)
+    pool.cancel()
+    thread.join(10)
+    pool.shutdown()
+    assert seen == [True, True]
+    assert [type(e) for e in errors] == [CancelledError]
+    assert not pp.should_stop()  # the caller's own context never had a token
+
+
 def test_asyncio_pool_submit() -> None:
     with pp.Pool("asyncio") as pool:
         assert pool.submit(async_square, 7).result(timeout=10) == 49

@@ -42,7 +42,7 @@ from concurrent.futures import CancelledError
 from typing import Any, ClassVar, TypeVar
 
 from ._errors import InitializerError, ItemTimeoutError
-from ._stop import CancelFlag, StopToken, running
+from ._stop import CancelFlag, StopToken, use
 from ._task import NO_KWARGS, Chunk, ChunkResult, Outcome
 
 __all__ = ["CoroutineEngine", "LoopInbox", "call", "close_loop", "run_private"]
@@ -283,9 +283,9 @@ class CoroutineEngine:
         t0 = time.perf_counter()
         if not state.started:
             state.started = t0
+        use(state.token)  # this task's own context (see _stop.use)
         try:
-            with running(state.token):
-                return await call(chunk.fn, args, kwargs, chunk.timeout_s, chunk.indices[position])
+            return await call(chunk.fn, args, kwargs, chunk.timeout_s, chunk.indices[position])
         finally:
             state.spent += time.perf_counter() - t0
 

@@ -17,7 +17,7 @@ from contextlib import contextmanager
 from contextvars import ContextVar
 from typing import Protocol
 
-__all__ = ["CancelFlag", "StopToken", "running", "should_stop"]
+__all__ = ["CancelFlag", "StopToken", "running", "should_stop", "use"]
 
 
 class _HasValue(Protocol):
@@ -77,3 +77,13 @@ def running(token: StopToken) -> Iterator[None]:
         yield
     finally:
         _current.reset(reset)
+
+
+def use(token: StopToken) -> None:
+    """Make ``token`` current for the rest of this context, without a block.
+
+    For an asyncio task only: it runs in a copy of the context made for it
+    and dropped with it, so nothing needs resetting, and the engine saves a
+    ``with running(...)`` per coroutine.
+    """
+    _current.set(token)
