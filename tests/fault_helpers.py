@@ -310,6 +310,52 @@ def array_or_two_arg_error(x: int) -> Any:
     return np.arange(x)
 
 
+WORKER_ONLY_MODULE = "powerpool_test_worker_only"
+"""A module that only the worker that returned BAD's result has (never the caller)."""
+
+
+def return_worker_only_class(x: int) -> Any:
+    """For BAD, a result that loads in the worker and not in the caller: an
+    instance (nested in a dict and a list) of a class whose module exists only
+    in the worker; the next item shares a list with it."""
+    if x == BAD + 1:
+        return ("neighbour", x * x)
+    if x != BAD:
+        return x * x
+    import types
+
+    module = sys.modules.get(WORKER_ONLY_MODULE)
+    if module is None:
+        module = types.ModuleType(WORKER_ONLY_MODULE)
+        exec("class Thing:\n    def __init__(self, x):\n        self.x = x\n", module.__dict__)
+        sys.modules[WORKER_ONLY_MODULE] = module
+    return {"nested": [module.Thing(x)]}
+
+
+class LoadsOnlyInWorkers:
+    """Pickles anywhere; loading it raises in the caller (a process that has no
+    ``multiprocessing`` parent) and works in a worker process."""
+
+    def __init__(self, x: int) -> None:
+        self.x = x
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (_load_only_in_workers, (self.x,))
+
+
+def _load_only_in_workers(x: int) -> LoadsOnlyInWorkers:
+    import multiprocessing
+
+    if multiprocessing.parent_process() is None:
+        raise RuntimeError("this value loads only in a worker process")
+    return LoadsOnlyInWorkers(x)
+
+
+def return_loads_only_in_workers(x: int) -> Any:
+    """For BAD, a result whose reconstruction raises only in the caller."""
+    return (x, LoadsOnlyInWorkers(x)) if x == BAD else x * x
+
+
 # -- large data ----------------------------------------------------------------
 
 

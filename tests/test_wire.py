@@ -7,7 +7,8 @@ backend, so each test runs on the process engine and on a Dask cluster.
 from __future__ import annotations
 
 import importlib.util
-import pickle
+import io
+import sys
 import threading
 from collections.abc import Iterator
 from typing import Any
@@ -18,7 +19,15 @@ import fault_helpers as fh
 import powerpool as pp
 from dask_cluster import DaskTestCluster, dask_helper_threads  # noqa: F401
 from powerpool import SerializationError
-from powerpool._backends._wire import FRAMED, OUTCOMES, VALUES, ShippedError, decode, encode
+from powerpool._backends._wire import (
+    FRAMED,
+    OUTCOMES,
+    VALUES,
+    SalvagingUnpickler,
+    ShippedError,
+    decode,
+    encode,
+)
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -51,7 +60,7 @@ def pool(
 
 
 def _kind(blob: bytes) -> str:
-    kind: str = pickle.loads(blob)[0]
+    kind: str = SalvagingUnpickler(io.BytesIO(blob)).load()[0]  # loads what loads
     return kind
 
 
@@ -84,27 +93,10 @@ def test_objects_that_load_travel_as_one_pickle() -> None:
     assert decode(blob, 10) == (None, values)
 
 
-def test_classes_that_loaded_once_are_trusted_and_bad_ones_never() -> None:
-    import decimal
-
-    from powerpool._backends import _wire
-
-    values = [decimal.Decimal(i) for i in range(5)]
-    _wire._TRUSTED.discard(decimal.Decimal)
-    assert _wire._checked(VALUES, values) == {decimal.Decimal}
-    assert _kind(encode(VALUES, values)) == VALUES
-    assert _wire._checked(VALUES, values) is None  # trusted from now on
-    assert _wire._checked(VALUES, [(1, values[0])]) == {tuple}  # containers: always checked
-    bad: list[Any] = [fh.TwoArgError(1, "x")]
-    for _ in range(2):
-        assert _kind(encode(VALUES, bad)) == FRAMED
-    assert fh.TwoArgError not in _wire._TRUSTED
-
-
-def test_a_result_that_will_not_load_again_is_framed_and_fails_alone() -> None:
+def test_a_result_that_will_not_load_again_fails_alone() -> None:
     values: list[Any] = [1, fh.TwoArgError(2, "as a result"), (3, [4])]
     blob = encode(VALUES, values)
-    assert _kind(blob) == FRAMED
+    assert _kind(blob) == VALUES  # one pickle: the caller salvages what loads
     outcomes, got = decode(blob, 3)
     assert got is None
     assert outcomes is not None
@@ -119,6 +111,7 @@ def test_a_result_that_will_not_load_again_is_framed_and_fails_alone() -> None:
 
 def test_a_result_that_will_not_pickle_fails_alone() -> None:
     blob = encode(VALUES, [1, threading.Lock(), 3])
+    assert _kind(blob) == FRAMED
     outcomes, _ = decode(blob, 3)
     assert outcomes is not None
     assert outcomes[0] == (True, 1)
@@ -130,7 +123,7 @@ def test_a_result_that_will_not_pickle_fails_alone() -> None:
 def test_outcomes_keep_their_errors_beside_an_unloadable_result() -> None:
     raised = ShippedError(ValueError("boom"))
     blob = encode(OUTCOMES, [(False, raised), (True, fh.TwoArgError(1, "x")), (True, 5)])
-    assert _kind(blob) == FRAMED
+    assert _kind(blob) == OUTCOMES
     outcomes, _ = decode(blob, 3)
     assert outcomes is not None
     ok, error = outcomes[0]
@@ -141,6 +134,76 @@ def test_outcomes_keep_their_errors_beside_an_unloadable_result() -> None:
     assert not outcomes[1][0]
     assert isinstance(outcomes[1][1], SerializationError)
     assert outcomes[2] == (True, 5)
+
+
+_GONE_SOURCE = """
+class Thing:
+    def __init__(self, x):
+        self.x = x
+
+class Items(list):
+    pass
+
+class Table(dict):
+    pass
+
+class Bag(set):
+    pass
+
+class Slotted:
+    __slots__ = ("x",)
+
+    def __init__(self, x):
+        self.x = x
+"""
+
+
+class _RefusesState:
+    """Loads until its state is set."""
+
+    def __init__(self) -> None:
+        self.x = 1
+
+    def __setstate__(self, state: Any) -> None:
+        raise ValueError("no state wanted")
+
+
+def test_every_way_a_value_fails_to_load_fails_only_the_items_holding_it(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import fractions
+    import types
+
+    gone = types.ModuleType("powerpool_test_gone")
+    exec(_GONE_SOURCE, gone.__dict__)
+    monkeypatch.setitem(sys.modules, "powerpool_test_gone", gone)
+    shared = [1, 2]
+    values: list[Any] = [
+        fractions.Fraction(1, 3),
+        gone.Thing(1),  # the class is gone (GLOBAL)
+        (shared, {"deep": [gone.Thing(2)]}),  # deep inside containers
+        gone.Items([1, 2]),  # a list subclass (APPENDS onto the marker)
+        gone.Table(a=1),  # a dict subclass (SETITEMS)
+        gone.Bag({1}),  # a set subclass
+        gone.Slotted(3),  # slots (BUILD's slot state)
+        _RefusesState(),  # __setstate__ raises (BUILD)
+        fh.TwoArgError(1, "x"),  # the constructor raises (REDUCE)
+        shared,  # shares an object with a failed item: still fine
+        {"ok": (1, "a")},
+    ]
+    blob = encode(VALUES, values)
+    monkeypatch.delitem(sys.modules, "powerpool_test_gone")
+    outcomes, _ = decode(blob, len(values))
+    assert outcomes is not None
+    failed = [i for i, (ok, _) in enumerate(outcomes) if not ok]
+    assert failed == [1, 2, 3, 4, 5, 6, 7, 8]
+    for i in failed[:6]:
+        assert "powerpool_test_gone" in str(outcomes[i][1]), outcomes[i]
+    assert "no state wanted" in str(outcomes[7][1])
+    assert "TypeError" in str(outcomes[8][1])
+    assert outcomes[0] == (True, fractions.Fraction(1, 3))
+    assert outcomes[9] == (True, [1, 2])
+    assert outcomes[10] == (True, {"ok": (1, "a")})
 
 
 def test_a_message_that_does_not_load_fails_every_item_of_its_chunk() -> None:
@@ -176,6 +239,31 @@ def test_unloadable_result_beside_a_raising_item(pool: pp.Pool) -> None:
     assert isinstance(results[fh.BAD + 1], fh.CustomError), results
     rest = [r for i, r in enumerate(results) if i not in (fh.BAD, fh.BAD + 1)]
     assert rest == [x * x for x in ITEMS if x not in (fh.BAD, fh.BAD + 1)]
+
+
+def test_a_class_only_the_worker_can_import_fails_only_its_item(pool: pp.Pool) -> None:
+    assert fh.WORKER_ONLY_MODULE not in sys.modules
+    results = pool.map(fh.return_worker_only_class, ITEMS, chunksize=8, errors="return")
+    error = results[fh.BAD]
+    assert isinstance(error, SerializationError), results
+    assert "could not be unpickled here" in str(error)
+    assert fh.WORKER_ONLY_MODULE in str(error)  # the original error: no such module here
+    assert results[fh.BAD + 1] == ("neighbour", (fh.BAD + 1) ** 2)
+    rest = [r for i, r in enumerate(results) if i not in (fh.BAD, fh.BAD + 1)]
+    assert rest == [x * x for x in ITEMS if x not in (fh.BAD, fh.BAD + 1)]
+
+
+def test_a_result_that_loads_in_workers_but_not_in_the_caller_fails_alone(
+    pool: pp.Pool,
+) -> None:
+    results = pool.map(fh.return_loads_only_in_workers, ITEMS, chunksize=8, errors="return")
+    assert isinstance(results[fh.BAD], SerializationError), results
+    assert "loads only in a worker process" in str(results[fh.BAD])
+    assert [r for i, r in enumerate(results) if i != fh.BAD] == [
+        x * x for x in ITEMS if x != fh.BAD
+    ]
+    with pytest.raises(SerializationError, match="loads only in a worker"):
+        pool.map(fh.return_loads_only_in_workers, ITEMS, chunksize=8)
 
 
 def test_arrays_survive_the_framing(pool: pp.Pool) -> None:

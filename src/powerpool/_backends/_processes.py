@@ -69,7 +69,7 @@ from ._shm import (
     send_fds,
     unpack,
 )
-from ._wire import unframe
+from ._wire import salvage, unframe
 from ._worker import (
     BARE,
     KEYWORDS,
@@ -855,9 +855,8 @@ def _decoder(
     def decode() -> tuple[list[Outcome] | None, list[Any] | None]:
         try:
             message = unpack(body, table, views)
-        except Exception as exc:  # loaded in the worker, not here (see _wire)
-            error = SerializationError(f"a result could not be unpickled here: {exc!r}")
-            return [(False, error)] * n_items, None
+        except Exception as exc:  # some item loaded in the worker, not here (see _wire)
+            return salvage(lambda: unpack(body, table, views, salvaging=True), exc, n_items), None
         return unframe(message)
 
     return decode

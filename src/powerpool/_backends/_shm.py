@@ -63,6 +63,8 @@ from collections.abc import Callable
 from multiprocessing.connection import Connection
 from typing import Any
 
+from ._wire import SalvagingUnpickler
+
 __all__ = [
     "COPY",
     "OUT_OF_BAND_BYTES",
@@ -360,12 +362,25 @@ def _libc() -> Any:
     return libc
 
 
-def unpack(inband: bytes, table: Table | None, views: list[memoryview]) -> Any:
-    """Rebuild a packed message from its in-band bytes and mapped buffers."""
-    if table is None:
+def unpack(
+    inband: bytes, table: Table | None, views: list[memoryview], *, salvaging: bool = False
+) -> Any:
+    """Rebuild a packed message from its in-band bytes and mapped buffers.
+
+    ``salvaging``: read it with ``_wire``'s unpickler that puts a marker
+    where a value fails to load, instead of raising (after a fast read failed).
+    """
+    in_band_buffers = (
+        None
+        if table is None
+        else [view for view, (kind, _) in zip(views, table) if kind == PICKLE_BUFFER]
+    )
+    if salvaging:
+        unpickler: Any = _SalvagingUnpickler(io.BytesIO(inband), buffers=in_band_buffers)
+    elif table is None:
         return pickle.loads(inband)
-    in_band_buffers = [view for view, (kind, _) in zip(views, table) if kind == PICKLE_BUFFER]
-    unpickler = _Unpickler(io.BytesIO(inband), buffers=in_band_buffers)
+    else:
+        unpickler = _Unpickler(io.BytesIO(inband), buffers=in_band_buffers)
     unpickler.table, unpickler.views = table, views
     return unpickler.load()
 
@@ -379,8 +394,22 @@ class _Unpickler(pickle.Unpickler):
     views: list[memoryview]
 
     def persistent_load(self, pid: Any) -> Any:
-        view = self.views[pid]
-        return bytes(view) if self.table[pid][0] == BYTES else bytearray(view)
+        return _from_segment(self.table, self.views, pid)
+
+
+class _SalvagingUnpickler(SalvagingUnpickler):
+    """:class:`_Unpickler`'s segments, read by ``_wire``'s salvaging rules."""
+
+    table: Table
+    views: list[memoryview]
+
+    def persistent_load(self, pid: Any) -> Any:
+        return _from_segment(self.table, self.views, pid)
+
+
+def _from_segment(table: Table, views: list[memoryview], pid: Any) -> bytes | bytearray:
+    view = views[pid]
+    return bytes(view) if table[pid][0] == BYTES else bytearray(view)
 
 
 def send_fds(conn: Connection, segments: list[Segment]) -> None:

@@ -1,36 +1,38 @@
-"""Results on their way back from a worker process, framed so that each item fails alone.
+"""Results on their way back from a worker process: each item fails alone.
 
 A chunk's results travel as one pickle, which the caller unpickles with one
 ``loads``: per item, that is what trivial work pays. But one result can fail
-to pickle in the worker (a lock), or pickle there and fail to unpickle again
-(an exception whose ``__init__`` takes other arguments than it pickles, an
-object whose ``__setstate__`` raises): in one pickle, that one item would
-fail the whole chunk. So the worker checks, and only when the check fails
-sends one pickle per item instead::
+to pickle in the worker (a lock), or pickle there and fail to unpickle in
+the caller: an exception whose ``__init__`` takes other arguments than it
+pickles, an object whose ``__setstate__`` raises, a class only the worker
+can import. In one pickle, that one item would fail the whole chunk, so::
 
     ("values", [r0, r1, ...])            every item succeeded          one loads
     ("outcomes", [(ok, value), ...])     some raised (ShippedError)    one loads
     ("framed", oks, item_blobs, ends)    the one pickle would not      a loads per item
-                                         pickle or would not load
+                                         pickle in the worker
 
-The check: results that are builtin scalars cannot fail either way (no
-imports, no constructors) and pass on a type scan (a C-level pass, about
-20 ns per item). A chunk holding anything else is unpickled once in the
-worker (in parallel, off the caller's path) before it is sent, and the
-classes in it (containers excepted) are trusted from then on: the first
-chunk of Fractions pays one extra ``loads``, the next ones only the scan;
-every chunk of tuples pays the ``loads`` (about 120 ns per 2-tuple).
-``item_blobs`` holds the items' pickles end to end (``ends`` says where each
-ends): an item that will not pickle is replaced by a ``SerializationError``
-in the worker, one that will not load becomes one in the caller, and its
-neighbours keep their results.
+*Won't pickle* is found in the worker (pickling raises) and only then is
+the chunk sent framed: one pickle per item, an item that will not pickle
+replaced by a ``SerializationError``.
 
-Two cases are left to the caller's generic error, which fails the chunk: a
-result that loads in the worker but not in the caller (a class the worker can
-import and the caller cannot), and an instance of a trusted class that fails
-to load when its neighbours of the same class did. Catching those would mean
-one pickle per item on every chunk of objects: about three times the
-worker's pickling time (measured: Fraction results, 4.5 us against 1.5 us).
+*Won't load* is found where it happens, in the caller: when the one fast
+``loads`` raises, :func:`salvage` reads the same bytes again with
+:class:`SalvagingUnpickler`, which builds a :class:`Broken` marker wherever
+a class cannot be found or a constructor, ``__reduce__`` callable or
+``__setstate__`` raises, and goes on; the items that hold a marker fail
+with a ``SerializationError`` naming the original error, their neighbours
+keep their results. Why this and not one pickle per item on every chunk
+(the per-item framing the worker used to fall back to): it costs nothing
+until something fails. Measured on 200 000 results with warm pools (see
+/work/notes/wire.md): one pickle per result doubles the caller's ``loads``
+of small containers (a ``loads`` call per item, and each item's pickle
+names its class again), where the salvaging read is paid only by a chunk
+that failed, in pure Python (~20x a C ``loads``, rare by definition). It
+also removed the worker's check-load that the previous design paid on
+every chunk of containers or new classes. The price: a chunk that fails is
+unpickled twice, so constructors of the items before the bad one run twice
+in the caller.
 
 The same rules serve both out-of-process backends (the process workers and
 the Dask workers), so a result behaves the same wherever it was computed.
@@ -38,9 +40,13 @@ the Dask workers), so a result behaves the same wherever it was computed.
 
 from __future__ import annotations
 
+import gc
+import io
 import pickle
 import traceback
+import types
 from array import array
+from collections.abc import Callable
 from typing import Any, Final
 
 from .._errors import RemoteTraceback, SerializationError
@@ -52,10 +58,13 @@ __all__ = [
     "OUTCOMES",
     "VALUES",
     "ShippedError",
+    "Broken",
+    "SalvagingUnpickler",
     "decode",
     "encode",
     "format_error",
-    "frame",
+    "framed",
+    "salvage",
     "unframe",
 ]
 
@@ -117,84 +126,25 @@ VALUES: Final = "values"
 OUTCOMES: Final = "outcomes"
 FRAMED: Final = "framed"
 
-_SCALARS: Final = frozenset({int, float, str, bytes, bool, type(None), complex})
-"""Types whose pickles cannot fail to load anywhere (no import, no constructor)."""
-_TRUSTED: set[type] = set()
-"""Classes whose values were sent and loaded again in this process: checked once,
-trusted after (a class that fails to load, like an exception whose ``__init__``
-takes other arguments than it pickles, fails every time and is never added)."""
-
-MAX_TRUSTED = 1024
-"""Bound on ``_TRUSTED``: a program minting classes at run time must not grow it
-without end; past it, new classes are simply checked every time."""
-
-_CONTAINERS: Final = frozenset({tuple, list, dict, set, frozenset})
-"""Never trusted: what they hold varies from one value to the next."""
-
-_ALWAYS: Final = frozenset({object})
-"""Chunks with failed items are always checked (errors are rare, and often odd)."""
-
-
-def _checked(kind: str, results: list[Any]) -> frozenset[type] | None:
-    """The classes to check by loading the chunk again, or None when it is safe as is.
-
-    Safe: every value a builtin scalar or of a trusted class. The test is a
-    C-level pass (``map(type, ...)`` into a frozenset), about 20 ns per item,
-    in the worker. Containers are checked by loading instead: scanning what
-    they hold costs more than loading them (measured on 2-tuples: 220 ns
-    against 120 ns per item).
-    """
-    if kind != VALUES:
-        return _ALWAYS
-    kinds = frozenset(map(type, results))
-    return None if kinds <= _SCALARS or kinds <= _SCALARS | _TRUSTED else kinds
-
-
-def _trust(kinds: frozenset[type]) -> None:
-    if len(_TRUSTED) < MAX_TRUSTED:
-        _TRUSTED.update(kinds - _CONTAINERS - _ALWAYS)
-
-
-def frame(kind: str, results: list[Any], pickled: bytes | None = None) -> tuple[Any, ...]:
-    """Worker side: the message for a chunk's results, to pickle as one object.
-
-    ``kind`` is ``"values"`` (every item succeeded: ``results`` are the
-    values) or ``"outcomes"`` (``(ok, value)`` pairs, failed ones already
-    carried by ``ShippedError``). For a backend with its own pickler (shared
-    memory for large buffers): ``pickled`` is ``(kind, results)`` already
-    pickled, when the caller has it, so the check need not pickle it again.
-    The message is ``(kind, results)`` itself unless it had to be framed.
-    """
-    message = (kind, results)
-    kinds = _checked(kind, results)
-    if kinds is None:
-        return message
-    try:
-        pickle.loads(pickled if pickled is not None else dumps(message))
-    except Exception:
-        return _framed(kind, results)  # some item will not pickle, or not load again
-    _trust(kinds)
-    return message
 
 
 def encode(kind: str, results: list[Any]) -> bytes:
-    """Worker side: the message of :func:`frame`, pickled (once)."""
+    """Worker side: the message for a chunk's results, pickled once.
+
+    ``kind`` is ``"values"`` (every item succeeded: ``results`` are the
+    values) or ``"outcomes"`` (``(ok, value)`` pairs, failed ones already
+    carried by ``ShippedError``). Framed one pickle per item only when the
+    one pickle fails (some item will not pickle).
+    """
     try:
-        blob = dumps((kind, results))
+        return dumps((kind, results))
     except Exception:
-        return dumps(_framed(kind, results))  # some item will not pickle
-    kinds = _checked(kind, results)
-    if kinds is not None:
-        try:
-            pickle.loads(blob)
-        except Exception:
-            return dumps(_framed(kind, results))  # some item will not load again
-        _trust(kinds)
-    return blob
+        return dumps(framed(kind, results))
 
 
-def _framed(kind: str, results: list[Any]) -> tuple[Any, ...]:
-    """One pickle per item, end to end; an item that will not pickle fails alone."""
+def framed(kind: str, results: list[Any]) -> tuple[Any, ...]:
+    """The message with one pickle per item, end to end, for a chunk whose one
+    pickle failed: an item that will not pickle fails alone."""
     if kind == VALUES:
         oks, values = [True] * len(results), list(results)
     else:
@@ -223,9 +173,8 @@ def decode(body: bytes, n_items: int) -> tuple[list[Outcome] | None, list[Any] |
     """Caller side: ``(outcomes, None)``, or ``(None, values)`` when every item succeeded."""
     try:
         message = pickle.loads(body)
-    except Exception as exc:  # loaded in the worker, not here (see the module's docstring)
-        error = SerializationError(f"a result could not be unpickled here: {exc!r}")
-        return [(False, error)] * n_items, None
+    except Exception as exc:  # some item loaded in the worker, not here
+        return salvage(lambda: SalvagingUnpickler(io.BytesIO(body)).load(), exc, n_items), None
     return unframe(message)
 
 
@@ -246,10 +195,183 @@ def unframe(message: tuple[Any, ...]) -> tuple[list[Outcome] | None, list[Any] |
         try:
             outcomes.append((ok, pickle.loads(view[start:end])))
         except Exception as exc:
-            what = "result" if ok else "exception"
-            error = SerializationError(
-                f"the {what} of this item could not be unpickled here: {type(exc).__name__}: {exc}"
-            )
-            outcomes.append((False, error))
+            outcomes.append((False, _unloadable(ok, exc)))
         start = end
     return outcomes, None
+
+
+def _unloadable(ok: bool, exc: BaseException) -> SerializationError:
+    what = "result" if ok else "exception"
+    return SerializationError(
+        f"the {what} of this item could not be unpickled here: {type(exc).__name__}: {exc}"
+    )
+
+
+# -- salvaging a message that failed to load ------------------------------------------
+
+
+class Broken:
+    """Stands where a value failed to load, with the error; whatever holds it fails.
+
+    Calling it (it may stand for a class or a function that could not be
+    imported) gives itself, so the reconstruction goes on around it.
+    """
+
+    __slots__ = ("error",)
+
+    def __init__(self, error: BaseException) -> None:
+        self.error = error
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Broken:
+        return self
+
+    def __repr__(self) -> str:
+        return f"<unloadable: {type(self.error).__name__}: {self.error}>"
+
+
+def _call(func: Any, args: Any, kwargs: Any) -> Any:
+    """``func(*args, **kwargs)``, or the Broken marker that stands for it."""
+    if isinstance(func, Broken):
+        return func
+    for arg in args:
+        if isinstance(arg, Broken):
+            return arg
+    try:
+        return func(*args, **kwargs)
+    except Exception as exc:
+        return Broken(exc)
+
+
+_Base: Any = pickle._Unpickler  # type: ignore[attr-defined]
+"""The pure-Python unpickler (private, but stable since Python 3.0 and what dill
+subclasses): its opcode table can be amended, the C one's cannot."""
+
+
+class SalvagingUnpickler(_Base):  # type: ignore[misc]
+    """Unpickles what it can: a value that fails to load becomes a :class:`Broken`.
+
+    Every opcode that imports or runs user code is replaced by one that
+    catches the error (imports: ``find_class``; calls: REDUCE, NEWOBJ,
+    NEWOBJ_EX, OBJ, INST; state and items: BUILD, APPEND(S), SETITEM(S),
+    ADDITEMS) and leaves the stack as the opcode would, with the marker in
+    place of the value it would have built. Only for a message whose fast
+    ``loads`` failed: it is ~20x slower.
+    """
+
+    dispatch = dict(_Base.dispatch)
+
+    def find_class(self, module: str, name: str) -> Any:
+        try:
+            return super().find_class(module, name)
+        except Exception as exc:
+            return Broken(exc)
+
+    def _reduce(self) -> None:
+        stack = self.stack
+        args = stack.pop()
+        stack[-1] = _call(stack[-1], args, {})
+
+    def _newobj(self) -> None:
+        args = self.stack.pop()
+        cls = self.stack.pop()
+        self.append(_call(cls.__new__, (cls, *args), {}))
+
+    def _newobj_ex(self) -> None:
+        kwargs = self.stack.pop()
+        args = self.stack.pop()
+        cls = self.stack.pop()
+        self.append(_call(cls.__new__, (cls, *args), kwargs))
+
+    def _instantiate(self, klass: Any, args: list[Any]) -> None:
+        if isinstance(klass, Broken):
+            self.append(klass)
+            return
+        try:
+            super()._instantiate(klass, args)
+        except Exception as exc:
+            self.append(Broken(exc))
+
+    def _onto_top(self, load: Any, marked: bool = False) -> None:
+        """Run ``load``, which changes the object at the top of the stack (after
+        popping a mark, when ``marked``); a failure leaves a Broken there."""
+        depth = len(self.metastack)
+        try:
+            load(self)
+        except Exception as exc:
+            if marked and len(self.metastack) == depth:  # failed before popping the mark
+                self.pop_mark()
+            if not isinstance(self.stack[-1], Broken):  # else keep the first error
+                self.stack[-1] = Broken(exc)
+
+    def _build(self) -> None:
+        stack = self.stack
+        if isinstance(stack[-2], Broken):
+            stack.pop()
+        elif isinstance(stack[-1], Broken):
+            stack[-2] = stack.pop()
+        else:
+            self._onto_top(_Base.load_build)
+
+    dispatch[pickle.REDUCE[0]] = _reduce
+    dispatch[pickle.NEWOBJ[0]] = _newobj
+    dispatch[pickle.NEWOBJ_EX[0]] = _newobj_ex
+    dispatch[pickle.BUILD[0]] = _build
+    for _code, _load, _marked in (
+        (pickle.APPEND, _Base.load_append, False),
+        (pickle.APPENDS, _Base.load_appends, True),
+        (pickle.SETITEM, _Base.load_setitem, False),
+        (pickle.SETITEMS, _Base.load_setitems, True),
+        (pickle.ADDITEMS, _Base.load_additems, True),
+    ):
+        dispatch[_code[0]] = lambda self, load=_load, marked=_marked: self._onto_top(load, marked)
+    del _code, _load, _marked
+
+
+def salvage(load: Callable[[], Any], error: BaseException, n_items: int) -> list[Outcome]:
+    """Caller side: the outcomes of a message whose fast ``loads`` raised ``error``.
+
+    ``load`` unpickles the same bytes with a :class:`SalvagingUnpickler`.
+    Items that hold a :class:`Broken` marker fail alone; if even that read
+    fails, or finds nothing broken, every item fails with ``error``.
+    """
+    try:
+        message = load()
+        kind = message[0]
+        items = message[1]
+        if kind not in (VALUES, OUTCOMES) or len(items) != n_items:
+            raise ValueError(f"not a message of {n_items} results")
+        outcomes: list[Outcome] = [
+            (True, item) for item in items
+        ] if kind == VALUES else list(items)
+        found = False
+        for i, (ok, value) in enumerate(outcomes):
+            broken = _find_broken(value)
+            if broken is not None:
+                outcomes[i] = (False, _unloadable(ok, broken.error))
+                found = True
+        if found:
+            return outcomes
+    except Exception:
+        pass
+    generic = SerializationError(f"a result could not be unpickled here: {error!r}")
+    return [(False, generic)] * n_items
+
+
+_OPAQUE = (type, types.ModuleType, types.FunctionType, types.BuiltinFunctionType, str, bytes)
+"""Not searched for markers: what they refer to was not built from the message."""
+
+
+def _find_broken(value: Any) -> Broken | None:
+    """The first Broken marker reachable from ``value`` (its containers, attributes,
+    slots: whatever the garbage collector can see), or None."""
+    seen: set[int] = set()
+    todo = [value]
+    while todo:
+        obj = todo.pop()
+        if isinstance(obj, Broken):
+            return obj
+        if id(obj) in seen or isinstance(obj, _OPAQUE):
+            continue
+        seen.add(id(obj))
+        todo.extend(gc.get_referents(obj))
+    return None

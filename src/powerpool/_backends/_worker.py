@@ -18,7 +18,8 @@ the small first one; the results are unpickled by the consumer's thread)::
     [descriptors of result segments, when info["table"] is given]
     pickle(("values", [result, ...]))                 every item succeeded, or
     pickle(("outcomes", [(ok, value | ShippedError)])), or
-    pickle(("framed", ...))                           one pickle per item (see _wire)
+    pickle(("framed", ...))                           one pickle per item, when the one
+                                                      pickle failed (see _wire)
 
 ``info`` is a dict: "table" (large result buffers in shared memory, see
 _shm), "timing" (when ``traced``: see _recorder.WorkerTiming), "retire" and
@@ -68,7 +69,7 @@ from .._system import set_worker_cores
 from .._task import Outcome
 from ._recycle import Budget, Limits, rss_bytes
 from ._shm import Packed, map_fds, pack, receive_fds, send_fds, unpack
-from ._wire import ShippedError, encode, frame
+from ._wire import ShippedError, encode
 from ._worker_logs import forward_to_parent
 
 __all__ = [
@@ -396,28 +397,16 @@ def _run_chunk(
 
 
 def _pack_results(kind: str, results: list[Any], items: int) -> Packed:
-    """The results framed by _wire's rules, large buffers in shared memory; if
-    that fails, in-band only (where an item that won't pickle fails alone)."""
+    """The results as one pickle, large buffers in shared memory; if that fails,
+    in-band only, framed so that an item that won't pickle fails alone (see
+    _wire: one that won't load in the caller is found there)."""
     shipped = results
     if kind == "outcomes":
         shipped = [(ok, value if ok else ShippedError.capture(value)) for ok, value in results]
     try:
-        packed = pack((kind, shipped), items=items)
-        # All in-band (the common case): _wire checks these very bytes.
-        message = frame(kind, shipped, packed.inband if packed.table is None else None)
-        if message[0] != kind:  # framed: one pickle per item (this packed's segments close)
-            packed = pack(message, items=items)
-        return packed
+        return pack((kind, shipped), items=items)
     except Exception:  # an item's result won't pickle: find it, fail it alone
-        return Packed(_dump_results(kind, results), None, [])
-
-
-def _dump_results(kind: str, results: list[Any]) -> bytes:
-    """Pickle the results so that an item whose result or error won't pickle here,
-    or won't unpickle again, fails alone (see _wire)."""
-    if kind == "outcomes":
-        results = [(ok, value if ok else ShippedError.capture(value)) for ok, value in results]
-    return encode(kind, results)
+        return Packed(encode(kind, shipped), None, [])
 
 
 NATIVE_LIBRARY_MODULES = ("numpy", "scipy", "torch", "sklearn")
