@@ -14,7 +14,9 @@ import itertools
 import os
 import signal
 import sys
+import threading
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -356,3 +358,35 @@ def test_more_buffers_than_one_message_can_pass() -> None:
         ones = pool.map(np.ones, [40_000] * 300, chunksize=300)
     assert [s for s, _, _ in sums] == [40_000.0 * i for i in range(300)]
     assert all(o.sum() == 40_000 for o in ones)
+
+
+def test_big_bytes_results_are_piped_into_the_result_itself() -> None:
+    import multiprocessing
+
+    values: list[Any] = [bytes(BIG * 8), bytearray(b"x" * BIG * 8), np.ones(BIG)]
+    packed = _shm.pack(("values", values), items=3, pipe_bytes=True)
+    assert packed.table is not None
+    assert [kind for kind, _ in packed.table] == [
+        _shm.PIPED_BYTES,
+        _shm.PIPED_BYTEARRAY,
+        _shm.PICKLE_BUFFER,
+    ]
+    assert len(packed.segments) == 1  # the array only
+    sender, receiver = multiprocessing.Pipe()
+    try:
+        thread = threading.Thread(target=_shm.send_buffers, args=(sender, packed))
+        thread.start()
+        received = _shm.receive_buffers(receiver, packed.table, _shm.OWN)
+        thread.join(timeout=30)
+    finally:
+        sender.close()
+        receiver.close()
+    _, got = _shm.unpack(packed.inband, packed.table, received)
+    assert got[0] is received[0]  # read from the pipe into the result: no copy
+    assert got[1] is received[1]
+    assert type(got[1]) is bytearray
+    assert got[:2] == values[:2]
+    assert np.array_equal(got[2], values[2])
+    assert got[2].flags.writeable
+    del packed, received, got
+    assert not _memfds(maps=True)

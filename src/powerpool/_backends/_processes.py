@@ -63,9 +63,8 @@ from ._shm import (
     Packed,
     ScopeCache,
     Table,
-    map_fds,
     pack,
-    receive_fds,
+    receive_buffers,
     send_fds,
     unpack,
 )
@@ -611,11 +610,11 @@ class ProcessBackend:
                 self._forward_logs(worker, header[1], header[2])
                 return True
             info: dict[str, Any] = header[2] if len(header) > 2 else {}
-            views: list[memoryview] = []
+            views: list[Any] = []
             if header[0] != "init-error":
                 table = info.get("table")
                 if table is not None:
-                    views = map_fds(table, receive_fds(worker.conn, len(table)), OWN)
+                    views = receive_buffers(worker.conn, table, OWN)
                 body = worker.conn.recv_bytes()
         except (EOFError, OSError):
             worker.hung_up = True
@@ -628,7 +627,7 @@ class ProcessBackend:
         worker: _Worker,
         header: tuple[Any, ...],
         info: dict[str, Any],
-        views: list[memoryview],
+        views: list[Any],
         body: bytes,
     ) -> None:
         """Act on a chunk's results (or an initializer's failure) read by _receive."""
@@ -648,7 +647,7 @@ class ProcessBackend:
         self._throttle.chunk_done()
         ran = info.get("ran", len(chunk))
         decode = _decoder(body, info.get("table"), views, ran)
-        nbytes = len(body) + sum(view.nbytes for view in views)
+        nbytes = len(body) + sum(n for _, n in info.get("table") or ())
         if ran < len(chunk):
             self._resend_rest(chunk, ran, ChunkResult(chunk, None, decode=decode).outcomes)
             return
@@ -848,7 +847,7 @@ def _calling_convention(chunk: Chunk) -> int:
 
 
 def _decoder(
-    body: bytes, table: Table | None, views: list[memoryview], n_items: int
+    body: bytes, table: Table | None, views: list[Any], n_items: int
 ) -> Callable[[], tuple[list[Outcome] | None, list[Any] | None]]:
     """Unpickle a worker's results later, in the consumer's thread (see ChunkResult)."""
 

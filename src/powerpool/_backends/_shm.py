@@ -73,9 +73,13 @@ __all__ = [
     "Packed",
     "ScopeCache",
     "Segment",
+    "keep_freed_memory",
     "map_fds",
     "pack",
+    "receive_buffers",
     "receive_fds",
+    "segment_count",
+    "send_buffers",
     "send_fds",
     "unpack",
 ]
@@ -92,14 +96,32 @@ a second time to move big ``bytes``/``bytearray`` out of band. That pass
 calls Python once per object, so it is kept for messages made of a few big
 items, never for chunks of many small ones."""
 
+WORKER_MALLOC_KEEP_BYTES = 64 * 1024 * 1024
+"""Freed heap memory a worker process keeps for its next chunk instead of
+returning it to the kernel (glibc's ``M_TRIM_THRESHOLD``; allocations up to
+32 MB come from that heap, ``M_MMAP_THRESHOLD``). Fresh pages are what big
+data costs on a VM: touching a page the kernel just handed out costs
+~2-25 us here (measured: 7 ms per MB of fresh anonymous memory, 0.05 ms per
+MB of recycled heap). By default glibc returns a chunk's freed results and
+pickle buffers to the kernel, so every chunk of 1 MB results faulted all its
+pages in again (20 000 faults per 200 MB; 0 with this). The price: a worker's
+RSS stays up to this much above what it uses (what the chunk byte budget
+lets a chunk hold: max_inflight_bytes, 64 MB by default); only in workers,
+never in the caller's process."""
+
 MAX_FDS_PER_MESSAGE = 250
 """Descriptors per ``sendmsg`` (Linux refuses more than 253, SCM_MAX_FD)."""
 
-PICKLE_BUFFER, BYTES, BYTEARRAY = 0, 1, 2
-"""Kinds of out-of-band buffers: how the receiver rebuilds each one."""
+PICKLE_BUFFER, BYTES, BYTEARRAY, PIPED_BYTES, PIPED_BYTEARRAY = 0, 1, 2, 3, 4
+"""Kinds of out-of-band buffers: how the receiver rebuilds each one. The
+first three travel in segments; PIPED ones as messages of their own on the
+pipe, received straight into the object the receiver returns (results)."""
+
+_PIPED = (PIPED_BYTES, PIPED_BYTEARRAY)
 
 Table = tuple[tuple[int, int], ...]
-"""(kind, nbytes) per out-of-band buffer, in pickling order (one descriptor each)."""
+"""(kind, nbytes) per out-of-band buffer, in pickling order: segments' descriptors
+are passed first, in that order, then the piped buffers, in that order."""
 
 _PROTOCOL = 5
 _HAS_MEMFD = hasattr(os, "memfd_create")
@@ -146,6 +168,24 @@ def _write_all(fd: int, data: memoryview) -> None:
     while view:
         written = os.write(fd, view)
         view = view[written:]
+
+
+def keep_freed_memory() -> None:
+    """In a worker process: recycle freed heap memory (see WORKER_MALLOC_KEEP_BYTES).
+
+    glibc only (elsewhere, nothing to do); setting these also turns off
+    glibc's own moving thresholds, which is the point.
+    """
+    try:
+        libc = _libc()
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):
+        return
+    mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
+    mallopt.restype = ctypes.c_int
+    m_trim_threshold, m_mmap_threshold = -1, -3  # from glibc's malloc.h
+    mallopt(m_mmap_threshold, 32 * 1024 * 1024)  # glibc's maximum on 64-bit
+    mallopt(m_trim_threshold, WORKER_MALLOC_KEEP_BYTES)
 
 
 class ScopeCache:
@@ -196,20 +236,28 @@ class ScopeCache:
 class Packed:
     """A pickled message: the in-band bytes, and its out-of-band buffers."""
 
-    __slots__ = ("inband", "segments", "table")
+    __slots__ = ("inband", "piped", "segments", "table")
 
-    def __init__(self, inband: bytes, table: Table | None, segments: list[Segment]) -> None:
+    def __init__(
+        self,
+        inband: bytes,
+        table: Table | None,
+        segments: list[Segment],
+        piped: list[memoryview] | None = None,
+    ) -> None:
         self.inband = inband
         """The pickle stream (small: large buffers are only referenced)."""
         self.table = table
         """(kind, nbytes) per out-of-band buffer; None when there are none."""
         self.segments = segments
         """The segments to send, in the order of ``table``."""
+        self.piped = [] if piped is None else piped
+        """The buffers to send as messages of their own, in the order of ``table``."""
 
     @property
     def nbytes(self) -> int:
         """Total size of the message, in-band and out of band."""
-        return len(self.inband) + sum(segment.nbytes for segment in self.segments)
+        return len(self.inband) + (0 if self.table is None else sum(n for _, n in self.table))
 
 
 def pack(
@@ -218,12 +266,22 @@ def pack(
     items: int = 1,
     cache: ScopeCache | None = None,
     scope: object | None = None,
+    pipe_bytes: bool = False,
 ) -> Packed:
     """Pickle ``obj``, moving buffers of OUT_OF_BAND_BYTES or more into segments.
 
     ``items`` is how many items the message holds (for the bytes scan rule);
     ``cache``/``scope`` share one segment per object across a run's chunks.
+    ``pipe_bytes=True`` sends big ``bytes``/``bytearray`` as messages of
+    their own on the pipe (:func:`send_buffers`), not in segments: for
+    results, which the receiver would copy out of a segment anyway. On the
+    pipe, the receiver reads each straight into the object it returns (one
+    fresh allocation, the result itself) and the sender copies nothing in
+    user space; a segment costs fresh shared pages on both sides on every
+    chunk (measured, 200 x 1 MB bytes results, warm pool: see
+    /work/notes/wire.md).
     """
+    piped: list[memoryview] = []
     segments: list[Segment] = []
     kinds: list[tuple[int, int]] = []
 
@@ -240,21 +298,27 @@ def pack(
     def reset() -> None:
         segments.clear()
         kinds.clear()
+        piped.clear()
 
     inband = _dumps(obj, out_of_band, None, reset)
     if len(inband) >= OUT_OF_BAND_BYTES and len(inband) >= SCAN_AVG_BYTES * max(1, items):
         reset()
 
         def persistent_id(value: Any) -> Any:
-            kind = BYTES if type(value) is bytes else BYTEARRAY
             view = memoryview(value)
+            if pipe_bytes:
+                piped.append(view)
+                kind = PIPED_BYTES if type(value) is bytes else PIPED_BYTEARRAY
+                kinds.append((kind, view.nbytes))
+                return len(kinds) - 1
+            kind = BYTES if type(value) is bytes else BYTEARRAY
             segment = cache.get(scope, value, view) if cache is not None else Segment(view)
             segments.append(segment)
             kinds.append((kind, view.nbytes))
             return len(kinds) - 1
 
         inband = _dumps(obj, out_of_band, persistent_id, reset)
-    return Packed(inband, tuple(kinds) if kinds else None, segments)
+    return Packed(inband, tuple(kinds) if kinds else None, segments, piped)
 
 
 def _dumps(
@@ -315,8 +379,9 @@ def map_fds(table: Table, fds: list[int], access: int) -> list[memoryview]:
     The mappings live as long as the views (and whatever unpickling builds
     on them); the descriptors are closed here, at once.
     """
+    sizes = [nbytes for kind, nbytes in table if kind not in _PIPED]
     try:
-        return [_map(fd, nbytes, access) for (_, nbytes), fd in zip(table, fds, strict=True)]
+        return [_map(fd, nbytes, access) for nbytes, fd in zip(sizes, fds, strict=True)]
     finally:
         for fd in fds:
             os.close(fd)
@@ -362,9 +427,7 @@ def _libc() -> Any:
     return libc
 
 
-def unpack(
-    inband: bytes, table: Table | None, views: list[memoryview], *, salvaging: bool = False
-) -> Any:
+def unpack(inband: bytes, table: Table | None, views: list[Any], *, salvaging: bool = False) -> Any:
     """Rebuild a packed message from its in-band bytes and mapped buffers.
 
     ``salvaging``: read it with ``_wire``'s unpickler that puts a marker
@@ -391,7 +454,7 @@ class _Unpickler(pickle.Unpickler):
     until the garbage collector runs)."""
 
     table: Table
-    views: list[memoryview]
+    views: list[Any]
 
     def persistent_load(self, pid: Any) -> Any:
         return _from_segment(self.table, self.views, pid)
@@ -401,15 +464,17 @@ class _SalvagingUnpickler(SalvagingUnpickler):
     """:class:`_Unpickler`'s segments, read by ``_wire``'s salvaging rules."""
 
     table: Table
-    views: list[memoryview]
+    views: list[Any]
 
     def persistent_load(self, pid: Any) -> Any:
         return _from_segment(self.table, self.views, pid)
 
 
-def _from_segment(table: Table, views: list[memoryview], pid: Any) -> bytes | bytearray:
-    view = views[pid]
-    return bytes(view) if table[pid][0] == BYTES else bytearray(view)
+def _from_segment(table: Table, views: list[Any], pid: Any) -> bytes | bytearray:
+    kind, view = table[pid][0], views[pid]
+    if kind in _PIPED:
+        return view  # type: ignore[no-any-return]  # received as the object itself
+    return bytes(view) if kind == BYTES else bytearray(view)
 
 
 def send_fds(conn: Connection, segments: list[Segment]) -> None:
@@ -433,6 +498,39 @@ def receive_fds(conn: Connection, count: int) -> list[int]:
                     os.close(fd)
                 raise EOFError("the peer went away while passing shared-memory segments")
     return fds
+
+
+def segment_count(table: Table | None) -> int:
+    """How many descriptors a message with this table passes."""
+    return 0 if table is None else sum(1 for kind, _ in table if kind not in _PIPED)
+
+
+def send_buffers(conn: Connection, packed: Packed) -> None:
+    """Send ``packed``'s out-of-band buffers: descriptors, then piped buffers."""
+    if packed.segments:
+        send_fds(conn, packed.segments)
+    for view in packed.piped:
+        conn.send_bytes(view)
+
+
+def receive_buffers(conn: Connection, table: Table, access: int) -> list[Any]:
+    """Receive what :func:`send_buffers` sent: per entry of ``table``, a mapped
+    segment (a memoryview) or the piped ``bytes``/``bytearray`` itself."""
+    views: list[Any] = map_fds(table, receive_fds(conn, segment_count(table)), access)
+    if len(views) == len(table):
+        return views
+    mapped = iter(views)
+    received: list[Any] = []
+    for kind, nbytes in table:
+        if kind == PIPED_BYTES:
+            received.append(conn.recv_bytes())
+        elif kind == PIPED_BYTEARRAY:
+            buffer = bytearray(nbytes)
+            conn.recv_bytes_into(buffer)
+            received.append(buffer)
+        else:
+            received.append(next(mapped))
+    return received
 
 
 def _socket(conn: Connection) -> socket.socket:

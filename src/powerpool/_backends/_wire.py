@@ -47,7 +47,7 @@ import traceback
 import types
 from array import array
 from collections.abc import Callable
-from typing import Any, Final
+from typing import Any, ClassVar, Final
 
 from .._errors import RemoteTraceback, SerializationError
 from .._execute import dumps
@@ -125,7 +125,6 @@ def format_error(exc: BaseException) -> str:
 VALUES: Final = "values"
 OUTCOMES: Final = "outcomes"
 FRAMED: Final = "framed"
-
 
 
 def encode(kind: str, results: list[Any]) -> bytes:
@@ -242,7 +241,7 @@ def _call(func: Any, args: Any, kwargs: Any) -> Any:
         return Broken(exc)
 
 
-_Base: Any = pickle._Unpickler  # type: ignore[attr-defined]
+_Base: Any = pickle._Unpickler
 """The pure-Python unpickler (private, but stable since Python 3.0 and what dill
 subclasses): its opcode table can be amended, the C one's cannot."""
 
@@ -258,7 +257,7 @@ class SalvagingUnpickler(_Base):  # type: ignore[misc]
     ``loads`` failed: it is ~20x slower.
     """
 
-    dispatch = dict(_Base.dispatch)
+    dispatch: ClassVar[dict[int, Any]] = dict(_Base.dispatch)
 
     def find_class(self, module: str, name: str) -> Any:
         try:
@@ -340,9 +339,9 @@ def salvage(load: Callable[[], Any], error: BaseException, n_items: int) -> list
         items = message[1]
         if kind not in (VALUES, OUTCOMES) or len(items) != n_items:
             raise ValueError(f"not a message of {n_items} results")
-        outcomes: list[Outcome] = [
-            (True, item) for item in items
-        ] if kind == VALUES else list(items)
+        outcomes: list[Outcome] = (
+            [(True, item) for item in items] if kind == VALUES else list(items)
+        )
         found = False
         for i, (ok, value) in enumerate(outcomes):
             broken = _find_broken(value)

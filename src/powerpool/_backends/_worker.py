@@ -68,7 +68,15 @@ from .._stop import StopToken, running
 from .._system import set_worker_cores
 from .._task import Outcome
 from ._recycle import Budget, Limits, rss_bytes
-from ._shm import Packed, map_fds, pack, receive_fds, send_fds, unpack
+from ._shm import (
+    Packed,
+    keep_freed_memory,
+    map_fds,
+    pack,
+    receive_fds,
+    send_buffers,
+    unpack,
+)
 from ._wire import ShippedError, encode
 from ._worker_logs import forward_to_parent
 
@@ -152,6 +160,7 @@ def worker_main(
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     _limit_native_threads(native_threads)
     set_worker_cores(native_threads)  # nested maps stay within this share
+    keep_freed_memory()  # big results and arguments reuse pages (see _shm)
 
     def record_rss() -> None:
         if rss is not None:
@@ -279,7 +288,7 @@ def worker_main(
         del results
         conn.send_bytes(pickle.dumps((chunk_id, busy_s, info)))
         if packed.table is not None:
-            send_fds(conn, packed.segments)
+            send_buffers(conn, packed)
         conn.send_bytes(packed.inband)
         del packed  # closes this side of the result segments
         if "retire" in info:
@@ -404,7 +413,9 @@ def _pack_results(kind: str, results: list[Any], items: int) -> Packed:
     if kind == "outcomes":
         shipped = [(ok, value if ok else ShippedError.capture(value)) for ok, value in results]
     try:
-        return pack((kind, shipped), items=items)
+        # Big bytes go as pipe messages the caller reads straight into the
+        # result (see _shm.pack); arrays, which it maps, in segments.
+        return pack((kind, shipped), items=items, pipe_bytes=True)
     except Exception:  # an item's result won't pickle: find it, fail it alone
         return Packed(encode(kind, shipped), None, [])
 
