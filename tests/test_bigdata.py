@@ -364,7 +364,7 @@ def test_big_bytes_results_are_piped_into_the_result_itself() -> None:
     import multiprocessing
 
     values: list[Any] = [bytes(BIG * 8), bytearray(b"x" * BIG * 8), np.ones(BIG)]
-    packed = _shm.pack(("values", values), items=3, pipe_bytes=True)
+    packed = _shm.pack(("values", values), items=3, pipe_bytes=True, pipe_below=0)
     assert packed.table is not None
     assert [kind for kind, _ in packed.table] == [
         _shm.PIPED_BYTES,
@@ -376,7 +376,9 @@ def test_big_bytes_results_are_piped_into_the_result_itself() -> None:
     try:
         thread = threading.Thread(target=_shm.send_buffers, args=(sender, packed))
         thread.start()
-        received = _shm.receive_buffers(receiver, packed.table, _shm.OWN)
+        received = _shm.open_buffers(
+            packed.table, _shm.receive_buffers(receiver, packed.table), _shm.OWN
+        )
         thread.join(timeout=30)
     finally:
         sender.close()
@@ -390,3 +392,27 @@ def test_big_bytes_results_are_piped_into_the_result_itself() -> None:
     assert got[2].flags.writeable
     del packed, received, got
     assert not _memfds(maps=True)
+
+
+@pytest.mark.parametrize("writable", [False, True])
+def test_distinct_mid_size_arguments_are_piped_and_repeated_ones_shared(
+    monkeypatch: pytest.MonkeyPatch, writable: bool
+) -> None:
+    created = []
+    real = _shm._anonymous_file
+
+    def counting() -> int:
+        created.append(os.getpid())
+        return real()
+
+    monkeypatch.setattr(_shm, "_anonymous_file", counting)
+    assert BIG * 8 < _shm.PIPE_BELOW_BYTES
+    arrays = [np.full(BIG, float(i)) for i in range(6)]
+    with pp.Pool("processes", workers=2, progress=False, writable_arguments=writable) as pool:
+        out = pool.map(fh.array_info, arrays, chunksize=2)
+        assert out == [(float(BIG * i), writable, "ndarray") for i in range(6)]
+        assert [pid for pid in created if pid == os.getpid()] == []  # all piped
+        shared = arrays[0]
+        pool.map(fh.array_info, [shared] * 6, chunksize=1)
+        assert [pid for pid in created if pid == os.getpid()] == [os.getpid()]  # one segment
+    assert not _memfds()

@@ -63,9 +63,10 @@ from ._shm import (
     Packed,
     ScopeCache,
     Table,
+    open_buffers,
     pack,
     receive_buffers,
-    send_fds,
+    send_buffers,
     unpack,
 )
 from ._wire import salvage, unframe
@@ -593,7 +594,7 @@ class ProcessBackend:
             try:
                 worker.conn.send_bytes(header)
                 if payload.table is not None:
-                    send_fds(worker.conn, payload.segments)
+                    send_buffers(worker.conn, payload)
                 worker.conn.send_bytes(payload.inband)
             except OSError:
                 pass  # it just died: its sentinel fires and _on_death blames the chunk
@@ -614,7 +615,7 @@ class ProcessBackend:
             if header[0] != "init-error":
                 table = info.get("table")
                 if table is not None:
-                    views = receive_buffers(worker.conn, table, OWN)
+                    views = open_buffers(table, receive_buffers(worker.conn, table), OWN)
                 body = worker.conn.recv_bytes()
         except (EOFError, OSError):
             worker.hung_up = True

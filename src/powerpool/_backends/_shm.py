@@ -76,6 +76,8 @@ __all__ = [
     "keep_freed_memory",
     "map_fds",
     "pack",
+    "Received",
+    "open_buffers",
     "receive_buffers",
     "receive_fds",
     "segment_count",
@@ -89,6 +91,28 @@ OUT_OF_BAND_BYTES = 256 * 1024
 ~20-40 us (create, write, pass the descriptor, map, unmap); the pipe costs
 ~0.3 ms per MB plus wake-ups. Below ~256 KiB the pipe is as fast and makes
 no system calls per buffer."""
+
+PIPE_BELOW_BYTES = 32 * 1024 * 1024
+"""Arguments' out-of-band buffers (arrays) smaller than this travel on the
+pipe as messages of their own, read by the worker straight into the memory
+the array then uses; larger ones, and any object already sent once in the
+run, in a shared segment (written once, mapped by every chunk that uses it).
+Measured here, warm pool, 200 MB of distinct float64 arrays per map (median
+of 5, see /work/notes/wire.md): piped 0.15-0.25 s against segments 0.31-0.42 s
+at every size from 0.5 MB to 16.8 MB; at 33.5 MB segments win 0.41 s to
+1.3 s. The cause is fresh pages, expensive on a VM: a piped buffer lands in
+the worker's recycled heap (see WORKER_MALLOC_KEEP_BYTES), up to glibc's
+32 MB limit for heap allocations; a segment is fresh shared memory on both
+sides on every chunk. The trade-off: the parent's dispatcher thread copies
+piped buffers into the socket (it no longer only passes descriptors), and an
+argument under this size used by every item is piped once, then shared.
+Results are never piped as arrays: the caller maps a segment without a
+copy, where a piped buffer is fresh memory in the caller's process
+(measured: 16.8 MB results, segments 0.12-0.15 s, piped 0.47-0.51 s)."""
+
+MAX_SEEN = 1024
+"""Objects per run remembered as piped once (see ScopeCache.repeated): an
+object used again after more than this many others is piped again."""
 
 SCAN_AVG_BYTES = 64 * 1024
 """A message whose items average this many in-band pickled bytes is pickled
@@ -112,12 +136,13 @@ never in the caller's process."""
 MAX_FDS_PER_MESSAGE = 250
 """Descriptors per ``sendmsg`` (Linux refuses more than 253, SCM_MAX_FD)."""
 
-PICKLE_BUFFER, BYTES, BYTEARRAY, PIPED_BYTES, PIPED_BYTEARRAY = 0, 1, 2, 3, 4
+PICKLE_BUFFER, BYTES, BYTEARRAY, PIPED_BYTES, PIPED_BYTEARRAY, PIPED_BUFFER = 0, 1, 2, 3, 4, 5
 """Kinds of out-of-band buffers: how the receiver rebuilds each one. The
 first three travel in segments; PIPED ones as messages of their own on the
-pipe, received straight into the object the receiver returns (results)."""
+pipe, received straight into the memory the receiver's object uses."""
 
-_PIPED = (PIPED_BYTES, PIPED_BYTEARRAY)
+_PIPED = (PIPED_BYTES, PIPED_BYTEARRAY, PIPED_BUFFER)
+_BUFFERS = (PICKLE_BUFFER, PIPED_BUFFER)  # pickle's own out-of-band buffers
 
 Table = tuple[tuple[int, int], ...]
 """(kind, nbytes) per out-of-band buffer, in pickling order: segments' descriptors
@@ -200,6 +225,8 @@ class ScopeCache:
         # Invariant: _lock guards _scopes; entries are (obj, segment).
         self._lock = threading.Lock()
         self._scopes: dict[int, dict[int, tuple[object, Segment]]] = {}
+        # Objects piped once per scope, by id, held weakly (see repeated()).
+        self._seen: dict[int, dict[int, weakref.ref[Any]]] = {}
 
     def get(self, scope: object | None, obj: object, data: memoryview) -> Segment:
         """The segment holding ``obj``'s buffer for this scope, written on first use."""
@@ -220,6 +247,33 @@ class ScopeCache:
             entries[id(obj)] = (obj, segment)
         return segment
 
+    def repeated(self, scope: object | None, obj: object) -> bool:
+        """Whether ``obj`` was asked about before in this scope (or already has a
+        segment): a buffer piped once goes into a shared segment the second
+        time. Objects are remembered weakly (a run over many distinct arrays
+        must not keep them alive); one that takes no weak reference never
+        counts as repeated."""
+        if scope is None:
+            return False
+        key = id(scope)
+        with self._lock:
+            entries = self._scopes.get(key)
+            if entries is not None and id(obj) in entries and entries[id(obj)][0] is obj:
+                return True
+            seen = self._seen.setdefault(key, {})
+            ref = seen.get(id(obj))
+            if ref is not None and ref() is obj:
+                return True
+            try:
+                seen[id(obj)] = weakref.ref(obj)
+            except TypeError:
+                return False
+            if len(seen) > MAX_SEEN:  # the oldest: repeats are near each other
+                del seen[next(iter(seen))]
+            if len(seen) == 1 and key not in self._scopes:
+                weakref.finalize(scope, self._drop, key)
+        return False
+
     def release(self, scope: object) -> None:
         """Forget the scope's segments now (chunks already packed keep theirs)."""
         self._drop(id(scope))
@@ -227,6 +281,7 @@ class ScopeCache:
     def _drop(self, key: int) -> None:
         with self._lock:
             self._scopes.pop(key, None)
+            self._seen.pop(key, None)
 
     def __len__(self) -> int:
         with self._lock:
@@ -267,6 +322,7 @@ def pack(
     cache: ScopeCache | None = None,
     scope: object | None = None,
     pipe_bytes: bool = False,
+    pipe_below: int | None = None,
 ) -> Packed:
     """Pickle ``obj``, moving buffers of OUT_OF_BAND_BYTES or more into segments.
 
@@ -279,8 +335,11 @@ def pack(
     fresh allocation, the result itself) and the sender copies nothing in
     user space; a segment costs fresh shared pages on both sides on every
     chunk (measured, 200 x 1 MB bytes results, warm pool: see
-    /work/notes/wire.md).
+    /work/notes/wire.md). ``pipe_below``: out-of-band buffers (arrays)
+    smaller than this are piped too (default :data:`PIPE_BELOW_BYTES`).
     """
+    if pipe_below is None:
+        pipe_below = PIPE_BELOW_BYTES
     piped: list[memoryview] = []
     segments: list[Segment] = []
     kinds: list[tuple[int, int]] = []
@@ -290,6 +349,10 @@ def pack(
         if view.nbytes < OUT_OF_BAND_BYTES:
             return True  # in-band
         owner = view.obj if view.obj is not None else buffer
+        if view.nbytes < pipe_below and (cache is None or not cache.repeated(scope, owner)):
+            piped.append(view)
+            kinds.append((PIPED_BUFFER, view.nbytes))
+            return False
         segment = cache.get(scope, owner, view) if cache is not None else Segment(view)
         segments.append(segment)
         kinds.append((PICKLE_BUFFER, view.nbytes))
@@ -306,7 +369,7 @@ def pack(
 
         def persistent_id(value: Any) -> Any:
             view = memoryview(value)
-            if pipe_bytes:
+            if pipe_bytes or view.nbytes < pipe_below:
                 piped.append(view)
                 kind = PIPED_BYTES if type(value) is bytes else PIPED_BYTEARRAY
                 kinds.append((kind, view.nbytes))
@@ -436,7 +499,7 @@ def unpack(inband: bytes, table: Table | None, views: list[Any], *, salvaging: b
     in_band_buffers = (
         None
         if table is None
-        else [view for view, (kind, _) in zip(views, table) if kind == PICKLE_BUFFER]
+        else [view for view, (kind, _) in zip(views, table) if kind in _BUFFERS]
     )
     if salvaging:
         unpickler: Any = _SalvagingUnpickler(io.BytesIO(inband), buffers=in_band_buffers)
@@ -505,32 +568,85 @@ def segment_count(table: Table | None) -> int:
     return 0 if table is None else sum(1 for kind, _ in table if kind not in _PIPED)
 
 
+class Received:
+    """Out-of-band buffers read from a pipe, not yet mapped (see :func:`open_buffers`)."""
+
+    __slots__ = ("fds", "piped")
+
+    def __init__(self, fds: list[int], piped: list[bytes | bytearray]) -> None:
+        self.fds = fds
+        """Segments' descriptors, owned until :func:`open_buffers` closes them."""
+        self.piped = piped
+        """Piped buffers, in the order of the table."""
+
+
 def send_buffers(conn: Connection, packed: Packed) -> None:
-    """Send ``packed``'s out-of-band buffers: descriptors, then piped buffers."""
+    """Send ``packed``'s out-of-band buffers: descriptors, then piped buffers
+    (raw bytes, no framing: the receiver knows their sizes from the table)."""
     if packed.segments:
         send_fds(conn, packed.segments)
-    for view in packed.piped:
-        conn.send_bytes(view)
+    if packed.piped:
+        with _socket(conn) as sock:
+            for view in packed.piped:
+                sock.sendall(view.cast("B") if view.format != "B" or view.ndim != 1 else view)
 
 
-def receive_buffers(conn: Connection, table: Table, access: int) -> list[Any]:
-    """Receive what :func:`send_buffers` sent: per entry of ``table``, a mapped
-    segment (a memoryview) or the piped ``bytes``/``bytearray`` itself."""
-    views: list[Any] = map_fds(table, receive_fds(conn, segment_count(table)), access)
-    if len(views) == len(table):
-        return views
-    mapped = iter(views)
-    received: list[Any] = []
-    for kind, nbytes in table:
-        if kind == PIPED_BYTES:
-            received.append(conn.recv_bytes())
-        elif kind == PIPED_BYTEARRAY:
-            buffer = bytearray(nbytes)
-            conn.recv_bytes_into(buffer)
-            received.append(buffer)
+def receive_buffers(conn: Connection, table: Table) -> Received:
+    """Receive what :func:`send_buffers` sent (raises EOFError/OSError if cut).
+
+    Piped buffers are read by the kernel straight into the memory of the
+    object returned (``recv``/``recv_into`` with MSG_WAITALL): no copy in
+    this process, where ``Connection.recv_bytes`` makes three.
+    """
+    fds = receive_fds(conn, segment_count(table))
+    piped: list[bytes | bytearray] = []
+    if len(fds) == len(table):
+        return Received(fds, piped)
+    try:
+        with _socket(conn) as sock:
+            for kind, nbytes in table:
+                if kind == PIPED_BYTES:
+                    data = sock.recv(nbytes, socket.MSG_WAITALL)
+                    if len(data) < nbytes:  # a signal or EOF cut the wait short
+                        rest = bytearray(nbytes - len(data))
+                        _recv_into(sock, memoryview(rest))
+                        data += rest
+                    piped.append(data)
+                elif kind in _PIPED:
+                    buffer = bytearray(nbytes)
+                    _recv_into(sock, memoryview(buffer))
+                    piped.append(buffer)
+    except BaseException:
+        for fd in fds:
+            os.close(fd)
+        raise
+    return Received(fds, piped)
+
+
+def _recv_into(sock: socket.socket, view: memoryview) -> None:
+    while view:
+        got = sock.recv_into(view, len(view), socket.MSG_WAITALL)
+        if got == 0:
+            raise EOFError("the peer went away while sending a buffer")
+        view = view[got:]
+
+
+def open_buffers(table: Table, received: Received, access: int) -> list[Any]:
+    """Per entry of ``table``: a mapped segment (a memoryview, mapped with
+    ``access``), or the piped object (PIPED_BUFFER: a memoryview of it,
+    read-only when ``access`` is READ). Takes ownership of the descriptors."""
+    mapped = iter(map_fds(table, received.fds, access))
+    piped = iter(received.piped)
+    views: list[Any] = []
+    for kind, _ in table:
+        if kind == PIPED_BUFFER:
+            view = memoryview(next(piped))
+            views.append(view.toreadonly() if access == READ else view)
+        elif kind in _PIPED:
+            views.append(next(piped))
         else:
-            received.append(next(mapped))
-    return received
+            views.append(next(mapped))
+    return views
 
 
 def _socket(conn: Connection) -> socket.socket:

@@ -71,9 +71,9 @@ from ._recycle import Budget, Limits, rss_bytes
 from ._shm import (
     Packed,
     keep_freed_memory,
-    map_fds,
+    open_buffers,
     pack,
-    receive_fds,
+    receive_buffers,
     send_buffers,
     unpack,
 )
@@ -211,7 +211,7 @@ def worker_main(
             header
         )
         try:
-            fds = [] if shared is None else receive_fds(conn, len(shared[1]))
+            incoming = None if shared is None else receive_buffers(conn, shared[1])
             raw = conn.recv_bytes()
         except (EOFError, OSError):
             return
@@ -236,7 +236,8 @@ def worker_main(
                 payload = pickle.loads(raw)
             else:
                 access, table = shared
-                payload = unpack(raw, table, map_fds(table, fds, access))
+                assert incoming is not None
+                payload = unpack(raw, table, open_buffers(table, incoming, access))
         except Exception as exc:
             view[base + 1] = 0.0
             problem = {"problem": f"{type(exc).__name__}: {exc}"}
@@ -415,7 +416,7 @@ def _pack_results(kind: str, results: list[Any], items: int) -> Packed:
     try:
         # Big bytes go as pipe messages the caller reads straight into the
         # result (see _shm.pack); arrays, which it maps, in segments.
-        return pack((kind, shipped), items=items, pipe_bytes=True)
+        return pack((kind, shipped), items=items, pipe_bytes=True, pipe_below=0)
     except Exception:  # an item's result won't pickle: find it, fail it alone
         return Packed(encode(kind, shipped), None, [])
 
