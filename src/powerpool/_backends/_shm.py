@@ -14,6 +14,14 @@ segment whose *file descriptor* is passed over the same (Unix socket) pipe::
                                                           numpy: a view of the mapping (0 copies)
                                                           bytes: one copy out of it
 
+Not every big buffer takes a segment: array arguments under
+:data:`PIPE_BELOW_BYTES` the first time they are sent in a run, and big
+``bytes``/``bytearray`` results, are *piped*: sent as raw bytes after the
+descriptors and read by the receiver straight into its object's memory
+(:func:`send_buffers`, :func:`receive_buffers`). Fresh pages are what costs
+on a VM, and a segment is fresh memory on both sides on every chunk, where a
+piped buffer lands in the worker's recycled heap (see the constants).
+
 Why this and not joblib's memory-mapped files or ``multiprocessing.shared_memory``:
 
 * **Nothing can leak.** A segment is a ``memfd_create`` file (elsewhere an
