@@ -111,15 +111,22 @@ def test_large_results_are_shared_memory_and_writable() -> None:
         assert not _memfds(maps=True)  # unmapped with the last array
 
 
-def test_one_object_is_written_once_per_run(monkeypatch: pytest.MonkeyPatch) -> None:
-    created = []
+@pytest.fixture
+def created(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """Pids of the processes that create a segment, from now on (this test's
+    process, and workers forked after it)."""
+    pids: list[int] = []
     real = _shm._anonymous_file
 
     def counting() -> int:
-        created.append(os.getpid())
+        pids.append(os.getpid())
         return real()
 
     monkeypatch.setattr(_shm, "_anonymous_file", counting)
+    return pids
+
+
+def test_one_object_is_written_once_per_run(created: list[int]) -> None:
     a = np.arange(BIG, dtype=float)
     with pp.Pool("processes", workers=2, progress=False) as pool:
         pool.map(fh.array_info, [a] * 20, chunksize=1)
@@ -396,16 +403,8 @@ def test_big_bytes_results_are_piped_into_the_result_itself() -> None:
 
 @pytest.mark.parametrize("writable", [False, True])
 def test_distinct_mid_size_arguments_are_piped_and_repeated_ones_shared(
-    monkeypatch: pytest.MonkeyPatch, writable: bool
+    created: list[int], writable: bool
 ) -> None:
-    created = []
-    real = _shm._anonymous_file
-
-    def counting() -> int:
-        created.append(os.getpid())
-        return real()
-
-    monkeypatch.setattr(_shm, "_anonymous_file", counting)
     assert BIG * 8 < _shm.PIPE_BELOW_BYTES
     arrays = [np.full(BIG, float(i)) for i in range(6)]
     with pp.Pool("processes", workers=2, progress=False, writable_arguments=writable) as pool:
