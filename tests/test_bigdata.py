@@ -23,7 +23,7 @@ import pytest
 
 import fault_helpers as fh
 import powerpool as pp
-from powerpool._backends import _shm
+from powerpool._backends import _shm, _transfer
 from test_faults import WAIT_S, _descendants, _kill, _start_child, gone, wait_until
 
 pytestmark = pytest.mark.timeout(60)
@@ -381,10 +381,10 @@ def test_big_bytes_results_are_piped_into_the_result_itself() -> None:
     assert len(packed.segments) == 1  # the array only
     sender, receiver = multiprocessing.Pipe()
     try:
-        thread = threading.Thread(target=_shm.send_buffers, args=(sender, packed))
+        thread = threading.Thread(target=_transfer.send_buffers, args=(sender, packed))
         thread.start()
-        received = _shm.open_buffers(
-            packed.table, _shm.receive_buffers(receiver, packed.table), _shm.OWN
+        received = _transfer.open_buffers(
+            packed.table, _transfer.receive_buffers(receiver, packed.table), _shm.OWN
         )
         thread.join(timeout=30)
     finally:

@@ -63,12 +63,10 @@ from ._shm import (
     Packed,
     ScopeCache,
     Table,
-    open_buffers,
     pack,
-    receive_buffers,
-    send_buffers,
     unpack,
 )
+from ._transfer import open_buffers, receive_buffers, send_buffers
 from ._wire import salvage, unframe
 from ._worker import (
     BARE,

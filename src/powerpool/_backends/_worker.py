@@ -5,7 +5,8 @@ Protocol on the worker's pipe (parent -> worker), one chunk per two messages::
     header  = pickle((chunk_id, fn_digest, fn_blob | None, epoch, convention, timed, traced,
                       shared, probe))     shared: None, or (access, table) of _shm segments;
                                           probe: run auto's GIL heartbeat (see _task.Measures)
-    [descriptors of the shared segments, passed with SCM_RIGHTS, when shared]
+    [out-of-band buffers, when shared: segments' descriptors (SCM_RIGHTS), then
+     piped buffers as raw bytes (see _transfer)]
     payload = pickle([x, ...])                  convention BARE:     fn(x)
               pickle([args, ...])               convention STAR:     fn(*args)
               pickle([(args, kwargs), ...])     convention KEYWORDS: fn(*args, **kwargs)
@@ -15,7 +16,7 @@ worker -> parent, two messages per chunk (the parent's dispatcher reads only
 the small first one; the results are unpickled by the consumer's thread)::
 
     pickle((chunk_id, busy_s, info))   info["measures"]: auto's evidence (_task.Measures)
-    [descriptors of result segments, when info["table"] is given]
+    [out-of-band buffers, when info["table"] is given, as above]
     pickle(("values", [result, ...]))                 every item succeeded, or
     pickle(("outcomes", [(ok, value | ShippedError)])), or
     pickle(("framed", ...))                           one pickle per item, when the one
@@ -71,12 +72,10 @@ from ._recycle import Budget, Limits, rss_bytes
 from ._shm import (
     Packed,
     keep_freed_memory,
-    open_buffers,
     pack,
-    receive_buffers,
-    send_buffers,
     unpack,
 )
+from ._transfer import open_buffers, receive_buffers, send_buffers
 from ._wire import ShippedError, encode
 from ._worker_logs import forward_to_parent
 
