@@ -128,7 +128,7 @@ async def _on_this_loop(
 ) -> AsyncGenerator[Any, None]:
     # Imported here, not at the top: `import powerpool` must not import asyncio.
     from ._coroutines import CoroutineEngine, LoopInbox
-    from ._pool import default_workers
+    from ._prepare import default_workers
 
     def deliver(result: ChunkResult) -> None:
         on_done = result.chunk.on_done
@@ -136,8 +136,8 @@ async def _on_this_loop(
             on_done(result)
 
     engine = CoroutineEngine(prepared.workers or default_workers("asyncio"), deliver)
-    if pool._initializer is not None:
-        await engine.initialize(pool._initializer, pool._initargs)
+    if pool._config.initializer is not None:
+        await engine.initialize(pool._config.initializer, pool._config.initargs)
     try:
         with pool._running(
             prepared, options, ordered, False, backend=engine, inbox=LoopInbox()

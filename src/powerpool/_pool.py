@@ -12,39 +12,45 @@ import contextlib
 import dataclasses
 import enum
 import itertools
-import os
 import sys
 import threading
 import weakref
 from collections import OrderedDict
 from collections.abc import AsyncIterator, Callable, Iterable, Iterator
 from concurrent.futures import CancelledError, Future
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ParamSpec, TypeVar, overload
 
-from ._backends import BackendConfig, load
+from ._backends import load
 from ._errors import PoolClosedError
 from ._execute import is_coroutine_function
 from ._options import (
-    DASK_OPTION_NAMES,
-    POOL_OPTION_NAMES,
-    RUN_OPTION_NAMES,
     BackendName,
     PoolOptions,
     ReportTarget,
     RunOptionsDict,
-    check_backend,
-    check_backend_options,
-    check_names,
     check_report,
-    check_worker_limits,
     run_options,
 )
-from ._recorder import Recorder, RunReport, failed_items
-from ._run import Attempts, Run, RunOptions
+from ._prepare import (
+    Prepared,
+    check_callable,
+    check_fn_fits,
+    check_pool_options,
+    check_timeout,
+    default_workers,
+    fn_name,
+    input_length,
+    isolation_reason,
+    nested_backend,
+    start_method_of,
+    unmeasured_auto_plan,
+)
+from ._recorder import Recorder, RunReport
+from ._run import Run, RunOptions
 from ._stats import PoolStats, StatsLedger
-from ._system import usable_cores, worker_cores
-from ._task import Chunk, ChunkResult, Item, ItemLost
+from ._submit import Submitter
+from ._system import usable_cores
+from ._task import ChunkResult
 
 if TYPE_CHECKING:
     from collections.abc import Awaitable
@@ -56,8 +62,6 @@ if TYPE_CHECKING:
     from ._speculate import Steer
 
 __all__ = ["Pool", "PoolState", "ReportTarget"]
-
-_ASYNC_BACKENDS = ("asyncio",)
 
 _P = ParamSpec("_P")
 _R = TypeVar("_R")
@@ -73,20 +77,6 @@ class PoolState(enum.Enum):
     OPEN = "open"
     CLOSING = "closing"
     CLOSED = "closed"
-
-
-def default_workers(backend: str) -> int:
-    """Workers a backend gets when the user does not say."""
-    if backend == "serial":
-        return 1
-    if backend == "asyncio":
-        from ._aio import ASYNC_DEFAULT_WORKERS
-
-        return ASYNC_DEFAULT_WORKERS
-    cores = usable_cores()
-    if backend == "threads":
-        return min(32, cores + 4)  # ThreadPoolExecutor's default, for the same reasons
-    return cores
 
 
 class Pool:
@@ -106,55 +96,19 @@ class Pool:
     """
 
     def __init__(self, backend: BackendName = "auto", **options: Unpack[PoolOptions]) -> None:
-        check_backend(backend)
-        check_names(options, POOL_OPTION_NAMES)
-        workers = options.get("workers")
-        initializer = options.get("initializer")
-        if workers is not None and (not isinstance(workers, int) or workers < 1):
-            raise ValueError(f"workers must be a positive integer, got {workers!r}")
-        if initializer is not None and not callable(initializer):
-            raise TypeError(f"initializer must be callable, got {initializer!r}")
-        backend_options: dict[str, Any] = {
-            k: v for k, v in options.items() if k in DASK_OPTION_NAMES
-        }
-        if backend_options:
-            check_backend_options(backend, backend_options)
-        check_worker_limits(
-            backend,
-            options.get("max_tasks_per_child"),
-            options.get("max_worker_memory"),
-            backend_options,
-        )
+        self._config, self._defaults = check_pool_options(backend, options)
         self._backend_name = backend
-        self._workers = workers
-        run: dict[str, Any] = {
-            k: v for k, v in options.items() if k in RUN_OPTION_NAMES and k not in _NOT_RUN
-        }
-        self._defaults = run_options(RunOptions(progress="auto"), **run)
-        if backend != "auto":
-            # Say so now: submit() never reaches the per-run check in _iterate.
-            _check_timeout(backend, self._defaults)
-        self._initializer = initializer
-        self._initargs = tuple(options.get("initargs", ()))
-        self._native_threads = options.get("native_threads")
-        self._start_method = options.get("start_method")
-        self._max_tasks_per_child = options.get("max_tasks_per_child")
-        self._max_worker_memory = options.get("max_worker_memory")
-        self._writable_arguments = bool(options.get("writable_arguments", False))
+        self._workers = options.get("workers")
         self._explain = options.get("explain", False)
-        report = options.get("report")
-        check_report(report)
-        self._report = report
+        report = self._report = options.get("report")
         # One recorder for everything the pool runs (report= given here),
         # made when the first run starts (time 0 of its report): its report
         # covers all runs so far and is rewritten as each one ends.
         self._recorder: Recorder | None = None
-        self._futures_recorded = False
         self.last_report: RunReport | None = None
         """What the most recent run recorded, when a report was asked for
         (``report=`` here or on the call); renders inline in notebooks."""
         self._isolate: str | None = None  # set by `powerpool run`: items never in this process
-        self._backend_options = backend_options
         self._state = PoolState.OPEN
         # Invariant: _lock guards _state, _backends, _epoch, _futures and _runs.
         self._lock = threading.RLock()
@@ -164,6 +118,12 @@ class Pool:
         self._runs: weakref.WeakSet[Run] = weakref.WeakSet()
         self._chunk_ids = itertools.count()
         self._ledger = StatsLedger()
+        self._submitter = Submitter(
+            self._ledger,
+            self._defaults,
+            self._chunk_ids.__next__,
+            self._pool_recorder if report else None,
+        )
         # Plans by function, so a later submit(fn) runs where auto measured fn
         # should run; weak, so plans don't keep functions (or closures) alive.
         self._plans: weakref.WeakKeyDictionary[Callable[..., Any], Plan] = (
@@ -226,9 +186,9 @@ class Pool:
 
     def _write_futures_report(self) -> None:
         """Pool(report=...): futures have no end of their own; their report is written here."""
-        if not self._futures_recorded or self._recorder is None:
+        if not self._submitter.recorded or self._recorder is None:
             return
-        self._futures_recorded = False
+        self._submitter.recorded = False
         self.last_report = self._recorder.snapshot()
         if self._report and not isinstance(self._report, bool):
             self.last_report.write(self._report)
@@ -295,7 +255,7 @@ class Pool:
         With ``backend="auto"`` a single call cannot be measured: it runs where
         the last plan for ``fn`` ran, else on threads (asyncio for coroutines).
         """
-        _check_callable(fn)
+        check_callable(fn)
         name: str = self._backend_name
         workers = self._workers
         if name == "auto":
@@ -304,7 +264,7 @@ class Pool:
                 name, workers = plan.backend, plan.workers
             else:
                 name = "asyncio" if is_coroutine_function(fn) else "threads"
-        _check_fn_fits(fn, name)
+        check_fn_fits(fn, name)
         future: Future[Any] = Future()
         with self._lock:
             self._check_open()
@@ -313,9 +273,7 @@ class Pool:
             epoch = self._epoch
         self._ledger.begin(backend.name, backend.workers)
         future.add_done_callback(self._future_done)
-        item: Item = (0, args, kwargs)
-        claim = future.set_running_or_notify_cancel
-        self._submit_one(backend, fn, item, future, epoch, Attempts(), claim)
+        self._submitter.start(backend, fn, args, kwargs, future, epoch)
         return future
 
     def map(
@@ -363,9 +321,6 @@ class Pool:
 
     # -- internals ------------------------------------------------------------
 
-    def _recycles(self) -> bool:
-        return self._max_tasks_per_child is not None or self._max_worker_memory is not None
-
     def _check_open(self) -> None:
         if self._state is not PoolState.OPEN:
             raise PoolClosedError(f"this pool is {self._state.value}; create a new one")
@@ -379,18 +334,7 @@ class Pool:
         if backend is not None:
             self._backends.move_to_end(key)
             return backend
-        config = BackendConfig(
-            workers=count,
-            initializer=self._initializer,
-            initargs=self._initargs,
-            native_threads=self._native_threads,
-            start_method=self._start_method,
-            max_tasks_per_child=self._max_tasks_per_child,
-            max_worker_memory=self._max_worker_memory,
-            writable_arguments=self._writable_arguments,
-            options=self._backend_options,
-        )
-        backend = load(name)(config, _route)
+        backend = load(name)(dataclasses.replace(self._config, workers=count), _route)
         self._backends[key] = backend
         if len(self._backends) > MAX_LIVE_BACKENDS and not self._runs and not self._futures:
             # Only while nothing runs: a live map may be using the oldest one.
@@ -409,52 +353,6 @@ class Pool:
             if self._recorder is None:
                 self._recorder = Recorder()
             return self._recorder
-
-    def _submit_one(
-        self,
-        backend: Backend,
-        fn: Callable[..., Any],
-        item: Item,
-        future: Future[Any],
-        epoch: int,
-        attempts: Attempts,
-        claim: Callable[[], bool],
-    ) -> None:
-        recorder = self._pool_recorder() if self._report else None
-
-        def on_done(result: ChunkResult) -> None:
-            self._ledger.chunk(result.worker, result.busy_s)
-            if recorder is not None:  # futures go in the pool's report (written at shutdown)
-                self._futures_recorded = True
-                recorder.chunk(result, failed_items(result), kind="future")
-            ok, value = result.outcomes[0]
-            if ok:
-                self._ledger.items(done=1)
-                future.set_result(value)
-                return
-            error = attempts.after(value, self._defaults)
-            if error is None:
-                if not isinstance(value, ItemLost):
-                    self._ledger.items(retried=1)
-                    if recorder is not None:
-                        recorder.event("retry", worker=result.worker, detail=repr(value)[:200])
-                again = _not_cancelled(future)
-                self._submit_one(backend, fn, item, future, epoch, attempts, again)
-                return
-            self._ledger.items(failed=1)
-            future.set_exception(error)
-
-        chunk = Chunk(
-            id=next(self._chunk_ids),
-            fn=fn,
-            items=[item],
-            timeout_s=self._defaults.timeout_s,
-            epoch=epoch,
-            claim=claim,
-            on_done=on_done,
-        )
-        chunk.recorder = recorder
-        backend.submit(chunk)
 
     def _iterate(
         self,
@@ -481,7 +379,7 @@ class Pool:
         overrides: RunOptionsDict,
     ) -> tuple[RunOptions, ReportTarget, bool]:
         """A run's options, checked against this pool: (options, report=, explain=)."""
-        _check_callable(fn)
+        check_callable(fn)
         if not iterables:
             raise TypeError("map() needs at least one iterable of inputs")
         report = overrides.pop("report", None)
@@ -491,8 +389,8 @@ class Pool:
         options = run_options(self._defaults, **overrides)
         self._check_open()
         if self._backend_name != "auto":
-            _check_fn_fits(fn, self._backend_name)
-            _check_timeout(self._backend_name, options)
+            check_fn_fits(fn, self._backend_name)
+            check_timeout(self._backend_name, options)
         return options, report, explain
 
     def _lazy(
@@ -516,13 +414,13 @@ class Pool:
         options: RunOptions,
         report: ReportTarget = None,
         explain: bool = False,
-    ) -> _Prepared:
+    ) -> Prepared:
         """Resolve the backend; for auto, the steer that will choose it as the items run."""
         # One input: its items are the bare arguments (no tuple per item).
         star = len(iterables) > 1
         source: Iterator[Any] = zip(*iterables) if star else iter(iterables[0])
-        prepared = _Prepared(
-            fn, source, star, _length(iterables), self._backend_name, self._workers
+        prepared = Prepared(
+            fn, source, star, input_length(iterables), self._backend_name, self._workers
         )
         if report:  # this call's own report
             prepared.recorder = Recorder()
@@ -532,13 +430,8 @@ class Pool:
             prepared.report_path = None if isinstance(self._report, bool) else self._report
         if prepared.backend != "auto":
             return prepared
-        if is_coroutine_function(fn) or worker_cores() is not None:
-            # Coroutines need an event loop, which no worker process runs here;
-            # inside a worker process, nested work stays in its share of cores.
-            if worker_cores() is not None:
-                plan = _nested_plan(_fixed_plan("processes", self._workers, prepared.total, ""))
-            else:
-                plan = _fixed_plan("asyncio", self._workers, prepared.total, _COROUTINES)
+        plan = unmeasured_auto_plan(fn, self._workers, prepared.total)
+        if plan is not None:
             prepared.backend, prepared.workers = plan.backend, plan.workers
             self.last_plan = prepared.plan = plan
             if explain:
@@ -553,7 +446,7 @@ class Pool:
             workers=self._workers,
             isolate=self._isolation(options),
             explain=explain,
-            address=self._backend_options.get("address"),
+            address=self._config.options.get("address"),
             backend_for=self._live_backend,
             on_plan=self._set_plan,
         )
@@ -561,22 +454,7 @@ class Pool:
 
     def _isolation(self, options: RunOptions) -> str | None:
         """Why user code must stay in worker processes for this run (None: it need not)."""
-        if self._isolate is not None:
-            return self._isolate
-        if self._initializer is not None:
-            return "the pool has an initializer (per-worker state)"
-        if self._recycles():
-            return "max_tasks_per_child/max_worker_memory replace worker processes"
-        faults = []
-        if options.timeout_s is not None:
-            faults.append("timeout=")
-        if options.retries:
-            faults.append("retries=")
-        if options.errors != "raise":
-            faults.append(f"errors={options.errors!r}")
-        if faults:
-            return f"{', '.join(faults)} asks for isolation, so every item runs in a worker"
-        return None
+        return isolation_reason(options, forced=self._isolate, config=self._config)
 
     def _live_backend(self, name: str, workers: int) -> Backend:
         """The steer's way to a backend: the pool's warm one, started on first use."""
@@ -588,12 +466,12 @@ class Pool:
         self.last_plan = plan
 
     def _results(
-        self, prepared: _Prepared, options: RunOptions, ordered: bool, with_index: bool
+        self, prepared: Prepared, options: RunOptions, ordered: bool, with_index: bool
     ) -> Iterator[Any]:
         blocks = self._blocks(prepared, options, ordered, with_index)
         return itertools.chain.from_iterable(blocks)
 
-    def _finish_report(self, prepared: _Prepared) -> None:
+    def _finish_report(self, prepared: Prepared) -> None:
         """End the run in its recorder; keep the report and write its file, if any."""
         recorder = prepared.recorder
         if recorder is None:
@@ -606,7 +484,7 @@ class Pool:
             self.last_report.write(prepared.report_path)
 
     def _blocks(
-        self, prepared: _Prepared, options: RunOptions, ordered: bool, with_index: bool
+        self, prepared: Prepared, options: RunOptions, ordered: bool, with_index: bool
     ) -> Iterator[list[Any]]:
         with self._running(prepared, options, ordered, with_index) as run:
             yield from run
@@ -614,7 +492,7 @@ class Pool:
     @contextlib.contextmanager
     def _running(
         self,
-        prepared: _Prepared,
+        prepared: Prepared,
         options: RunOptions,
         ordered: bool,
         with_index: bool,
@@ -653,11 +531,11 @@ class Pool:
         if prepared.recorder is not None:
             first = run.backends[0]
             prepared.recorder.begin(
-                function=_name(prepared.fn),
+                function=fn_name(prepared.fn),
                 backend=first.name,
                 workers=first.workers,
                 plan=prepared.plan if steer is None else steer.plan,
-                start_method=_start_method(first),
+                start_method=start_method_of(first),
             )
         try:
             yield run
@@ -695,102 +573,6 @@ class Pool:
             self._finish_report(prepared)
 
 
-@dataclass
-class _Prepared:
-    """A run whose backend is decided but which has not started."""
-
-    fn: Callable[..., Any]
-    """The function to run."""
-    source: Iterator[Any]
-    """The inputs not consumed yet: argument tuples if ``star``, else single arguments."""
-    star: bool
-    """Whether ``source`` yields argument tuples (several iterables were given)."""
-    total: int | None
-    """Number of inputs, when every iterable has a length."""
-    backend: str
-    """The backend that will run them ("auto": the steer chooses)."""
-    workers: int | None
-    """Its workers (None: the backend's default)."""
-    steer: Steer | None = None
-    """For auto: what chooses (and changes) the backend as the items run."""
-    plan: Plan | None = None
-    """auto's plan for this run (None when the caller chose the backend)."""
-    recorder: Recorder | None = None
-    """Where this run is recorded, when a report was asked for."""
-    report_path: str | os.PathLike[str] | None = None
-    """Where the report is written as the run ends (None: only ``last_report``)."""
-
-
-def _name(fn: Callable[..., Any]) -> str:
-    return str(getattr(fn, "__qualname__", None) or getattr(fn, "__name__", None) or fn)
-
-
-def _start_method(backend: Backend) -> str:
-    """The multiprocessing start method of a process backend ("" for the others)."""
-    context = getattr(backend, "_context", None)
-    return "" if context is None else str(context.get_start_method())
-
-
-def nested_backend(name: str, workers: int | None) -> tuple[str, int | None]:
-    """Where a map started inside a process-backend worker runs (joblib's nested rule).
-
-    A worker may not start processes (multiprocessing refuses: "daemonic
-    processes are not allowed to have children"), and the other cores are the
-    other workers': the work runs on threads within this worker's share of
-    the cores, or in-line when the share is one core. Never more processes
-    than cores in total.
-    """
-    share = worker_cores()
-    if share is None or name != "processes":
-        return name, workers
-    count = min(workers or share, share)
-    return ("threads", count) if count > 1 else ("serial", 1)
-
-
-def _nested_plan(plan: Plan) -> Plan:
-    """auto's plan, adjusted and explained for a map inside a worker process."""
-    name, workers = nested_backend(plan.backend, plan.workers)
-    share = worker_cores()
-    why = (
-        f"inside a powerpool worker process: nested work stays within this worker's "
-        f"share of the cores ({share}), on threads or in-line, never on more processes"
-    )
-    return dataclasses.replace(
-        plan, backend=name, workers=workers or plan.workers, reasons=(*plan.reasons, why)
-    )
-
-
-_NOT_RUN = ("report", "explain")
-"""Run options a pool keeps apart from its RunOptions defaults."""
-
-_COROUTINES = "coroutine function: an event loop in this process runs them"
-
-
-def _fixed_plan(backend: str, workers: int | None, total: int | None, reason: str) -> Plan:
-    """auto's plan where nothing is measured to choose from (coroutines, nested work)."""
-    from ._plan import Plan
-
-    count = workers or default_workers(backend)
-    return Plan(
-        backend=backend,
-        workers=count,
-        chunksize=1,
-        expected_speedup=float(min(count, total or count)),
-        reasons=(reason,) if reason else (),
-        profile=None,
-        n_items=total,
-        cores=usable_cores(),
-    )
-
-
-def _check_timeout(name: str, options: RunOptions) -> None:
-    if options.timeout_s is not None and not load(name).supports_timeout:
-        raise ValueError(
-            f"backend {name!r} cannot enforce a per-item timeout (it has no way to stop "
-            "one late item); use threads, asyncio or processes"
-        )
-
-
 def _release_backends(backends: OrderedDict[tuple[str, int], Backend]) -> None:
     for backend in list(backends.values()):
         backend.shutdown(wait=False)
@@ -807,38 +589,5 @@ def _route(result: ChunkResult) -> None:
 def _lookup(plans: weakref.WeakKeyDictionary[Callable[..., Any], Plan], fn: Any) -> Plan | None:
     try:
         return plans.get(fn)
-    except TypeError:
-        return None
-
-
-def _not_cancelled(future: Future[Any]) -> Callable[[], bool]:
-    return lambda: not future.done()
-
-
-def _check_callable(fn: object) -> None:
-    if not callable(fn):
-        raise TypeError(f"expected a callable to run, got {type(fn).__name__}: {fn!r}")
-
-
-def _check_fn_fits(fn: Callable[..., Any], backend: str) -> None:
-    is_async = is_coroutine_function(fn)
-    if is_async and backend not in _ASYNC_BACKENDS:
-        raise TypeError(
-            f"{getattr(fn, '__name__', fn)!r} is a coroutine function, but backend "
-            f"{backend!r} runs plain functions; use backend='asyncio' (or 'auto'), "
-            "or powerpool.amap from async code"
-        )
-    if not is_async and backend in _ASYNC_BACKENDS:
-        raise TypeError(
-            f"backend 'asyncio' runs coroutine functions (async def); "
-            f"{getattr(fn, '__name__', fn)!r} is a plain function: use backend='threads' "
-            "for blocking I/O, or 'auto'"
-        )
-
-
-def _length(iterables: tuple[Iterable[Any], ...]) -> int | None:
-    """len() of the zipped input when every iterable knows its length."""
-    try:
-        return min(len(it) for it in iterables)  # type: ignore[arg-type]
     except TypeError:
         return None
