@@ -27,8 +27,8 @@ import pytest
 
 import fault_helpers as fh
 import powerpool as pp
-from powerpool._backends import _processes
-from powerpool._backends._processes import choose_context
+from powerpool._backends import _proc_functions
+from powerpool._backends._proc_workers import choose_context
 from powerpool._system import usable_cores
 from test_faults import (  # older_processes: an autouse fixture
     WAIT_S,
@@ -168,14 +168,14 @@ def test_the_function_is_pickled_once_and_sent_once_per_worker(
     big = bytes(2_000_000)
     fn = functools.partial(fh.len_plus, big)
     pickled: list[int] = []
-    real_dumps = _processes._dumps_function
+    real_dumps = _proc_functions.dumps_function
 
     def counting_dumps(f: Any) -> bytes:
         blob = real_dumps(f)
         pickled.append(len(blob))
         return blob
 
-    monkeypatch.setattr(_processes, "_dumps_function", counting_dumps)
+    monkeypatch.setattr(_proc_functions, "dumps_function", counting_dumps)
     with pp.Pool("processes", workers=WORKERS, progress=False) as pool:
         pool.map(fh.square, range(4))  # workers up before counting what is sent
         large_sends: list[int] = []

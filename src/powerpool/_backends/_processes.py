@@ -19,27 +19,23 @@ Data flow::
 One pipe and one chunk per worker (work is pulled by idle workers, so skewed
 durations balance), and one ``multiprocessing.connection.wait`` over all pipes
 and sentinels: a death is seen the moment it happens, with no polling.
+
+This module holds :class:`ProcessBackend` and its dispatcher; starting and
+stopping worker processes is in :mod:`._proc_workers`, the pickled-function
+cache in :mod:`._proc_functions`, a chunk's header fields and outcomes in
+:mod:`._proc_chunks`.
 """
 
 from __future__ import annotations
 
-import atexit
-import contextlib
-import functools
-import multiprocessing
-import multiprocessing.forkserver
 import os
 import pickle
-import sys
 import threading
 import time
-import weakref
-from collections import OrderedDict, deque
+from collections import deque
 from collections.abc import Callable
 from concurrent.futures import CancelledError
-from dataclasses import dataclass, field
-from multiprocessing.connection import Connection, wait
-from multiprocessing.context import BaseContext
+from multiprocessing.connection import wait
 from multiprocessing.process import BaseProcess
 from typing import Any, ClassVar
 
@@ -50,33 +46,36 @@ from .._errors import (
     WorkerCrashedError,
 )
 from .._execute import dumps
-from .._mainfn import WORKER_NAME_PREFIX, digest, require_guard
+from .._mainfn import WORKER_NAME_PREFIX
 from .._recorder import WorkerTiming
 from .._system import usable_cores
-from .._task import Chunk, ChunkResult, Item, ItemLost, Measures, Outcome
+from .._task import Chunk, ChunkResult, Item, Measures, Outcome
+from . import _proc_workers
 from ._base import BackendConfig, Deliver
+from ._proc_chunks import (
+    Pending,
+    all_failed,
+    blame,
+    calling_convention,
+    decoder,
+    merge_parts,
+    sort_picklable,
+    trace_level,
+)
+from ._proc_functions import FunctionCache, dumps_function
+from ._proc_workers import Worker, choose_context, live, stop_workers
 from ._recycle import Limits, Throttle, oom_error
 from ._shm import (
     COPY,
     OWN,
     READ,
-    Packed,
     ScopeCache,
-    Table,
     pack,
-    unpack,
 )
 from ._transfer import open_buffers, receive_buffers, send_buffers
-from ._wire import salvage, unframe
 from ._worker import (
-    BARE,
-    KEYWORDS,
     LOADING,
-    STAR,
     STARTING,
-    TRACE_CHUNKS,
-    TRACE_ITEMS,
-    WORKER_FN_CACHE,
     prepare_native_limits,
     worker_main,
 )
@@ -88,150 +87,10 @@ _NOT_TIMED = (STARTING, LOADING)
 
 _PICKLE = pickle.HIGHEST_PROTOCOL
 
-FN_CACHE = 64
-"""Functions kept pickled in the parent (one entry per distinct function);
-re-pickling a closure over a large array per chunk is what this avoids."""
-
-_TRACKER_PATCHERS = ("joblib.externals.loky.backend.resource_tracker",)
-"""Modules that, once imported, make every forkserver worker import them too."""
-
-JOIN_GRACE_S = 5.0
-"""How long shutdown waits for an idle worker to exit before killing it."""
-
-ITEM_TRACE_MAX_ITEMS = 256
-"""With a report asked for, chunks of at most this many items also time each
-item (one clock read and one append per item in the worker, 0.2-0.5 us);
-bigger chunks are timed as a whole. Chunks aim at 0.1 s of work, so in a
-steady run this times items of 0.4 ms and more (cost <= 0.1%); a higher
-limit would show shorter items one by one, but the chunk sizer's ramp-up
-(chunks of 1, 2, 3 ... items) would then time thousands of tiny items, a
-visible share of a run of trivial ones (measured: benchmarks/report_cost.py)."""
-
 MAX_START_DEATHS = 3
 """Workers that die while starting, in a row, before the pool is declared
 broken: one may be bad luck (the OOM killer); three mean no worker can start
 here, and replacing them forever would only burn CPU."""
-
-# Every backend not yet shut down, for the exit handler below.
-_live: weakref.WeakSet[ProcessBackend] = weakref.WeakSet()
-_exiting = False
-
-
-def _shut_down_at_exit() -> None:
-    """Shut every live process backend down in order, before multiprocessing's own
-    exit handler (atexit runs handlers last-registered first, and this module
-    registers after importing multiprocessing): otherwise that handler kills
-    our workers first, the dispatchers see deaths and start replacements while
-    the interpreter and the fork server go away (EOFError tracebacks)."""
-    global _exiting  # read by dispatcher threads: no new workers from now on
-    _exiting = True
-    for backend in list(_live):
-        backend.shutdown(wait=True)
-
-
-atexit.register(_shut_down_at_exit)
-
-
-def _dumps_function(fn: Callable[..., Any]) -> bytes:
-    """Pickle a function (or initializer) for the workers: by name where they
-    can import it, by value otherwise, ``__main__``'s always (see _mainfn)."""
-    return dumps(fn)
-
-
-def choose_context(start_method: str | None) -> BaseContext:
-    """The user's start method, else fork while this process is single-threaded.
-
-    fork is the fastest start (no re-import) but unsafe once other threads may
-    hold locks; then forkserver (fast, safe), else spawn. Raises
-    PowerpoolError where the start method would run an unguarded script again
-    in every worker (spawn; see _mainfn).
-    """
-    methods = multiprocessing.get_all_start_methods()
-    if start_method is None:
-        if "fork" in methods and threading.active_count() == 1:
-            start_method = "fork"
-        else:
-            start_method = "forkserver" if "forkserver" in methods else "spawn"
-    context = multiprocessing.get_context(start_method)
-    if start_method == "spawn" or (start_method == "forkserver" and not _preload_worker(context)):
-        require_guard(start_method)
-    return context
-
-
-_PRELOAD = __name__.rsplit(".", 1)[0] + "._preload"
-
-
-def _preload_worker(context: BaseContext) -> bool:
-    """Have the fork server import :mod:`._preload`; True if its workers will skip the script.
-
-    The user's own preload modules are kept. Once the server runs, its list is
-    fixed: then only a list that already names ours is trusted.
-    """
-    server = getattr(multiprocessing.forkserver, "_forkserver", None)
-    modules = list(getattr(server, "_preload_modules", None) or [])
-    if _PRELOAD in modules:
-        return True
-    if getattr(server, "_forkserver_pid", None) is not None:
-        return False  # started without it
-    # "__main__" (multiprocessing's default entry) is dropped: nothing needs the
-    # script there (see _mainfn), a server that ran it would run an unguarded
-    # script's work, and on 3.10-3.13 the server never gets its path anyway.
-    # joblib's loky replaces multiprocessing's resource tracker; each worker
-    # would then import joblib to unpickle it (1-2 s on a loaded machine)
-    # unless the server already has.
-    patchers = [name for name in _TRACKER_PATCHERS if name in sys.modules]
-    context.set_forkserver_preload([m for m in modules if m != "__main__"] + patchers + [_PRELOAD])
-    return True
-
-
-@dataclass(eq=False)
-class _Worker:
-    """One worker process and the ledger of what it holds."""
-
-    process: BaseProcess
-    """The worker process (its sentinel tells the dispatcher when it dies)."""
-    conn: Connection
-    """The parent's end of this worker's pipe."""
-    slot: int
-    """Index of its (position, started) pair in the shared status array."""
-    chunk: Chunk | None = None
-    """The chunk it is running; None when idle (the ledger)."""
-    sent_at: float = 0.0
-    """time.monotonic() when the chunk was sent: a deadline never starts earlier."""
-    sent_bytes: int = 0
-    """Size of the chunk's pickled arguments (reported with its result, for auto)."""
-    functions: OrderedDict[bytes, None] = field(default_factory=OrderedDict)
-    """Digests of the functions this worker holds, least recently used first."""
-    retiring: bool = False
-    """It reached its limits (_recycle) and exits after its last results: send it nothing."""
-    hung_up: bool = False
-    """Its pipe reached EOF: the process is exiting; only its sentinel is still awaited."""
-
-    @property
-    def name(self) -> str:
-        return f"process-{self.slot}"
-
-    def remember(self, fn_id: bytes) -> bool:
-        """Note that ``fn_id`` is sent or used; True if the worker lacks it.
-
-        Mirrors the worker's own cache (same LRU rule, same sequence of ids),
-        so parent and worker always agree on what the worker holds.
-        """
-        if fn_id in self.functions:
-            self.functions.move_to_end(fn_id)
-            return False
-        self.functions[fn_id] = None
-        if len(self.functions) > WORKER_FN_CACHE:
-            self.functions.popitem(last=False)
-        return True
-
-
-@dataclass(eq=False)
-class _Pending:
-    """A chunk waiting for an idle worker, its arguments already pickled."""
-
-    chunk: Chunk
-    payload: Packed
 
 
 class ProcessBackend:
@@ -253,7 +112,7 @@ class ProcessBackend:
             if config.initializer is None
             # The initializer by the same rule as functions (by value when it
             # lives in __main__), so forkserver/spawn workers can load it.
-            else dumps((_dumps_function(config.initializer), tuple(config.initargs)))
+            else dumps((dumps_function(config.initializer), tuple(config.initargs)))
         )
         # Shared with workers: per-slot (position, started) and the cancel epoch.
         self._status = self._context.RawArray("d", 2 * self.workers)
@@ -262,20 +121,13 @@ class ProcessBackend:
         self._limits = Limits(config.max_tasks_per_child, config.max_worker_memory)
         self._throttle = Throttle(self.workers)
         self._cancel_flag = self._context.RawValue("q", -1)
-        # Invariant: _lock guards _pending, _closing and _fn_ids; everything
+        # Invariant: _lock guards _pending, _closing and _functions; everything
         # else below is owned by the dispatcher thread alone.
         self._lock = threading.Lock()
-        self._pending: deque[_Pending] = deque()
+        self._pending: deque[Pending] = deque()
         self._closing = False
         self._kill = False
-        # id(fn) -> (reference to fn, to the run it was pickled for, content
-        # digest, pickled fn). Weak where possible: the cache must not keep a
-        # function (and what its closure or bound object holds) alive after
-        # the caller dropped it; the entry goes with the function, so an id is
-        # never reused for a stale entry.
-        self._fn_ids: OrderedDict[
-            int, tuple[Callable[[], Any], Callable[[], Any], bytes, bytes]
-        ] = OrderedDict()
+        self._functions = FunctionCache(self._lock)
         # Set when workers cannot run anything (initializer raised, or no
         # worker can be started): every chunk then fails with a fresh error.
         self._broken: Callable[[], BaseException] | None = None
@@ -294,13 +146,13 @@ class ProcessBackend:
         os.set_blocking(self._wake_w, False)
         if self._context.get_start_method() == "fork":
             prepare_native_limits()  # once here, not in every forked worker
-        self._workers: list[_Worker] = [self._start_worker(slot) for slot in range(self.workers)]
+        self._workers: list[Worker] = [self._start_worker(slot) for slot in range(self.workers)]
         # Started after the workers so that a fork above saw a single thread.
         self._dispatcher = threading.Thread(
             target=self._dispatch_forever, name="powerpool-dispatcher", daemon=True
         )
         self._dispatcher.start()
-        _live.add(self)
+        live.add(self)
 
     # -- protocol (any thread) --------------------------------------------------
 
@@ -320,9 +172,9 @@ class ProcessBackend:
                 closed = True
             else:
                 closed = False
-                self._pending.append(_Pending(chunk, payload))
+                self._pending.append(Pending(chunk, payload))
         if closed:
-            self._deliver(_all_failed(chunk, CancelledError("the pool was shut down"), "parent"))
+            self._deliver(all_failed(chunk, CancelledError("the pool was shut down"), "parent"))
             return
         self._wake()
 
@@ -337,7 +189,7 @@ class ProcessBackend:
         with self._lock:
             self._closing = True
             self._kill = self._kill or kill
-        _live.discard(self)
+        live.discard(self)
         self._wake()
         if (wait or kill) and threading.current_thread() is not self._dispatcher:
             self._dispatcher.join()
@@ -352,26 +204,12 @@ class ProcessBackend:
         culprit is unknown (e.g. a class only this process can import) and
         every item fails with the worker's reason.
         """
-        good: list[Item] = []
-        bad: list[tuple[Item, Outcome]] = []
-        verb = "pickled to send them to" if worker_problem is None else "unpickled in"
-        for item in chunk.items:
-            try:
-                blob = dumps(item[1:])
-                if worker_problem is not None:
-                    pickle.loads(blob)
-                good.append(item)
-            except Exception as exc:
-                error = SerializationError(
-                    f"the arguments of item {item[0]} could not be {verb} a worker "
-                    f"process: {type(exc).__name__}: {exc}"
-                )
-                bad.append((item, (False, error)))
+        good, bad = sort_picklable(chunk, worker_problem)
         if worker_problem is not None and not bad:
             error = SerializationError(
                 f"the arguments could not be unpickled in a worker process: {worker_problem}"
             )
-            self._deliver(_all_failed(chunk, error, "parent"))
+            self._deliver(all_failed(chunk, error, "parent"))
             return
         if not good:
             self._deliver(ChunkResult(chunk, [outcome for _, outcome in bad], "parent", 0.0))
@@ -391,11 +229,7 @@ class ProcessBackend:
                 split = self._partials.pop(result.chunk, None)
             if split is None:
                 break
-            whole, failed = split
-            by_index = dict(zip(result.chunk.indices, result.outcomes))
-            by_index.update((item[0], outcome) for item, outcome in failed)
-            outcomes = [by_index[index] for index in whole.indices]
-            result = ChunkResult(whole, outcomes, result.worker, result.busy_s)
+            result = merge_parts(result, *split)
         self._deliver_to(result)
 
     def _wake(self) -> None:
@@ -406,52 +240,9 @@ class ProcessBackend:
         except OSError:
             pass  # closed during shutdown
 
-    def _function(self, chunk: Chunk) -> tuple[bytes, bytes]:
-        """(content digest, pickled bytes) of the chunk's function.
-
-        Pickled once per run (a map, a submit): what a function captures by
-        value (a ``__main__`` global, a closure cell, a partial's arguments)
-        may have changed since the last run, and the workers must see that.
-        Workers cache functions by this digest, so an unchanged function is
-        still never sent twice. Within a run the pickle is reused: pickling
-        a closure over a large array once per chunk is what this avoids.
-        """
-        fn = chunk.fn
-        run = _run_of(chunk)
-        key = id(fn)
-        with self._lock:
-            entry = self._fn_ids.get(key)
-            if entry is not None and entry[0]() is fn and entry[1]() is run:
-                self._fn_ids.move_to_end(key)
-                return entry[2], entry[3]
-        blob = _dumps_function(fn)
-        fn_id = digest(blob)
-        try:
-            run_ref: Callable[[], Any] = weakref.ref(run)
-        except TypeError:
-            return fn_id, blob  # nothing to recognise the run by: pickle per chunk
-        cache = self._fn_ids
-        ref: Callable[[], Any]
-        try:
-
-            def forget(dead: weakref.ref[Any]) -> None:
-                # Runs when fn dies, maybe inside any thread's critical section:
-                # no lock, just one atomic dict operation.
-                if cache.get(key, (None,))[0] is dead:
-                    cache.pop(key, None)
-
-            ref = weakref.ref(fn, forget)
-        except TypeError:  # builtins and the like: they outlive us anyway
-            ref = functools.partial(_same, fn)
-        with self._lock:
-            cache[key] = (ref, run_ref, fn_id, blob)
-            if len(cache) > FN_CACHE:
-                cache.popitem(last=False)
-        return fn_id, blob
-
     # -- workers (dispatcher thread, and __init__) -------------------------------
 
-    def _start_worker(self, slot: int) -> _Worker:
+    def _start_worker(self, slot: int) -> Worker:
         parent_end, child_end = self._context.Pipe(duplex=True)
         self._status[2 * slot] = STARTING  # no item is blamed until it has started
         self._status[2 * slot + 1] = 0.0
@@ -475,14 +266,14 @@ class ProcessBackend:
         )
         process.start()
         child_end.close()
-        return _Worker(process, parent_end, slot)
+        return Worker(process, parent_end, slot)
 
-    def _replace(self, worker: _Worker) -> None:
+    def _replace(self, worker: Worker) -> None:
         """Start a new worker in a dead or killed one's slot (unless closing or broken)."""
         worker.conn.close()
         worker.process.join()
         index = self._workers.index(worker)
-        if self._closing or self._broken is not None or _exiting:
+        if self._closing or self._broken is not None or _proc_workers.exiting:
             del self._workers[index]
         else:
             if self._context.get_start_method() == "fork":
@@ -507,7 +298,7 @@ class ProcessBackend:
             self._fail_everything(exc)
             raise
         finally:
-            self._stop_workers()
+            stop_workers(self._workers, kill=self._kill)
             os.close(self._wake_r)
             os.close(self._wake_w)
             for end in self._alive:
@@ -560,13 +351,13 @@ class ProcessBackend:
                     self._partials.pop(chunk, None)
                 continue
             try:
-                fn_id, blob = self._function(chunk)
+                fn_id, blob = self._functions.pickled(chunk)
             except Exception as exc:
                 error = SerializationError(
                     f"the function {getattr(chunk.fn, '__qualname__', chunk.fn)!r} could not "
                     f"be pickled to send it to a worker process: {type(exc).__name__}: {exc}"
                 )
-                self._deliver(_all_failed(chunk, error, "parent"))
+                self._deliver(all_failed(chunk, error, "parent"))
                 continue
             worker = idle.pop()
             first = worker.remember(fn_id)
@@ -576,9 +367,9 @@ class ProcessBackend:
                     fn_id,
                     blob if first else None,
                     chunk.epoch,
-                    _calling_convention(chunk),
+                    calling_convention(chunk),
                     chunk.timeout_s is not None,
-                    _trace_level(chunk),
+                    trace_level(chunk),
                     None if payload.table is None else (self._arg_access, payload.table),
                     chunk.probe,
                 ),
@@ -597,7 +388,7 @@ class ProcessBackend:
             except OSError:
                 pass  # it just died: its sentinel fires and _on_death blames the chunk
 
-    def _receive(self, worker: _Worker) -> bool:
+    def _receive(self, worker: Worker) -> bool:
         """Handle one message from ``worker``; False when its pipe is closed."""
         body = b""
         try:
@@ -623,7 +414,7 @@ class ProcessBackend:
 
     def _handle(
         self,
-        worker: _Worker,
+        worker: Worker,
         header: tuple[Any, ...],
         info: dict[str, Any],
         views: list[Any],
@@ -636,7 +427,7 @@ class ProcessBackend:
             cause = header[1]
             self._broken = lambda: InitializerError.wrap(cause)
             if chunk is not None:
-                self._deliver(_all_failed(chunk, self._broken(), worker.name))
+                self._deliver(all_failed(chunk, self._broken(), worker.name))
             return
         if chunk is None or chunk.id != header[0]:
             return
@@ -645,7 +436,7 @@ class ProcessBackend:
             return
         self._throttle.chunk_done()
         ran = info.get("ran", len(chunk))
-        decode = _decoder(body, info.get("table"), views, ran)
+        decode = decoder(body, info.get("table"), views, ran)
         nbytes = len(body) + sum(n for _, n in info.get("table") or ())
         if ran < len(chunk):
             self._resend_rest(chunk, ran, ChunkResult(chunk, None, decode=decode).outcomes)
@@ -669,7 +460,7 @@ class ProcessBackend:
             )
         )
 
-    def _forward_logs(self, worker: _Worker, entries: list[Any], dropped: int) -> None:
+    def _forward_logs(self, worker: Worker, entries: list[Any], dropped: int) -> None:
         """Hand a worker's log records to this process's loggers (dispatcher thread)."""
         chunk = worker.chunk
         indices = None if chunk is None else chunk.indices
@@ -695,7 +486,7 @@ class ProcessBackend:
             self._partials[rest] = (chunk, list(zip(items[:ran], outcomes)))
         self.submit(rest)
 
-    def _on_death(self, worker: _Worker) -> None:
+    def _on_death(self, worker: Worker) -> None:
         # A worker that exits on purpose (retiring) may have sent its results
         # behind another message in the same instant: read all it sent first.
         while worker.chunk is not None and worker.conn.poll() and self._receive(worker):
@@ -715,11 +506,11 @@ class ProcessBackend:
                     self._throttle.oom(busy)
                 else:
                     error = WorkerCrashedError.from_exitcode(exitcode, pid=pid)
-                outcomes = _blame(chunk, position, error)
+                outcomes = blame(chunk, position, error)
             self._deliver(ChunkResult(chunk, outcomes, worker.name, 0.0))
         self._replace(worker)
 
-    def _died_starting(self, worker: _Worker) -> None:
+    def _died_starting(self, worker: Worker) -> None:
         """A worker died before it could run anything: in its initializer, or at start."""
         crash = WorkerCrashedError.from_exitcode(worker.process.exitcode, pid=worker.process.pid)
         how = str(crash).removesuffix(" while running this item")
@@ -738,7 +529,7 @@ class ProcessBackend:
             message = f"worker processes die while starting; the last one: {how}"
             self._broken = lambda: WorkerCrashedError(message, exitcode=crash.exitcode)
 
-    def _next_deadline(self, busy: list[_Worker]) -> float | None:
+    def _next_deadline(self, busy: list[Worker]) -> float | None:
         deadlines: list[float] = []
         for worker in busy:
             assert worker.chunk is not None
@@ -768,7 +559,7 @@ class ProcessBackend:
                 f"timeout; its worker process {worker.process.pid} was killed and replaced"
             )
             self._deliver(
-                ChunkResult(chunk, _blame(chunk, position, error), worker.name, chunk.timeout_s)
+                ChunkResult(chunk, blame(chunk, position, error), worker.name, chunk.timeout_s)
             )
             self._replace(worker)
 
@@ -779,7 +570,7 @@ class ProcessBackend:
             pending, self._pending = list(self._pending), deque()
         for entry in pending:
             if entry.chunk.claim():
-                self._deliver(_all_failed(entry.chunk, error(), "parent"))
+                self._deliver(all_failed(entry.chunk, error(), "parent"))
 
     def _fail_everything(self, error: BaseException) -> None:
         with self._lock:
@@ -788,77 +579,5 @@ class ProcessBackend:
             if worker.chunk is not None:
                 chunk, worker.chunk = worker.chunk, None
                 worker.process.kill()
-                self._deliver(_all_failed(chunk, error, worker.name))
+                self._deliver(all_failed(chunk, error, worker.name))
         self._fail_pending(lambda: error)
-
-    def _stop_workers(self) -> None:
-        for worker in self._workers:
-            if self._kill:
-                worker.process.kill()
-            else:
-                with contextlib.suppress(OSError):  # already gone: nothing to ask
-                    worker.conn.send_bytes(b"")
-        deadline = time.monotonic() + JOIN_GRACE_S
-        for worker in self._workers:
-            worker.process.join(max(0.0, deadline - time.monotonic()))
-            if worker.process.is_alive():
-                worker.process.kill()
-                worker.process.join()
-            worker.conn.close()
-        self._workers.clear()
-
-
-def _blame(chunk: Chunk, position: int, error: BaseException) -> list[Outcome]:
-    """Outcomes for a chunk whose worker died or ran late at ``position``.
-
-    Items before it had finished but their results died with the worker, items
-    after it never ran: both are re-queued (ItemLost). Position -1 means the
-    worker died before any item started: nobody is blamed.
-    """
-    outcomes: list[Outcome] = [(False, ItemLost())] * len(chunk)
-    if 0 <= position < len(chunk):
-        outcomes[position] = (False, error)
-    return outcomes
-
-
-def _same(value: Any) -> Any:
-    return value
-
-
-def _run_of(chunk: Chunk) -> object:
-    """What the chunk belongs to: the chunks of one map share their ``claim``'s
-    owner (the core's Run), a ``submit``'s its future (or retry closure)."""
-    return getattr(chunk.claim, "__self__", chunk.claim)
-
-
-def _trace_level(chunk: Chunk) -> int:
-    """What the worker measures for this chunk: nothing unless a report was asked for."""
-    if chunk.recorder is None:
-        return 0
-    return TRACE_ITEMS if len(chunk) <= ITEM_TRACE_MAX_ITEMS else TRACE_CHUNKS
-
-
-def _calling_convention(chunk: Chunk) -> int:
-    """How the worker calls fn with each payload entry (see _worker.BARE/STAR/KEYWORDS)."""
-    if chunk.kwargs is not None:
-        return KEYWORDS
-    return STAR if chunk.star else BARE
-
-
-def _decoder(
-    body: bytes, table: Table | None, views: list[Any], n_items: int
-) -> Callable[[], tuple[list[Outcome] | None, list[Any] | None]]:
-    """Unpickle a worker's results later, in the consumer's thread (see ChunkResult)."""
-
-    def decode() -> tuple[list[Outcome] | None, list[Any] | None]:
-        try:
-            message = unpack(body, table, views)
-        except Exception as exc:  # some item loaded in the worker, not here (see _wire)
-            return salvage(lambda: unpack(body, table, views, salvaging=True), exc, n_items), None
-        return unframe(message)
-
-    return decode
-
-
-def _all_failed(chunk: Chunk, error: BaseException, worker: str) -> ChunkResult:
-    return ChunkResult(chunk, [(False, error)] * len(chunk), worker, 0.0)
