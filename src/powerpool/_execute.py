@@ -1,56 +1,19 @@
-"""Running a chunk's items where the worker is, turning each call into an outcome.
+"""How functions and data travel to workers (:func:`dumps`), and telling coroutine functions apart.
 
-Shared by every backend (serial, threads, process workers, Dask workers), so a
-task behaves the same wherever it runs: exceptions become outcomes (never
-escape the worker loop), the stop token is current while items run, and the
-per-item hook lets backends that enforce timeouts know which item is running.
+The loop that calls the user's function on each item is
+``_backends/_itemloop.py``.
 """
 
 from __future__ import annotations
 
 import inspect
 import pickle
-from collections.abc import Callable
 from functools import partial
 from typing import Any
 
 from ._mainfn import by_value
-from ._stop import StopToken, running
-from ._task import NO_KWARGS, Chunk, Outcome
 
-__all__ = ["dumps", "is_coroutine_function", "run_items"]
-
-
-def run_items(
-    fn: Callable[..., Any],
-    chunk: Chunk,
-    token: StopToken,
-    mark: Callable[[int], None] | None = None,
-    outcomes: list[Outcome] | None = None,
-) -> list[Outcome]:
-    """Call ``fn`` for every item; ``mark(i)`` is called just before item ``i`` starts.
-
-    Outcomes are appended to ``outcomes`` (a new list if None) as items finish,
-    so a watchdog can take the finished ones if the chunk is abandoned.
-    """
-    if outcomes is None:
-        outcomes = []
-    append = outcomes.append
-    kwargs_list = chunk.kwargs or [NO_KWARGS] * len(chunk.args)
-    args_list = chunk.args if chunk.star else [(arg,) for arg in chunk.args]
-    with running(token):
-        for position, (args, kwargs) in enumerate(zip(args_list, kwargs_list)):
-            if mark is not None:
-                mark(position)
-            try:
-                append((True, fn(*args, **kwargs)))
-            except KeyboardInterrupt:
-                raise  # Ctrl-C in the caller's thread (serial backend) stops the run
-            except BaseException as exc:
-                # SystemExit included: a task calling sys.exit() must fail its
-                # item, not silently end a worker thread its caller waits on.
-                append((False, exc))
-    return outcomes
+__all__ = ["dumps", "is_coroutine_function"]
 
 
 def is_coroutine_function(fn: object) -> bool:

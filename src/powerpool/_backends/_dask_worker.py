@@ -24,6 +24,7 @@ from collections.abc import Callable, Mapping
 from concurrent.futures import CancelledError
 from typing import Any, NamedTuple
 
+from powerpool._backends._itemloop import KEYWORDS, ItemWatch, run_chunk
 from powerpool._backends._wire import OUTCOMES, VALUES, ShippedError, encode
 from powerpool._backends._worker_logs import ChunkCapture, captured
 from powerpool._errors import InitializerError
@@ -229,7 +230,8 @@ class _Progress:
 
     Invariant: ``outcomes`` holds the finished items in order, so the item
     running now is at ``len(outcomes)`` and started at ``started``. Once
-    ``abandoned`` is set nothing is appended: the task thread owns the list.
+    ``abandoned`` is set the task thread reports a copy of the list: what the
+    item thread appends after that is dropped.
     """
 
     __slots__ = ("abandoned", "capture", "cond", "finished", "logs", "outcomes", "started")
@@ -268,30 +270,43 @@ def _run_calls(
     ):
         with progress.cond:
             progress.capture = capture
-        for args, kwargs in calls:
-            if token.is_set():
-                break  # cancelled (dask discards the result) or abandoned: skip the rest
-            if timed:
-                with progress.cond:
-                    progress.started = time.monotonic()
-            try:
-                outcome: tuple[bool, Any] = (True, fn(*args, **kwargs))
-            except (Exception, SystemExit) as exc:
-                outcome = (False, ShippedError.capture(exc))
-            if not timed:
-                outcomes.append(outcome)
-                continue
-            with progress.cond:
-                if progress.abandoned:
-                    break
-                outcomes.append(outcome)
-                progress.cond.notify_all()
+        run_chunk(
+            fn, calls, KEYWORDS, _Watch(token, progress, timed), in_caller=False, outcomes=outcomes
+        )
     with progress.cond:
         if progress.logs is None:  # not yet reported as abandoned
             progress.logs = (capture.records, capture.dropped)
         progress.finished = True
         progress.cond.notify_all()
     return outcomes
+
+
+class _Watch(ItemWatch):
+    """Stops at a cancelled task; with a timeout, publishes each item's start to
+    the task thread watching ``progress`` and stops once it gave the chunk up."""
+
+    __slots__ = ("_progress", "_timed", "_token")
+
+    def __init__(self, token: StopToken, progress: _Progress, timed: bool) -> None:
+        self._token = token
+        self._progress = progress
+        self._timed = timed
+
+    def started(self, position: int) -> bool:
+        if self._token.is_set():
+            return False  # cancelled (dask discards the result) or abandoned: skip the rest
+        if self._timed:
+            with self._progress.cond:
+                self._progress.started = time.monotonic()
+                self._progress.cond.notify_all()
+        return True
+
+    def finished(self, position: int) -> bool:
+        if not self._timed:
+            return True
+        with self._progress.cond:
+            self._progress.cond.notify_all()
+            return not self._progress.abandoned
 
 
 def _run_timed(
@@ -367,4 +382,8 @@ def _dump_outcomes(outcomes: list[tuple[bool, Any]]) -> bytes:
     again, fails alone (the process engine's framing, see ``_wire``)."""
     if all(ok for ok, _ in outcomes):
         return encode(VALUES, [value for _, value in outcomes])
-    return encode(OUTCOMES, outcomes)
+    shipped = [
+        (ok, value if ok or isinstance(value, ShippedError) else ShippedError.capture(value))
+        for ok, value in outcomes
+    ]
+    return encode(OUTCOMES, shipped)

@@ -23,10 +23,10 @@ from dataclasses import dataclass, field
 from typing import ClassVar
 
 from .._errors import InitializerError, ItemTimeoutError
-from .._execute import run_items
-from .._stop import CancelFlag, StopToken
+from .._stop import CancelFlag, StopToken, running
 from .._task import Chunk, ChunkResult, ItemLost, Measures, Outcome
 from ._base import BackendConfig, Deliver
+from ._itemloop import VALUES, ItemWatch, chunk_entries, run_chunk
 
 __all__ = ["ThreadBackend"]
 
@@ -57,8 +57,24 @@ class _Running:
     """Outcomes of the chunk's finished items, appended as they finish."""
 
 
-class _Abandoned(BaseException):  # a control-flow signal, never seen by users
-    """Raised inside an abandoned thread to stop it before its next item."""
+class _Marker(ItemWatch):
+    """Publishes the item a timed chunk's thread starts, under the backend's lock."""
+
+    __slots__ = ("_lock", "_record")
+
+    def __init__(self, lock: threading.Lock, record: _Running) -> None:
+        self._lock = lock
+        self._record = record
+
+    def started(self, position: int) -> bool:
+        with self._lock:
+            if self._record.abandoned:
+                # The watchdog reported this chunk and the core re-queued the
+                # items after the late one: running them here too would run
+                # them twice.
+                return False
+            self._record.position, self._record.started = position, time.monotonic()
+        return True
 
 
 class ThreadBackend:
@@ -180,34 +196,42 @@ class ThreadBackend:
         first = self._first_call(chunk)
         cpu_started = time.thread_time()
         started = time.perf_counter()
+        entries, convention = chunk_entries(chunk)
         if chunk.timeout_s is None:
-            outcomes = run_items(chunk.fn, chunk, token)
+            with running(token):
+                kind, results = run_chunk(chunk.fn, entries, convention, in_caller=False)
         else:
             record = _Running(chunk, token)
             with self._lock:
                 self._running[me] = record
                 self._wake.notify()
-
-            def mark(position: int) -> None:
-                with self._lock:
-                    if record.abandoned:
-                        # The watchdog reported this chunk and the core re-queued
-                        # the items after the late one: running them here too
-                        # would run them twice.
-                        raise _Abandoned
-                    record.position, record.started = position, time.monotonic()
-
-            try:
-                outcomes = run_items(chunk.fn, chunk, token, mark, record.outcomes)
-            except _Abandoned:
-                outcomes = []
+            with running(token):
+                kind, results = run_chunk(
+                    chunk.fn,
+                    entries,
+                    convention,
+                    _Marker(self._lock, record),
+                    in_caller=False,
+                    outcomes=record.outcomes,
+                )
             with self._lock:
                 del self._running[me]
                 if record.abandoned:
                     return False
         busy_s = time.perf_counter() - started
         measures = Measures(time.thread_time() - cpu_started, first)
-        self._deliver(ChunkResult.of(chunk, outcomes, me.name, busy_s, started, measures))
+        values, outcomes = (results, None) if kind == VALUES else (None, results)
+        self._deliver(
+            ChunkResult(
+                chunk,
+                outcomes,
+                me.name,
+                busy_s,
+                values=values,
+                started_s=started,
+                measures=measures,
+            )
+        )
         return True
 
     def _first_call(self, chunk: Chunk) -> bool:

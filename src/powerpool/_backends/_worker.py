@@ -67,7 +67,7 @@ from .._mainfn import Install, load, refresh
 from .._probes import SchedClock
 from .._stop import StopToken, running
 from .._system import set_worker_cores
-from .._task import Outcome
+from ._itemloop import BARE, KEYWORDS, STAR, ItemWatch, run_chunk
 from ._recycle import Budget, Limits, rss_bytes
 from ._shm import (
     Packed,
@@ -120,10 +120,6 @@ GIL_MIN_TICKS = 2
 at the chunk's boundary (chunks under ~2 ms report no score)."""
 
 _PICKLE = pickle.HIGHEST_PROTOCOL
-_NO_KWARGS: dict[str, Any] = {}
-
-BARE, STAR, KEYWORDS = 0, 1, 2
-"""Calling conventions of a chunk's payload entries (see the protocol above)."""
 
 STARTING = -2
 """``status[2*slot]`` of a worker that has not finished starting (its
@@ -252,9 +248,19 @@ def worker_main(
         cpu_started = cpu_clock()
         started = time.perf_counter()
         ends: list[float] | None = [] if traced == TRACE_ITEMS else None
+        # The fast branch (no per-item work but the position, for crash blame)
+        # unless keywords, a timeout or worker limits need each item watched.
+        watched = convention == KEYWORDS or timed or budget is not None
         with running(StopToken(cancel_flag, epoch)):
-            kind, results = _run_chunk(
-                functions[fn_id][0], payload, convention, timed, view, base, ends, budget
+            kind, results = run_chunk(
+                functions[fn_id][0],
+                payload,
+                convention,
+                _Watch(view, base, timed, budget) if watched else None,
+                in_caller=False,  # SIGINT is ignored here: a KeyboardInterrupt is the item's
+                positions=view,
+                slot=base,
+                ends=ends,
             )
         ended = time.perf_counter()
         busy_s = ended - started
@@ -340,69 +346,25 @@ def _gil_score(beat: Any, started: float, ended: float) -> float | None:
     return float(estimate[0])
 
 
-def _run_chunk(
-    fn: Callable[..., Any],
-    payload: list[Any],
-    convention: int,
-    timed: bool,
-    view: Any,
-    base: int,
-    ends: list[float] | None = None,
-    budget: Budget | None = None,
-) -> tuple[str, list[Any]]:
-    """Run every item; ("values", results) if all succeeded, else ("outcomes", [(ok, value)]).
+class _Watch(ItemWatch):
+    """The slow path's per-item bookkeeping: each item's start time (for the
+    parent's timeout) and the worker's budget (``max_tasks_per_child``...)."""
 
-    The common case (no keywords, no timeout, no error, no report, no worker
-    limits) is a tight loop that only records the item's position for crash
-    blame. ``ends``, when given, receives each item's ``perf_counter()`` at
-    its end (for a report). With a ``budget``, items stop once it is spent:
-    fewer results than items come back, and the parent sends the rest elsewhere.
-    """
-    values: list[Any] = []
-    append = values.append
-    outcomes: list[Outcome] = []
-    if convention != KEYWORDS and not timed and budget is None:
-        try:
-            if ends is not None:  # a report asked for item times: one clock read each
-                stamp, clock = ends.append, time.perf_counter
-                for position, entry in enumerate(payload):
-                    view[base] = position
-                    append(fn(entry) if convention == BARE else fn(*entry))
-                    stamp(clock())
-            elif convention == BARE:
-                for position, arg in enumerate(payload):
-                    view[base] = position
-                    append(fn(arg))
-            else:
-                for position, args in enumerate(payload):
-                    view[base] = position
-                    append(fn(*args))
-            return "values", values
-        except Exception as exc:
-            outcomes = [(True, value) for value in values]
-            outcomes.append((False, exc))
-            if ends is not None:
-                ends.append(time.perf_counter())
-    for position in range(len(outcomes), len(payload)):
-        view[base] = position
-        if timed:
-            view[base + 1] = time.monotonic()
-        entry = payload[position]
-        if convention == KEYWORDS:
-            args, kwargs = entry
-        else:
-            args, kwargs = (entry,) if convention == BARE else entry, _NO_KWARGS
-        try:
-            outcomes.append((True, fn(*args, **kwargs)))
-        except Exception as exc:
-            outcomes.append((False, exc))
-        if ends is not None:
-            ends.append(time.perf_counter())
-        if budget is not None and budget.spent():
-            break
-    if all(ok for ok, _ in outcomes):
-        return "values", [value for _, value in outcomes]
-    return "outcomes", outcomes
+    __slots__ = ("_budget", "_started")
+
+    def __init__(self, view: Any, base: int, timed: bool, budget: Budget | None) -> None:
+        self._started = (view, base + 1) if timed else None
+        self._budget = budget
+
+    def started(self, position: int) -> bool:
+        if self._started is not None:
+            view, index = self._started
+            view[index] = time.monotonic()  # after the position: see the protocol
+        return True
+
+    def finished(self, position: int) -> bool:
+        # Spent: fewer results than items go back; the parent sends the rest elsewhere.
+        return self._budget is None or not self._budget.spent()
 
 
 def _pack_results(kind: str, results: list[Any], items: int) -> Packed:
