@@ -130,6 +130,23 @@ def raise_custom(x: int) -> int:
     return x * x
 
 
+class CustomBaseException(BaseException):
+    """Not an ``Exception``: what a library's control-flow signal looks like."""
+
+
+def raise_base_exception(x: int) -> int:
+    if x == BAD:
+        raise CustomBaseException(f"bad input {x}")
+    return x * x
+
+
+def raise_keyboard_interrupt(x: int) -> int:
+    """Raises KeyboardInterrupt itself (no signal): the item's error, not a Ctrl-C."""
+    if x == BAD:
+        raise KeyboardInterrupt(f"bad input {x}")
+    return x * x
+
+
 class LockedError(Exception):
     """An exception holding a lock: pickling it fails in the worker."""
 

@@ -35,6 +35,7 @@ import pytest
 
 import fault_helpers as fh
 import powerpool as pp
+from dask_cluster import dask_helper_threads  # noqa: F401  (used by cluster_if_installed)
 from powerpool import (
     InitializerError,
     ItemTimeoutError,
@@ -123,8 +124,26 @@ def check_pool_still_works(pool: pp.Pool) -> None:
 
 
 @dataclass(frozen=True)
+class Expect:
+    """What the bad item's error must be on one backend."""
+
+    error: type[BaseException]
+    """The type the bad item's error must have."""
+    message: tuple[str, ...]
+    """Substrings that must all appear in ``str(error)``."""
+    check: Callable[[BaseException], None] = lambda _: None
+    """Extra assertions on the error."""
+
+
+@dataclass(frozen=True)
 class Fault:
-    """One row: a map in which the item at ``bad`` fails in a known way."""
+    """One row: a map in which the item at ``bad`` fails in a known way.
+
+    ``error``, ``message`` and ``check`` are what the process engine gives;
+    ``threads`` and ``dask`` say what those backends give when it differs (an
+    :class:`Expect`), or why the case does not apply there (a string: the test
+    is skipped with that reason); None means the same as on processes.
+    """
 
     fn: Callable[..., Any]
     error: type[BaseException]
@@ -140,6 +159,34 @@ class Fault:
     """Run options (e.g. ``timeout``)."""
     check: Callable[[BaseException], None] = lambda _: None
     """Extra assertions on the error."""
+    threads: Expect | str | None = None
+    """On the threads backend: what differs, or why the case does not apply."""
+    dask: Expect | str | None = None
+    """On a Dask cluster: what differs, or why the case does not apply."""
+
+    def on(self, backend: str) -> Expect:
+        """The expectation on ``backend``; skips the test where the case does not apply."""
+        other = getattr(self, backend) if backend in ("threads", "dask") else None
+        if isinstance(other, str):
+            pytest.skip(f"not applicable on {backend}: {other}")
+        return other or Expect(self.error, self.message, self.check)
+
+
+KILLS_THE_CALLER = "it kills the process, and threads share the caller's process"
+NOTHING_PICKLED = "nothing is pickled on threads: the item succeeds"
+DASK_CRASH = (
+    "a dask worker's death fails its whole chunk after dask's own retries "
+    "(allowed-failures) and restarts workers of the shared cluster; tested on a "
+    "cluster of its own in test_dask.py::test_local_cluster_when_no_address"
+)
+DASK_TIMEOUT = (
+    "the late item's worker is restarted; tested on a cluster of its own in "
+    "test_dask.py::test_a_late_item_times_out_and_the_others_complete"
+)
+THREAD_TIMEOUT = (
+    "a thread cannot be killed: the late item would sleep on past the test "
+    "(timeouts of threads: test_pool.py, with items that check should_stop)"
+)
 
 
 def _exitcode(code: int) -> Callable[[BaseException], None]:
@@ -153,6 +200,22 @@ def _exitcode(code: int) -> Callable[[BaseException], None]:
 def _remote_cause(error: BaseException) -> None:
     assert isinstance(error.__cause__, RemoteTraceback)
     assert "Traceback" in error.__cause__.tb
+
+
+def _exit_code(code: int) -> Callable[[BaseException], None]:
+    def check(error: BaseException) -> None:
+        assert isinstance(error, SystemExit)
+        assert error.code == code
+
+    return check
+
+
+def _exit_code_and_remote_cause(code: int) -> Callable[[BaseException], None]:
+    def check(error: BaseException) -> None:
+        _exit_code(code)(error)
+        _remote_cause(error)
+
+    return check
 
 
 def _is_timeout(error: BaseException) -> None:
@@ -172,6 +235,8 @@ FAULTS = [
             WorkerCrashedError,
             ("SIGSEGV", "segmentation fault"),
             check=_exitcode(-signal.SIGSEGV),
+            threads=KILLS_THE_CALLER,
+            dask=DASK_CRASH,
         ),
         id="segfault-signal",
     ),
@@ -181,16 +246,57 @@ FAULTS = [
             WorkerCrashedError,
             ("SIGSEGV",),
             check=_exitcode(-signal.SIGSEGV),
+            threads=KILLS_THE_CALLER,
+            dask=DASK_CRASH,
         ),
         id="segfault-null-read",
     ),
     pytest.param(
-        Fault(fh.exit_3, WorkerCrashedError, ("exited with code 3",), check=_exitcode(3)),
+        Fault(
+            fh.exit_3,
+            WorkerCrashedError,
+            ("exited with code 3",),
+            check=_exitcode(3),
+            threads=KILLS_THE_CALLER,
+            dask=DASK_CRASH,
+        ),
         id="os-exit-3",
     ),
     pytest.param(
-        Fault(fh.sys_exit_4, WorkerCrashedError, ("exited with code 4",), check=_exitcode(4)),
+        # sys.exit() in a task is the item's error on every backend (the worker
+        # lives on), with the worker's traceback where it ran in another process.
+        Fault(
+            fh.sys_exit_4,
+            SystemExit,
+            ("4",),
+            check=_exit_code_and_remote_cause(4),
+            threads=Expect(SystemExit, ("4",), _exit_code(4)),
+        ),
         id="sys-exit-4",
+    ),
+    pytest.param(
+        # Not the user's Ctrl-C (signals reach only the main thread; process
+        # workers ignore SIGINT): the function raised it, so it is the item's error.
+        Fault(
+            fh.raise_keyboard_interrupt,
+            KeyboardInterrupt,
+            ("bad input 3",),
+            check=_remote_cause,
+            threads=Expect(KeyboardInterrupt, ("bad input 3",)),
+        ),
+        id="keyboard-interrupt-raised",
+    ),
+    pytest.param(
+        # Any other BaseException (GeneratorExit, asyncio.CancelledError, a
+        # library's own) is the item's error too.
+        Fault(
+            fh.raise_base_exception,
+            fh.CustomBaseException,
+            ("bad input 3",),
+            check=_remote_cause,
+            threads=Expect(fh.CustomBaseException, ("bad input 3",)),
+        ),
+        id="base-exception",
     ),
     pytest.param(
         Fault(
@@ -198,6 +304,8 @@ FAULTS = [
             WorkerCrashedError,
             ("SIGKILL", "out-of-memory"),
             check=_exitcode(-signal.SIGKILL),
+            threads=KILLS_THE_CALLER,
+            dask=DASK_CRASH,
         ),
         id="sigkill-self",
     ),
@@ -208,22 +316,40 @@ FAULTS = [
             ("timeout", "killed and replaced"),
             options={"timeout": 1.0},
             check=_is_timeout,
+            threads=THREAD_TIMEOUT,
+            dask=DASK_TIMEOUT,
         ),
         id="timeout",
     ),
     pytest.param(
-        Fault(fh.raise_custom, fh.CustomError, ("bad input 3",), check=_remote_cause),
+        Fault(
+            fh.raise_custom,
+            fh.CustomError,
+            ("bad input 3",),
+            check=_remote_cause,
+            threads=Expect(fh.CustomError, ("bad input 3",)),
+        ),
         id="exception",
     ),
     pytest.param(
         Fault(
-            fh.raise_locked, SerializationError, ("LockedError", "bad input 3"), check=_remote_cause
+            fh.raise_locked,
+            SerializationError,
+            ("LockedError", "bad input 3"),
+            check=_remote_cause,
+            threads=Expect(fh.LockedError, ("bad input 3",)),  # never pickled: itself
         ),
         id="exception-holds-lock",
     ),
     pytest.param(
         # cloudpickle can store the lambda: the original exception arrives.
-        Fault(fh.raise_lambda_holder, fh.LambdaError, ("bad input 3",), check=_remote_cause),
+        Fault(
+            fh.raise_lambda_holder,
+            fh.LambdaError,
+            ("bad input 3",),
+            check=_remote_cause,
+            threads=Expect(fh.LambdaError, ("bad input 3",)),
+        ),
         id="exception-holds-lambda",
     ),
     pytest.param(
@@ -232,11 +358,12 @@ FAULTS = [
             SerializationError,
             ("TwoArgError", "bad input 3"),
             check=_remote_cause,
+            threads=Expect(fh.TwoArgError, ("bad input 3",)),
         ),
         id="exception-init-breaks-unpickling",
     ),
     pytest.param(
-        Fault(fh.return_lock, SerializationError, ("result", "pickle")),
+        Fault(fh.return_lock, SerializationError, ("result", "pickle"), threads=NOTHING_PICKLED),
         id="unpicklable-result",
     ),
     pytest.param(
@@ -246,15 +373,56 @@ FAULTS = [
             ("arguments of item 3", "pickle"),
             items=_unpicklable_args(),
             expected=lambda x: x,
+            threads=NOTHING_PICKLED,
         ),
         id="unpicklable-argument",
     ),
 ]
 
 
+FAULT_BACKENDS = ["processes", "threads", "dask"]
+"""Where the table runs: each row on each backend, unless the row says why not."""
+
+
+@pytest.fixture(scope="session")
+def cluster_if_installed(request: pytest.FixtureRequest) -> Any:
+    """The session's dask cluster (a ``DaskTestCluster``), started before any
+    test's leak check counts processes; None without distributed."""
+    import importlib.util
+
+    if importlib.util.find_spec("distributed") is None:
+        return None
+    request.getfixturevalue("dask_helper_threads")
+    return request.getfixturevalue("dask_cluster")
+
+
+def fault_pool(
+    backend: str, request: pytest.FixtureRequest, **options: Any
+) -> contextlib.AbstractContextManager[pp.Pool]:
+    """A pool of ``WORKERS`` workers on ``backend`` (Dask: the session's cluster)."""
+    if backend != "dask":
+        return pp.Pool(backend, workers=WORKERS, progress=False, **options)
+    cluster = request.getfixturevalue("cluster_if_installed")
+    if cluster is None:
+        pytest.skip("distributed is not installed")
+    return pp.Pool("dask", address=cluster.address, progress=False, **options)
+
+
+def check_still_works(pool: pp.Pool, backend: str) -> None:
+    """A second map on the same pool succeeds; on processes, with every worker back."""
+    if backend == "processes":
+        check_pool_still_works(pool)
+    else:
+        assert pool.map(fh.square, range(20)) == [x * x for x in range(20)]
+
+
+@pytest.mark.parametrize("backend", FAULT_BACKENDS)
 @pytest.mark.parametrize("fault", FAULTS)
-def test_fault_fails_only_its_item(fault: Fault) -> None:
-    with pp.Pool("processes", workers=WORKERS, progress=False) as pool:
+def test_fault_fails_only_its_item(
+    fault: Fault, backend: str, request: pytest.FixtureRequest
+) -> None:
+    expect = fault.on(backend)
+    with fault_pool(backend, request) as pool:
         # errors="return": the failed item's error takes its place, the rest come back.
         results = pool.map(fault.fn, fault.items, errors="return", **fault.options)
         assert len(results) == len(fault.items)
@@ -262,34 +430,39 @@ def test_fault_fails_only_its_item(fault: Fault) -> None:
             if index != fault.bad:
                 assert result == fault.expected(item), (index, result)
         error = results[fault.bad]
-        assert type(error) is fault.error, repr(error)
-        for text in fault.message:
+        assert type(error) is expect.error, repr(error)
+        for text in expect.message:
             assert text in str(error), (text, str(error))
-        fault.check(error)
-        check_pool_still_works(pool)
+        expect.check(error)
+        check_still_works(pool, backend)
 
         # errors="raise" (the default): the same error reaches the caller.
-        with pytest.raises(fault.error) as raised:
+        with pytest.raises(expect.error) as raised:
             pool.map(fault.fn, fault.items, **fault.options)
-        for text in fault.message:
+        for text in expect.message:
             assert text in str(raised.value)
-        fault.check(raised.value)
-        check_pool_still_works(pool)
+        expect.check(raised.value)
+        check_still_works(pool, backend)
 
 
+@pytest.mark.parametrize("backend", FAULT_BACKENDS)
 @pytest.mark.parametrize("fault", FAULTS)
-def test_fault_fails_only_its_future(fault: Fault) -> None:
+def test_fault_fails_only_its_future(
+    fault: Fault, backend: str, request: pytest.FixtureRequest
+) -> None:
     """The same faults through submit(): only that future fails."""
-    with pp.Pool("processes", workers=WORKERS, progress=False, **fault.options) as pool:
+    expect = fault.on(backend)
+    with fault_pool(backend, request, **fault.options) as pool:
         futures = [pool.submit(fault.fn, item) for item in fault.items]
         for index, (item, future) in enumerate(zip(fault.items, futures, strict=True)):
             if index == fault.bad:
                 error = future.exception(timeout=WAIT_S)
-                assert type(error) is fault.error, repr(error)
-                fault.check(error)
+                assert type(error) is expect.error, repr(error)
+                assert error is not None
+                expect.check(error)
             else:
                 assert future.result(timeout=WAIT_S) == fault.expected(item)
-        check_pool_still_works(pool)
+        check_still_works(pool, backend)
 
 
 # -- faults that need more than one row ----------------------------------------------

@@ -25,6 +25,7 @@ from concurrent.futures import CancelledError
 from typing import Any, NamedTuple
 
 from powerpool._backends._itemloop import KEYWORDS, ItemWatch, run_chunk
+from powerpool._backends._native_threads import limit_native_threads
 from powerpool._backends._wire import OUTCOMES, VALUES, ShippedError, encode
 from powerpool._backends._worker_logs import ChunkCapture, captured
 from powerpool._errors import InitializerError
@@ -265,7 +266,10 @@ def _run_calls(
     outcomes = progress.outcomes
     with (
         running(token),
-        _native_limit(native_threads),
+        # Capped around the chunk only: the worker is shared (see _native_threads).
+        contextlib.nullcontext()
+        if native_threads is None
+        else limit_native_threads(native_threads, own_process=False),
         captured(lambda: len(outcomes)) as capture,  # this thread's records only
     ):
         with progress.cond:
@@ -359,22 +363,6 @@ def _has_nanny() -> bool:
         return get_worker().nanny is not None
     except Exception:
         return False
-
-
-def _native_limit(native_threads: int | None) -> contextlib.AbstractContextManager[object]:
-    """Cap BLAS/OpenMP threads for one chunk, when the pool asked for a cap.
-
-    Per chunk, not once per worker: threadpoolctl limits only the libraries
-    loaded so far, and the function may load numpy on its first call. It
-    costs under 1 ms per 0.2 s chunk. Without a cap, dask's default holds
-    (nannies start workers with OMP/MKL/OPENBLAS_NUM_THREADS=1).
-    """
-    if native_threads is None:
-        return contextlib.nullcontext()
-    from threadpoolctl import threadpool_limits
-
-    limits: contextlib.AbstractContextManager[object] = threadpool_limits(limits=native_threads)
-    return limits
 
 
 def _dump_outcomes(outcomes: list[tuple[bool, Any]]) -> bytes:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import multiprocessing.sharedctypes  # noqa: F401 - imported for the workers it forks
 
 from .._mainfn import keep_workers_off_the_script
-from . import _worker
+from . import _native_threads, _worker  # noqa: F401 - _worker: imported for the workers
 
 keep_workers_off_the_script()
-_worker.prepare_native_limits()  # threadpoolctl's scan once here, not in each worker
+_native_threads.prepare()  # threadpoolctl's scan once here, not in each worker

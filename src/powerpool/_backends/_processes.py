@@ -52,6 +52,7 @@ from .._system import usable_cores
 from .._task import Chunk, ChunkResult, Item, Measures, Outcome
 from . import _proc_workers
 from ._base import BackendConfig, Deliver
+from ._native_threads import prepare as prepare_native_limits
 from ._proc_chunks import (
     Pending,
     all_failed,
@@ -76,7 +77,6 @@ from ._transfer import open_buffers, receive_buffers, send_buffers
 from ._worker import (
     LOADING,
     STARTING,
-    prepare_native_limits,
     worker_main,
 )
 from ._worker_logs import deliver, logger_levels

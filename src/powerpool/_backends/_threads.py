@@ -124,13 +124,15 @@ class ThreadBackend:
                 # Decided here too: a shutdown between the put and a later
                 # grow would leave the chunk with no thread to take it.
                 thread = None if self._idle.acquire(blocking=False) else self._new_thread()
+                if thread is not None:
+                    # Started under the lock: a shutdown that lists this thread
+                    # must be able to join it (joining an unstarted thread raises).
+                    thread.start()
         if closed:
             if chunk.claim():
                 error = CancelledError("the pool was shut down")
                 self._deliver(ChunkResult(chunk, [(False, error)] * len(chunk), "threads", 0.0))
             return
-        if thread is not None:
-            thread.start()
 
     def cancel(self, epoch: int) -> None:
         self._flag.value = max(self._flag.value, epoch)

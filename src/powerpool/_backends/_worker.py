@@ -53,7 +53,6 @@ import os
 import pickle
 import resource
 import signal
-import sys
 import threading
 import time
 from collections import OrderedDict
@@ -68,6 +67,7 @@ from .._probes import SchedClock
 from .._stop import StopToken, running
 from .._system import set_worker_cores
 from ._itemloop import BARE, KEYWORDS, STAR, ItemWatch, run_chunk
+from ._native_threads import limit_native_threads
 from ._recycle import Budget, Limits, rss_bytes
 from ._shm import (
     Packed,
@@ -83,25 +83,13 @@ __all__ = [
     "BARE",
     "KEYWORDS",
     "LOADING",
-    "NATIVE_THREAD_VARS",
     "STAR",
     "STARTING",
     "TRACE_CHUNKS",
     "TRACE_ITEMS",
     "WORKER_FN_CACHE",
-    "prepare_native_limits",
     "worker_main",
 ]
-
-NATIVE_THREAD_VARS = (
-    "OMP_NUM_THREADS",
-    "OPENBLAS_NUM_THREADS",
-    "MKL_NUM_THREADS",
-    "VECLIB_MAXIMUM_THREADS",
-    "NUMEXPR_NUM_THREADS",
-    "BLIS_NUM_THREADS",
-)
-"""Environment variables native libraries read for their thread-pool size."""
 
 ORPHAN_CHECK_S = 0.5
 """How often a worker checks that its parent is alive. Off the hot path (a
@@ -153,7 +141,7 @@ def worker_main(
     """
     # Ctrl-C goes to the whole process group; the parent decides what stops.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    _limit_native_threads(native_threads)
+    limit_native_threads(native_threads, own_process=True)  # for good: the process is ours
     set_worker_cores(native_threads)  # nested maps stay within this share
     keep_freed_memory()  # big results and arguments reuse pages (see _shm)
 
@@ -380,53 +368,6 @@ def _pack_results(kind: str, results: list[Any], items: int) -> Packed:
         return pack((kind, shipped), items=items, pipe_bytes=True, pipe_below=0)
     except Exception:  # an item's result won't pickle: find it, fail it alone
         return Packed(encode(kind, shipped), None, [])
-
-
-NATIVE_LIBRARY_MODULES = ("numpy", "scipy", "torch", "sklearn")
-"""Modules that load BLAS/OpenMP thread pools a worker must resize."""
-
-_native_pools: Any = None
-"""A ``threadpoolctl.ThreadpoolController`` the parent built before forking
-(see :func:`prepare_native_limits`), or None."""
-_native_pools_key: tuple[str, ...] = ()
-
-
-def prepare_native_limits() -> None:
-    """In the parent, before forking workers: find the native thread pools once.
-
-    Importing threadpoolctl and scanning the loaded libraries costs 50-150 ms
-    (a loaded 2-core machine, numpy loaded); done in each freshly forked
-    worker it delayed every cold start by that much. Forked workers inherit
-    the controller and only call the libraries' set-threads functions. The
-    scan is redone when another native library module was imported since.
-    """
-    global _native_pools, _native_pools_key
-    key = tuple(name for name in NATIVE_LIBRARY_MODULES if name in sys.modules)
-    if not key or key == _native_pools_key:
-        return
-    try:
-        from threadpoolctl import ThreadpoolController
-
-        _native_pools = ThreadpoolController()
-        _native_pools_key = key
-    except Exception:  # threadpoolctl missing or a library it cannot read
-        _native_pools = None
-
-
-def _limit_native_threads(threads: int) -> None:
-    """Keep workers x BLAS/OpenMP threads within the cores (no oversubscription)."""
-    for name in NATIVE_THREAD_VARS:
-        os.environ[name] = str(threads)
-    # Libraries loaded before the fork already sized their pools: resize them.
-    if not any(name in sys.modules for name in NATIVE_LIBRARY_MODULES):
-        return
-    key = tuple(name for name in NATIVE_LIBRARY_MODULES if name in sys.modules)
-    if _native_pools is not None and key == _native_pools_key:
-        _native_pools.limit(limits=threads)  # prepared by the parent (fork)
-        return
-    from threadpoolctl import threadpool_limits
-
-    threadpool_limits(limits=threads)
 
 
 def _load_function(blob: bytes) -> tuple[Callable[..., Any], list[Install]]:
