@@ -9,6 +9,7 @@ running.
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import threading
 import time
 from collections.abc import Iterator
@@ -17,7 +18,11 @@ import psutil
 import pytest
 
 import powerpool
-from dask_cluster import dask_cluster  # noqa: F401  (session fixture: a real dask cluster)
+from dask_cluster import (  # noqa: F401  (session fixtures: a real dask cluster)
+    DaskTestCluster,
+    dask_cluster,
+    dask_helper_threads,
+)
 
 # distributed (through tblib) registers a pickler in copyreg for every exception
 # class that exists when it is first imported. Imported here, before any test
@@ -56,6 +61,18 @@ def _children() -> dict[int, psutil.Process]:
             continue
         found[child.pid] = child
     return found
+
+
+@pytest.fixture(scope="session")
+def cluster_if_installed(request: pytest.FixtureRequest) -> DaskTestCluster | None:
+    """The session's dask cluster, or None without distributed. Take it as a
+    test's argument (not through ``getfixturevalue`` in the body): session
+    fixtures are set up before the leak check counts processes and threads."""
+    if importlib.util.find_spec("distributed") is None:
+        return None
+    request.getfixturevalue("dask_helper_threads")
+    cluster: DaskTestCluster = request.getfixturevalue("dask_cluster")
+    return cluster
 
 
 @pytest.fixture(autouse=True)

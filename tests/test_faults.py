@@ -35,7 +35,7 @@ import pytest
 
 import fault_helpers as fh
 import powerpool as pp
-from dask_cluster import dask_helper_threads  # noqa: F401  (used by cluster_if_installed)
+from dask_cluster import DaskTestCluster
 from powerpool import (
     InitializerError,
     ItemTimeoutError,
@@ -384,25 +384,12 @@ FAULT_BACKENDS = ["processes", "threads", "dask"]
 """Where the table runs: each row on each backend, unless the row says why not."""
 
 
-@pytest.fixture(scope="session")
-def cluster_if_installed(request: pytest.FixtureRequest) -> Any:
-    """The session's dask cluster (a ``DaskTestCluster``), started before any
-    test's leak check counts processes; None without distributed."""
-    import importlib.util
-
-    if importlib.util.find_spec("distributed") is None:
-        return None
-    request.getfixturevalue("dask_helper_threads")
-    return request.getfixturevalue("dask_cluster")
-
-
 def fault_pool(
-    backend: str, request: pytest.FixtureRequest, **options: Any
+    backend: str, cluster: DaskTestCluster | None, **options: Any
 ) -> contextlib.AbstractContextManager[pp.Pool]:
     """A pool of ``WORKERS`` workers on ``backend`` (Dask: the session's cluster)."""
     if backend != "dask":
         return pp.Pool(backend, workers=WORKERS, progress=False, **options)
-    cluster = request.getfixturevalue("cluster_if_installed")
     if cluster is None:
         pytest.skip("distributed is not installed")
     return pp.Pool("dask", address=cluster.address, progress=False, **options)
@@ -419,10 +406,10 @@ def check_still_works(pool: pp.Pool, backend: str) -> None:
 @pytest.mark.parametrize("backend", FAULT_BACKENDS)
 @pytest.mark.parametrize("fault", FAULTS)
 def test_fault_fails_only_its_item(
-    fault: Fault, backend: str, request: pytest.FixtureRequest
+    fault: Fault, backend: str, cluster_if_installed: DaskTestCluster | None
 ) -> None:
     expect = fault.on(backend)
-    with fault_pool(backend, request) as pool:
+    with fault_pool(backend, cluster_if_installed) as pool:
         # errors="return": the failed item's error takes its place, the rest come back.
         results = pool.map(fault.fn, fault.items, errors="return", **fault.options)
         assert len(results) == len(fault.items)
@@ -448,11 +435,11 @@ def test_fault_fails_only_its_item(
 @pytest.mark.parametrize("backend", FAULT_BACKENDS)
 @pytest.mark.parametrize("fault", FAULTS)
 def test_fault_fails_only_its_future(
-    fault: Fault, backend: str, request: pytest.FixtureRequest
+    fault: Fault, backend: str, cluster_if_installed: DaskTestCluster | None
 ) -> None:
     """The same faults through submit(): only that future fails."""
     expect = fault.on(backend)
-    with fault_pool(backend, request, **fault.options) as pool:
+    with fault_pool(backend, cluster_if_installed, **fault.options) as pool:
         futures = [pool.submit(fault.fn, item) for item in fault.items]
         for index, (item, future) in enumerate(zip(fault.items, futures, strict=True)):
             if index == fault.bad:

@@ -6,8 +6,8 @@ backend, so each test runs on the process engine and on a Dask cluster.
 
 from __future__ import annotations
 
-import importlib.util
 import io
+import pickle
 import sys
 import threading
 from collections.abc import Iterator
@@ -17,7 +17,7 @@ import pytest
 
 import fault_helpers as fh
 import powerpool as pp
-from dask_cluster import DaskTestCluster, dask_helper_threads  # noqa: F401
+from dask_cluster import DaskTestCluster
 from powerpool import SerializationError
 from powerpool._backends._wire import (
     FRAMED,
@@ -32,17 +32,6 @@ from powerpool._backends._wire import (
 pytestmark = pytest.mark.timeout(120)
 
 ITEMS = list(range(20))
-
-
-@pytest.fixture(scope="session")
-def cluster_if_installed(request: pytest.FixtureRequest) -> DaskTestCluster | None:
-    """The session's dask cluster, started before any test's leak check counts
-    processes (session fixtures are set up first); None without distributed."""
-    if importlib.util.find_spec("distributed") is None:
-        return None
-    request.getfixturevalue("dask_helper_threads")
-    cluster: DaskTestCluster = request.getfixturevalue("dask_cluster")
-    return cluster
 
 
 @pytest.fixture(params=["processes", "dask"])
@@ -274,3 +263,25 @@ def test_arrays_survive_the_framing(pool: pp.Pool) -> None:
         if i != fh.BAD:
             assert np.array_equal(result, np.arange(i))
             assert result.flags.writeable
+
+
+@pytest.mark.parametrize(
+    ("error", "attribute", "value"),
+    [
+        (SystemExit(4), "code", 4),
+        (SystemExit("bye"), "code", "bye"),
+        (StopIteration(7), "value", 7),
+    ],
+)
+def test_errors_keep_what_their_init_derives_under_tblibs_pickler(
+    error: BaseException, attribute: str, value: Any
+) -> None:
+    """distributed installs tblib's exception pickler, which rebuilds SystemExit and
+    StopIteration without their __init__ (``code``/``value`` came back None)."""
+    pickling_support = pytest.importorskip("tblib.pickling_support")
+    blob = pickle.dumps(ShippedError(error, tb=""), pickle.HIGHEST_PROTOCOL)
+    assert getattr(pickle.loads(blob), attribute) == value
+    # Under tblib's reducer, whether or not this interpreter had installed it.
+    reduced = pickling_support.pickle_exception(error)
+    rebuilt = pickle.loads(pickle.dumps(ShippedError(reduced[0](*reduced[1]), tb="")))
+    assert getattr(rebuilt, attribute) == value

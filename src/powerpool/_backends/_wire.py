@@ -116,6 +116,13 @@ class ShippedError:
 
 def _rebuild(exc: BaseException, tb: str, cause: BaseException | None = None) -> BaseException:
     exc.__cause__ = cause if cause is not None else RemoteTraceback(tb)
+    # tblib's pickler (which importing distributed installs, on Dask workers and
+    # in forked children of a process that imported it) rebuilds these without
+    # running their __init__, which derives the attribute from the arguments.
+    if isinstance(exc, SystemExit) and exc.code is None and len(exc.args) == 1:
+        exc.code = exc.args[0]
+    elif isinstance(exc, StopIteration) and exc.value is None and len(exc.args) == 1:
+        exc.value = exc.args[0]
     return exc
 
 
