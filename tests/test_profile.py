@@ -241,6 +241,23 @@ def test_each_call_runs_exactly_once_and_outcomes_keep_order() -> None:
 
 
 @pytest.mark.timeout(30)
+def test_sys_exit_in_a_sampled_item_is_its_error() -> None:
+    """The item loop's policy: sys.exit() in a task fails the item, it does not end the profile."""
+
+    def exits(x: int) -> int:
+        if x == 1:
+            sys.exit(3)
+        return spin(x)
+
+    prof, outcomes = profile_calls(exits, calls_of(range(4)), stop_early=False)
+    assert [ok for ok, _ in outcomes] == [True, False, True, True]
+    error = outcomes[1][1]
+    assert isinstance(error, SystemExit)
+    assert error.code == 3
+    assert prof.errors == 1
+
+
+@pytest.mark.timeout(30)
 def test_interrupt_propagates_and_stops_the_heartbeat() -> None:
     def interrupted(x: int) -> int:
         if x == 2:

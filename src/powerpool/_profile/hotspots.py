@@ -1,6 +1,7 @@
 """Hot spots: cProfile around the sampled items, and the user's functions ranked.
 
-The profiler's own frames (this package and :mod:`~powerpool._probes`) and
+The profiler's own frames (this package, :mod:`~powerpool._probes` and the
+item loop that calls each sampled item) and
 everything only they called are left out, so the ranking shows the user's code.
 """
 
@@ -10,6 +11,7 @@ import os
 from typing import TYPE_CHECKING, Any
 
 from .. import _probes
+from .._backends import _itemloop
 from .record import Hotspot
 
 if TYPE_CHECKING:
@@ -24,8 +26,10 @@ _PROBES_FILE = os.path.normcase(os.path.abspath(_probes.__file__))
 """...nor those from the heartbeat's module..."""
 _ENGINE_FILE = os.path.join(os.path.dirname(_PROBES_FILE), "_coroutines.py")
 """...nor the event-loop engine's (whose ``call`` awaits each sampled coroutine;
-named, not imported: importing it imports asyncio, ~30 ms on auto's first run)."""
-_ENTRIES = ("_invoke", "timed", "call")
+named, not imported: importing it imports asyncio, ~30 ms on auto's first run)..."""
+_ITEM_LOOP_FILE = os.path.normcase(os.path.abspath(_itemloop.__file__))
+"""...nor the item loop's, whose ``call`` runs each sampled plain item."""
+_ENTRIES = ("timed", "call")
 """The profiler's frames that call the user's function: what they call counts."""
 
 
@@ -49,7 +53,10 @@ def _hotspots(prof: Any) -> tuple[Hotspot, ...]:
 
     def ours(key: tuple[str, int, str]) -> bool:
         path = os.path.normcase(os.path.abspath(key[0]))
-        return path in (_PROBES_FILE, _ENGINE_FILE) or os.path.dirname(path) == _OWN_DIR
+        return (
+            path in (_PROBES_FILE, _ENGINE_FILE, _ITEM_LOOP_FILE)
+            or os.path.dirname(path) == _OWN_DIR
+        )
 
     # Leave out the profiler's own frames and everything only they called
     # (timers, the event loop's machinery, the heartbeat), but never what its

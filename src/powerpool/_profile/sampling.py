@@ -13,6 +13,7 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from typing import TYPE_CHECKING, Any
 
+from .._backends._itemloop import call as call_item
 from .._decide import IO_MAX_BUSY  # one threshold for the profiler and auto
 from .._probes import Heartbeat, SchedClock
 from .classify import PICKLE_SAMPLES, WARMUP_FACTOR, _busy, _gil_disabled
@@ -112,15 +113,6 @@ class _Raw:
         self.notes: list[str] = []
 
 
-def _invoke(fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> Outcome:
-    # A separate frame so that hot-spot filtering can tell the user's function
-    # (called from here) from the profiler's own bookkeeping.
-    try:
-        return True, fn(*args, **kwargs)
-    except Exception as exc:
-        return False, exc
-
-
 def _sample_sync(fn: Callable[..., Any], it: Iterator[Call], budget: _Budget) -> _Raw:
     raw = _Raw()
     perf, thread_time, process_time = time.perf_counter, time.thread_time, time.process_time
@@ -151,7 +143,10 @@ def _sample_sync(fn: Callable[..., Any], it: Iterator[Call], budget: _Budget) ->
                 probe.before()
             c0, p0 = thread_time(), process_time()
             w0 = perf()  # innermost, so the CPU clocks' own cost is not wall time
-            outcome = _invoke(fn, args, kwargs)
+            # The item loop's own call (one exception policy; a separate frame
+            # that hot-spot filtering tells from the profiler's bookkeeping).
+            # in_caller: sampling runs in the caller's thread, Ctrl-C stops it.
+            outcome = call_item(fn, args, kwargs, in_caller=True)
             w1 = perf()
             p1, c1 = process_time(), thread_time()
             for probe in reversed(budget.probes):  # nested: line_profiler wraps the tracer
