@@ -1,11 +1,21 @@
-"""The process backend's failure table (DESIGN.md, "Failure behaviour").
+"""The failure table (DESIGN.md, "Failure behaviour").
 
 One parametrized table of per-item faults, loky-style: each case runs a map
 in which exactly one input misbehaves and asserts the error type, its
 message and cause, that every *other* item's result came back, that the
 pool keeps working afterwards (a second map on the same pool), and (through
-the autouse ``no_leaks`` fixture) that no process or thread leaked. Faults of
-the whole process (Ctrl-C, the parent SIGKILLed) run a child Python script.
+the autouse ``no_leaks`` fixture) that no process or thread leaked. The
+table runs on the process engine, on threads and on the Dask test cluster;
+a row says what differs on a backend, or why it does not apply there (the
+test is skipped with that reason). Faults of the whole process (Ctrl-C, the
+parent SIGKILLed) and the process engine's own cases run a child Python
+script or the process engine only.
+
+What a task may raise is one policy on every backend (``_backends/_itemloop.py``):
+any ``BaseException`` (``sys.exit()``, a ``KeyboardInterrupt`` the function
+raised itself, ``GeneratorExit``, a library's own) is that item's error; only
+a ``KeyboardInterrupt`` in the caller's own thread (serial, the profiler)
+stops the run, as Ctrl-C.
 
 Functions the workers run are in ``fault_helpers`` so that forkserver and
 spawn workers can import them by name.
@@ -450,6 +460,21 @@ def test_fault_fails_only_its_future(
             else:
                 assert future.result(timeout=WAIT_S) == fault.expected(item)
         check_still_works(pool, backend)
+
+
+@pytest.mark.parametrize("backend", ["serial", "threads"])
+def test_keyboard_interrupt_stops_only_in_the_callers_thread(backend: str) -> None:
+    """serial runs items in the caller's thread: a KeyboardInterrupt there is the
+    user's Ctrl-C and stops the run (even with errors="return"); on a worker
+    thread it can only come from the function, and is that item's error."""
+    with pp.Pool(backend, workers=WORKERS, progress=False) as pool:
+        if backend == "serial":
+            with pytest.raises(KeyboardInterrupt):
+                pool.map(fh.raise_keyboard_interrupt, ITEMS, errors="return")
+        else:
+            results = pool.map(fh.raise_keyboard_interrupt, ITEMS, errors="return")
+            assert isinstance(results[fh.BAD], KeyboardInterrupt)
+        assert pool.map(fh.square, range(5)) == [x * x for x in range(5)]
 
 
 # -- faults that need more than one row ----------------------------------------------
