@@ -14,9 +14,11 @@ one table come from the same run of the same machine:
 * **timed, unstamped**: auto cold and its second call in the same
   interpreter, against ``multiprocessing.Pool`` and joblib at their defaults
   (cold: a fresh pool in a fresh interpreter; second call: the same pool
-  again), each the median of ``--repeat`` fresh interpreters.
+  again), each the median of ``--repeat`` fresh interpreters, the peers taken
+  in turn (auto, mp, joblib, auto, ...) so a drifting load hits them alike;
+  every run's figures are kept in the JSON.
 * **phase times** for a projection to more cores: the cost of starting a
-  process pool of W workers (W = 1, 2, 4, 8), fitted to ``a + b * W``.
+  process pool of W workers (W = 1, 2, 4, 8 and the core count), fitted to ``a + b * W``.
 """
 
 from __future__ import annotations
@@ -33,22 +35,26 @@ from collections.abc import Callable
 from typing import Any
 
 PRIMES_04S = [
-    4000000000039,
-    4000000000043,
-    4000000000069,
-    4000000000187,
-    4000000000193,
-    4000000000331,
-    4000000000361,
-    4000000000397,
+    110000000000027,
+    110000000000071,
+    110000000000081,
+    110000000000089,
+    110000000000101,
+    110000000000119,
+    110000000000131,
+    110000000000251,
 ]
-"""Eight 13-digit primes near 4e12: trial division takes ~0.4 s each on the 2-core VM."""
+"""Eight 15-digit primes near 1.1e14: trial division (~5.2 million odd divisors) takes
+~0.4 s each on the 2-core VM (0.35-0.44 s measured at load 0.4). The
+first version used primes near 4e12, which took ~80 ms each: not the issue's workload."""
 
 
-def stamp(fn: Callable[[Any], Any], x: Any) -> tuple[int, float, Any]:
-    """Run ``fn(x)``; return (pid, wall-clock start, result)."""
+def stamp(fn: Callable[[Any], Any], x: Any) -> tuple[int, float, float, Any]:
+    """Run ``fn(x)``; return (pid, wall-clock start, seconds it took, result)."""
     started = time.time()
-    return os.getpid(), started, fn(x)
+    clock = time.perf_counter()
+    result = fn(x)
+    return os.getpid(), started, time.perf_counter() - clock, result
 
 
 def _workload(name: str, quick: bool) -> tuple[Callable[[Any], Any], list[Any]]:
@@ -74,7 +80,7 @@ def _child(spec: dict[str, Any]) -> dict[str, Any]:
             plan = pool.last_plan
         me = os.getpid()
         firsts: dict[int, float] = {}
-        for pid, started, _ in got:
+        for pid, started, _, _ in got:
             if pid != me:
                 firsts[pid] = min(firsts.get(pid, started), started)
         cores = len(os.sched_getaffinity(0))
@@ -82,7 +88,10 @@ def _child(spec: dict[str, Any]) -> dict[str, Any]:
         order = sorted(firsts.values())
         out["first_worker_item_s"] = order[0] - called if order else None
         out["all_busy_s"] = order[need - 1] - called if len(order) >= need else None
-        out["items_in_caller"] = sum(1 for pid, _, _ in got if pid == me)
+        out["items_in_caller"] = sum(1 for pid, _, _, _ in got if pid == me)
+        # What one item really took here, in the run (the workload's size check:
+        # the primes are meant to take ~0.4 s each).
+        out["item_s"] = statistics.median(took for _, _, took, _ in got)
         out["plan"] = f"{plan.backend} x{plan.workers}" if plan else "?"
         out["switches"] = [r for r in (plan.reasons if plan else ()) if r.startswith("switches")]
         return out
@@ -92,9 +101,11 @@ def _child(spec: dict[str, Any]) -> dict[str, Any]:
 
         pp.map(fn, items)
         out["cold_s"] = time.perf_counter() - started
+        out["cold_plan"] = _warm_plan()
         again = time.perf_counter()
         pp.map(fn, items)
         out["second_s"] = time.perf_counter() - again
+        out["second_plan"] = _warm_plan()
     elif mode == "mp":
         import multiprocessing
 
@@ -126,7 +137,8 @@ def _child(spec: dict[str, Any]) -> dict[str, Any]:
         from powerpool._backends._processes import ProcessBackend
         from powerpool._task import Chunk
 
-        for workers in (1, 2, 4, 8):
+        cores = len(os.sched_getaffinity(0))
+        for workers in sorted({1, 2, 4, 8, cores}):
             inbox: queue.SimpleQueue[Any] = queue.SimpleQueue()
             t0 = time.perf_counter()
             backend = ProcessBackend(BackendConfig(workers=workers), inbox.put)
@@ -139,6 +151,41 @@ def _child(spec: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def _env() -> dict[str, str]:
+    """The children's environment, with bytecode caching on.
+
+    An installed powerpool has its ``.pyc`` files, as the stdlib, joblib and
+    numpy have theirs; a shell with ``PYTHONDONTWRITEBYTECODE=1`` (this
+    project's helpers run under one) would make every cold child compile
+    powerpool's ~40 modules from source (~0.1-0.3 s on the 2-core VM), a
+    cost no user pays and no peer was charged.
+    """
+    env = dict(os.environ)
+    env.pop("PYTHONDONTWRITEBYTECODE", None)
+    return env
+
+
+def _compile() -> None:
+    """Write powerpool's bytecode once, before anything is timed (see _env)."""
+    code = (
+        "import compileall, os, powerpool; "
+        "compileall.compile_dir(os.path.dirname(powerpool.__file__), quiet=1)"
+    )
+    subprocess.run([sys.executable, "-c", code], env=_env(), check=True, timeout=600)
+
+
+def _warm_plan() -> str:
+    """The plan pp.map's warm pool ended with (a diagnostic; reads a private registry)."""
+    from powerpool import _api
+
+    plans = [pool.last_plan for pool in _api._warm.values() if pool.last_plan is not None]
+    if not plans:
+        return "?"
+    plan = plans[-1]
+    ran = [r for r in plan.reasons if r.startswith(("ran:", "switches:"))]
+    return f"{plan.backend} x{plan.workers} chunks of {plan.chunksize}; " + "; ".join(ran)
+
+
 def _fresh(spec: dict[str, Any]) -> dict[str, Any]:
     done = subprocess.run(
         [sys.executable, "-m", "benchmarks.autostart", "--child", json.dumps(spec)],
@@ -146,6 +193,7 @@ def _fresh(spec: dict[str, Any]) -> dict[str, Any]:
         text=True,
         timeout=600,
         check=True,
+        env=_env(),
     )
     result: dict[str, Any] = json.loads(done.stdout.strip().splitlines()[-1])
     return result
@@ -167,6 +215,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.child:
         print(json.dumps(_child(json.loads(args.child))))
         return
+    _compile()
     report: dict[str, Any] = {"cores": len(os.sched_getaffinity(0)), "workloads": {}}
     for name in args.only.split(","):
         base = {"workload": name, "quick": args.quick}
@@ -174,17 +223,25 @@ def main(argv: list[str] | None = None) -> None:
         peers = tuple(args.peers.split(","))
         if name == "sleep":  # the process pools are n/workers x 20 ms: not worth the wait
             peers = tuple(p for p in peers if p in ("auto", "loop"))
+        # Round-robin (auto, mp, joblib, auto, mp, ...), not one peer's repeats
+        # in a block: on a shared machine the load drifts, and a block would
+        # hand one peer the quiet minute and another the busy one.
+        runs: dict[str, list[dict[str, Any]]] = {mode: [] for mode in peers}
+        for _ in range(args.repeat):
+            for mode in peers:
+                runs[mode].append(_fresh({**base, "mode": mode}))
         for mode in peers:
-            runs = [_fresh({**base, "mode": mode}) for _ in range(args.repeat)]
             row[mode] = {
-                key: statistics.median(r[key] for r in runs) for key in ("cold_s", "second_s")
+                key: statistics.median(r[key] for r in runs[mode]) for key in ("cold_s", "second_s")
             }
+            row[mode]["runs"] = runs[mode]
         report["workloads"][name] = row
         s = row["stamped"]
         line = [
             f"{name:10s} first item on a worker {_ms(s['first_worker_item_s'])}",
             f"all cores busy {_ms(s['all_busy_s'])}",
             f"items in caller {s['items_in_caller']}",
+            f"item {_ms(s['item_s'])}",
             f"plan {s['plan']}",
         ]
         for mode in peers:

@@ -529,6 +529,8 @@ class Pool:
             )
             self._runs.add(run)
         if prepared.recorder is not None:
+            if steer is not None:
+                steer.begin()  # the report opens with the plan (a cold run decides later)
             first = run.backends[0]
             prepared.recorder.begin(
                 function=fn_name(prepared.fn),

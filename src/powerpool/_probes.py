@@ -28,6 +28,7 @@ __all__ = [
     "SwitchCounter",
     "max_rss",
     "pickle_cost",
+    "thread_blocks",
 ]
 
 HEARTBEAT_S = 1e-3
@@ -104,6 +105,21 @@ def max_rss() -> int:
         return 0
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return int(peak) if sys.platform == "darwin" else int(peak) * 1024
+
+
+def thread_blocks() -> int:
+    """How often the calling thread blocked so far (its voluntary context
+    switches: I/O, sleep, locks); -1 where unknown (not Linux).
+
+    A thread that only computes is preempted (involuntary) but never blocks,
+    so a low CPU/wall ratio with no blocks means a starved CPU, not waiting.
+    """
+    try:
+        import resource
+
+        return int(resource.getrusage(resource.RUSAGE_THREAD).ru_nvcsw)
+    except (ImportError, AttributeError, OSError, ValueError):
+        return -1
 
 
 class SwitchCounter:

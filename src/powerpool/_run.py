@@ -191,6 +191,11 @@ class Run:
         self._sizer = ChunkSizer(fixed=options.chunksize, target_s=1.0, workers=1, total=total)
         self._window = 0
         self._reroute([backend] if steer is None else steer.routes())
+        if steer is not None and steer.remembered_item_s is not None:
+            # A warm start: chunks the right size from the first one, not a ramp
+            # from one item (a tiny function's 100 items would otherwise go one
+            # chunk of 1, 2, 3... at a time through the steer).
+            self._sizer.seed(steer.remembered_item_s)
         self._closed = False
         # Iteration state (caller's thread only).
         self._retry: deque[Item] = deque()
@@ -304,6 +309,7 @@ class Run:
         first = self._routes[0].backend
         self._ledger.begin(first.name, first.workers)
         started = time.perf_counter()
+        announced = False  # the steer was told that the first chunks are out
         try:
             while True:
                 # Refill each route while its window has room: retries first,
@@ -324,6 +330,9 @@ class Run:
                         route.backend.submit(chunk)
                         route.in_flight += 1
                         in_flight += 1
+                if not announced and self._steer is not None:
+                    announced = True
+                    self._steer.started()
                 block, error = self._handover()
                 if block:
                     yield block
@@ -492,7 +501,7 @@ class Run:
         size = self._sizer.next_size()
         steer = self._steer
         if steer is not None:
-            cap = steer.max_chunk
+            cap = steer.max_chunk(self._sizer.per_item_s)
             if cap is not None and self._options.chunksize is None:
                 size = min(size, cap)
         retry = self._retry

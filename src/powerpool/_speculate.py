@@ -54,7 +54,7 @@ from collections.abc import Callable, Hashable
 from functools import partial
 from typing import TYPE_CHECKING, Any
 
-from ._decide import Decision, Evidence, Tally, decide
+from ._decide import BATCH_ITEMS, MAYBE_TINY_S, Decision, Evidence, Tally, decide
 
 if TYPE_CHECKING:
     from ._backends import Backend
@@ -68,6 +68,13 @@ UNDECIDED_MAX_CHUNK = 64
 first backend holds little work (and that tiny items prove themselves in a
 round trip or two), large enough to measure tiny items' cost above the
 chunk's own overhead."""
+
+UNDECIDED_CHUNK_S = 0.01
+"""Work per chunk while undecided (the batch that proves items tiny aside).
+A chunk sent before a switch finishes on the old backend: chunks of 0.1 s
+(the process engine's target) would leave 20 ms waits running five at a
+time on a worker long after the run moved to threads. Smaller costs more
+round trips, but only until the decision (a few chunks per worker)."""
 
 PROBE_CHUNKS_PER_WORKER = 2
 """Chunks per worker sent with the GIL heartbeat while undecided: the first
@@ -153,6 +160,8 @@ class Steer:
         self._probes_left = 0
         self._routes: list[Backend] = []
         self._settled = False
+        self._deferred = False  # routes() sent work before deciding: begin() decides
+        self._deferred_probes = False  # routes() already counted the probe chunks
         self._was_settled = False
         self._trial = False
         self._chunks: dict[str, list[int]] = {}  # backend -> [chunks, items] it ran
@@ -166,10 +175,25 @@ class Steer:
         """Whether the decision is final (later chunks no longer move it)."""
         return self._settled and not self._trial
 
+    def max_chunk(self, per_item_s: float | None) -> int | None:
+        """Cap on chunk size while undecided (None once settled), given the
+        per-item time measured so far (None: nothing measured yet)."""
+        if self._settled:
+            return None
+        if per_item_s is None or per_item_s <= 0:
+            return UNDECIDED_MAX_CHUNK
+        cap = int(UNDECIDED_CHUNK_S / per_item_s)
+        if per_item_s < 2 * MAYBE_TINY_S:
+            cap = max(cap, BATCH_ITEMS)  # the batch that tells whether items are tiny
+        return max(1, min(UNDECIDED_MAX_CHUNK, cap))
+
     @property
-    def max_chunk(self) -> int | None:
-        """Cap on chunk size while undecided (None once settled)."""
-        return None if self._settled else UNDECIDED_MAX_CHUNK
+    def remembered_item_s(self) -> float | None:
+        """Seconds per item measured on an earlier call this run started from (None: cold)."""
+        prior = self._prior
+        if prior is None or not self._settled:
+            return None
+        return prior.item_s if prior.item_s > 0 else None
 
     def probe(self) -> bool:
         """Whether the next chunk should carry the GIL heartbeat."""
@@ -183,8 +207,15 @@ class Steer:
         remembered = self._remembered()
         self._prior = remembered
         if remembered is None:
-            # Fork the workers first: they start while the planner is loaded.
-            self._backend_for("processes", self._workers or self._cores)
+            # Cold: the first chunks go to worker processes before anything is
+            # decided; the planner (a few imports, tens of ms on a cold
+            # interpreter) loads at the first result (begin()), while the
+            # workers already run the next chunks.
+            count = self._workers or self._cores
+            self._routes = [self._backend_for("processes", count)]
+            self._probes_left = PROBE_CHUNKS_PER_WORKER * count
+            self._deferred = self._deferred_probes = True
+            return self._routes
         decision = self._decide()
         if remembered is not None:
             # The same function of the same evidence, for this run's size.
@@ -201,8 +232,27 @@ class Steer:
         self._apply(decision, first=True)
         return self._routes
 
+    def started(self) -> None:
+        """The run's first chunks are on their way (called by the run).
+
+        A cold start decides at the first result (:meth:`observe`): until then
+        the caller's thread only waits, so the process engine's dispatcher
+        (a thread of this process) sends the first chunks without competing
+        for the GIL with the planner's imports. With ``explain=True`` the
+        starting plan is printed now instead.
+        """
+        if self._explain:
+            self.begin()
+
+    def begin(self) -> None:
+        """Take the first decision now if :meth:`routes` left it for later (a no-op otherwise)."""
+        if self._deferred:
+            self._deferred = False
+            self._apply(self._decide(), first=True)
+
     def observe(self, backend: str, result: ChunkResult) -> list[Backend] | None:
         """Take one finished chunk; new routes when the run should switch, else None."""
+        self.begin()
         counts = self._chunks.setdefault(backend, [0, 0])
         counts[0] += 1
         counts[1] += len(result.chunk)
@@ -303,7 +353,7 @@ class Steer:
             self._tally.start_trial(*names)
             self._trial = True
         self._settled = decision.settled
-        if first and not decision.settled:
+        if first and not decision.settled and not self._deferred_probes:
             self._probes_left = PROBE_CHUNKS_PER_WORKER * max(1, plan.workers)
         if not first and names != old:
             elapsed = time.perf_counter() - self._started

@@ -10,6 +10,7 @@ import time
 from typing import ClassVar
 
 from .._errors import InitializerError
+from .._probes import thread_blocks
 from .._stop import CancelFlag, StopToken, running
 from .._task import IN_CALLER_WORKER, Chunk, ChunkResult, Measures, Outcome
 from ._base import BackendConfig, Deliver
@@ -43,6 +44,9 @@ class SerialBackend:
             failed: list[Outcome] = [(False, error)] * len(chunk)
             self._deliver(ChunkResult(chunk, failed, IN_CALLER_WORKER, 0.0))
             return
+        # Blocks tell waiting from a preempted caller's thread (a loaded
+        # machine), so a tiny function is not taken for I/O (auto's evidence).
+        blocks_started = thread_blocks()
         cpu_started = time.thread_time()
         started = time.perf_counter()
         token = StopToken(self._flag, chunk.epoch)
@@ -51,7 +55,9 @@ class SerialBackend:
             # in_caller: a KeyboardInterrupt here is the user's Ctrl-C, and stops the run.
             kind, results = run_chunk(chunk.fn, entries, convention, in_caller=True)
         busy_s = time.perf_counter() - started
-        measures = Measures(time.thread_time() - cpu_started, False)
+        cpu_s = time.thread_time() - cpu_started
+        blocks = -1 if blocks_started < 0 else thread_blocks() - blocks_started
+        measures = Measures(cpu_s, False, blocks=blocks)
         values, outcomes = (results, None) if kind == VALUES else (None, results)
         self._deliver(
             ChunkResult(
