@@ -62,6 +62,10 @@ def _workload(name: str, quick: bool) -> tuple[Callable[[Any], Any], list[Any]]:
 
     if name == "primes04":
         return is_prime, list(PRIMES_04S)
+    if name == "svd300":  # the numpy case: 200 SVDs of 300 x 300
+        from .workloads import svd300_sum
+
+        return svd300_sum, list(range(8 if quick else 200))
     w = WORKLOADS[name]
     return w.fn, w.make_items(w.size(quick), "")
 
@@ -205,7 +209,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument(
-        "--only", default="primes04,cpu5ms,heavytail,numpy,sleep,trivial", help="workloads"
+        "--only", default="primes04,cpu5ms,heavytail,svd300,sleep,trivial", help="workloads"
     )
     parser.add_argument("--json", default=None, help="write the figures here")
     parser.add_argument(

@@ -44,6 +44,7 @@ __all__ = [
     "reset_model",
     "sleep_20ms",
     "spin",
+    "svd300_sum",
     "svd_sum",
 ]
 
@@ -151,6 +152,13 @@ def svd_sum(seed: int) -> float:
     """Singular values of a seeded SVD_N x SVD_N matrix (LAPACK/BLAS, releases the GIL)."""
     rng = np.random.default_rng(seed)
     a = rng.standard_normal((SVD_N, SVD_N))
+    return float(np.linalg.svd(a, compute_uv=False).sum())
+
+
+def svd300_sum(seed: int) -> float:
+    """Singular values of a seeded 300 x 300 matrix: issue 10's numpy workload (200 of them)."""
+    rng = np.random.default_rng(seed)
+    a = rng.standard_normal((300, 300))
     return float(np.linalg.svd(a, compute_uv=False).sum())
 
 

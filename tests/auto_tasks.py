@@ -69,3 +69,10 @@ def spin_10ms(x: int) -> int:
     """~10 ms of pure Python (holds the GIL), whatever the CPU speed."""
     busy_for(0.01)
     return x
+
+
+def planner_loaded(x: int) -> bool:
+    """Whether the worker running this item inherited auto's planner from its parent."""
+    import sys
+
+    return "powerpool._plan" in sys.modules

@@ -27,8 +27,11 @@ from auto_tasks import (
     where_2ms,
 )
 from powerpool import ItemTimeoutError, WorkerCrashedError
-from powerpool._decide import Evidence, Trial, decide
-from powerpool._speculate import code_key, forget
+from powerpool._backends import BackendConfig
+from powerpool._backends._serial import SerialBackend
+from powerpool._decide import BATCH_ITEMS, Evidence, Trial, decide
+from powerpool._speculate import UNDECIDED_MAX_CHUNK, Steer, code_key, forget
+from powerpool._task import Chunk, ChunkResult, Measures
 
 ME = os.getpid()
 
@@ -331,3 +334,132 @@ def test_code_identity() -> None:
     assert code_key(make()) == code_key(make())  # type: ignore[arg-type]
     assert code_key(abs) is abs
     assert code_key(spin_10ms) is spin_10ms.__code__
+
+
+# --------------------------------------------------------------------------- the cold path
+
+
+def _run_script(script: Path) -> subprocess.CompletedProcess[str]:
+    """Run ``script`` in a fresh interpreter that imports what this one can."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    done = subprocess.run(
+        [sys.executable, str(script)],
+        check=False,
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=100,
+    )
+    assert done.returncode == 0, done.stderr
+    return done
+
+
+@pytest.mark.timeout(120)
+def test_a_cold_start_routes_work_before_loading_the_planner(tmp_path: Path) -> None:
+    # In a fresh interpreter: routes() (after which the run sends its first
+    # chunks) must not import the planner; the first decision (begin(), at the
+    # first result) does.
+    script = tmp_path / "cold.py"
+    script.write_text(
+        "import sys\n"
+        "from powerpool._speculate import Steer\n"
+        "class Backend:\n"
+        "    name, workers = 'processes', 2\n"
+        "made = []\n"
+        "steer = Steer(abs, total=10, cores=2, workers=None, isolate=None, explain=False,\n"
+        "              backend_for=lambda name, n: made.append(name) or Backend(),\n"
+        "              on_plan=lambda plan: None)\n"
+        "steer.routes()\n"
+        "print(made, 'powerpool._plan' in sys.modules)\n"
+        "steer.begin()\n"
+        "print('powerpool._plan' in sys.modules, steer.plan.backend, made)\n",
+        encoding="utf-8",
+    )
+    done = _run_script(script)
+    assert done.stdout.splitlines() == [
+        "['processes'] False",
+        "True processes ['processes']",  # decided, on the same backend (not started twice)
+    ]
+
+
+@pytest.mark.timeout(120)
+def test_the_first_items_run_in_workers_forked_before_the_planner_loaded(tmp_path: Path) -> None:
+    script = tmp_path / "cold.py"
+    script.write_text(
+        "import sys\n"
+        "import powerpool as pp\n"
+        "from auto_tasks import planner_loaded\n"
+        "print(sorted(set(pp.map(planner_loaded, range(6)))))\n"
+        "print('powerpool._plan' in sys.modules)\n",
+        encoding="utf-8",
+    )
+    done = _run_script(script)
+    assert done.stdout.split() == ["[False]", "True"]
+
+
+def _steer() -> Steer:
+    return Steer(
+        abs,
+        total=1000,
+        cores=2,
+        workers=None,
+        isolate=None,
+        explain=False,
+        backend_for=lambda name, workers: pytest.fail("no backend needed"),
+        on_plan=lambda plan: None,
+    )
+
+
+def test_undecided_chunks_hold_little_work() -> None:
+    steer = _steer()
+    assert steer.max_chunk(None) == UNDECIDED_MAX_CHUNK  # nothing measured yet
+    assert steer.max_chunk(0.02) == 1  # a 20 ms wait goes alone: a switch strands no queue
+    assert steer.max_chunk(1e-6) == UNDECIDED_MAX_CHUNK  # tiny: one batch proves it
+    assert steer.max_chunk(1.5e-3) == BATCH_ITEMS  # maybe tiny under per-chunk cost
+
+
+def test_serial_chunks_count_how_often_the_callers_thread_blocked() -> None:
+    got: list[ChunkResult] = []
+    backend = SerialBackend(BackendConfig(workers=1), got.append)
+    chunk = Chunk(0, time.sleep, star=False)
+    chunk.args = [0.001] * 3
+    chunk.indices = range(3)
+    backend.submit(chunk)
+    measures = got[0].measures
+    assert measures is not None
+    if measures.blocks != -1:  # -1: this platform cannot count them
+        assert measures.blocks >= 3  # each sleep blocks at least once
+
+
+def _measured(n: int, busy_s: float, cpu_s: float, *, blocks: int = -1) -> ChunkResult:
+    chunk = Chunk(0, abs, star=False)
+    chunk.args = [0] * n
+    chunk.indices = range(n)
+    return ChunkResult(
+        chunk, None, "w", busy_s, values=[0] * n, measures=Measures(cpu_s, False, blocks=blocks)
+    )
+
+
+def test_waiting_work_is_remembered_with_the_cpu_of_every_item_it_ran() -> None:
+    steer = _steer()
+    tally = steer._tally
+    # Two worker chunks of a 20 ms wait, one with 6 ms of a worker's own housekeeping...
+    tally.add("processes", _measured(1, 0.02, 0.0001, blocks=1))
+    tally.add("processes", _measured(1, 0.02, 0.006, blocks=1))
+    # ...then the threads ran the rest, measuring each item's CPU.
+    for _ in range(100):
+        tally.add("threads", _measured(1, 0.02, 0.0001, blocks=1))
+    first = decide(tally.evidence(), 1000, cores=2).plan
+    kept = decide(steer._remembrance(), 1000, cores=2).plan
+    assert first.backend == kept.backend == "threads"
+    assert kept.workers > first.workers  # the stray chunk no longer caps the lanes
+    assert steer._remembrance().cpu_per_item_s < tally.evidence().cpu_per_item_s
+
+
+def test_computing_work_is_remembered_as_the_workers_measured_it() -> None:
+    steer = _steer()
+    tally = steer._tally
+    for _ in range(4):
+        tally.add("processes", _measured(1, 0.01, 0.01, blocks=0))
+        tally.add("threads", _measured(1, 0.02, 0.005, blocks=3))
+    assert steer._remembrance() == tally.evidence()

@@ -317,6 +317,22 @@ class Tally:
         """Whether any chunk was measured alone (in a worker process or the caller's thread)."""
         return bool(self._sides[(True, False)].chunks or self._sides[(True, True)].chunks)
 
+    def warm_cpu(self) -> tuple[int, float]:
+        """(items, CPU seconds) over every warm chunk, threads' included.
+
+        Unlike wall time, CPU time is the item's own wherever it ran: a thread
+        waiting for the GIL spends none. So this is the better-sampled CPU per
+        item once a run has moved to threads (hundreds of items there against
+        the few first chunks in worker processes, where one stray chunk, a GC
+        pass or a worker's housekeeping, can weigh a lot).
+        """
+        items, cpu = 0, 0.0
+        for (_, first), side in self._sides.items():
+            if not first:
+                items += side.items
+                cpu += side.cpu_s
+        return items, cpu
+
     def start_trial(self, *backends: str) -> None:
         """Begin counting throughput per backend from now on (chunks finished before are not)."""
         self._trial = {name: [0, 0, 0.0] for name in backends}

@@ -54,7 +54,15 @@ from collections.abc import Callable, Hashable
 from functools import partial
 from typing import TYPE_CHECKING, Any
 
-from ._decide import BATCH_ITEMS, MAYBE_TINY_S, Decision, Evidence, Tally, decide
+from ._decide import (
+    BATCH_ITEMS,
+    IO_MAX_BUSY,
+    MAYBE_TINY_S,
+    Decision,
+    Evidence,
+    Tally,
+    decide,
+)
 
 if TYPE_CHECKING:
     from ._backends import Backend
@@ -298,7 +306,7 @@ class Steer:
         final = dataclasses.replace(plan, workers=workers, chunksize=chunksize, reasons=reasons)
         if self._explain:
             print(f"powerpool auto: ran\n{final}", file=sys.stderr, flush=True)
-        own = self._tally.evidence()
+        own = self._remembrance()
         if self._key is not None and self._tally.alone and self._decide(own).settled:
             # Only evidence that settles a decision by itself replaces what was kept.
             with _memory_lock:
@@ -307,6 +315,25 @@ class Steer:
                 while len(_memory) > MEMORY_SIZE:
                     _memory.popitem(last=False)
         return final
+
+    def _remembrance(self) -> Evidence:
+        """This run's evidence as the next call of the same code will start from it.
+
+        For waiting work the thread count rests on CPU per item, which the few
+        first chunks in worker processes measure poorly (one chunk with a few
+        ms of a worker's own housekeeping once made a 20 ms sleep look 10%
+        busy: 10 threads instead of 200 on the next call, 0.9 s instead of
+        0.1 s); the threads that ran the rest measured it on every item.
+        """
+        own = self._tally.evidence()
+        if own.busy >= IO_MAX_BUSY:
+            return own  # computing: CPU per item decides nothing about lanes
+        items, cpu = self._tally.warm_cpu()
+        if not items:
+            return own
+        better = dataclasses.replace(own, cpu_per_item_s=cpu / items)
+        waiting = better.busy < IO_MAX_BUSY and self._decide(better).plan.backend == "threads"
+        return better if waiting else own
 
     def evidence(self) -> Evidence:
         """What this run measured so far; the remembered evidence it started from while
