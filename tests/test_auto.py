@@ -276,7 +276,8 @@ def evidence(**overrides: object) -> Evidence:
     [
         ({"items": 0, "chunks": 0}, "processes", "processes"),
         ({"batched_per_item_s": 1e-6, "wall_per_item_s": 2e-5}, "serial", "processes"),
-        ({"cpu_per_item_s": 0.0005}, "threads", "processes"),
+        ({"cpu_per_item_s": 0.0005, "gil_held": 0.0}, "threads", "processes"),
+        ({"cpu_per_item_s": 0.0005}, "processes", "processes"),  # starved, GIL held: computing
         ({}, "processes", "processes"),
         ({"gil_held": None}, "processes", "processes"),
         ({"gil_held": 0.0, "trial": Trial(100.0, 100.0)}, "threads", "processes"),
@@ -312,14 +313,15 @@ def test_quick_one_item_chunks_wait_for_a_batch_before_calling_items_tiny() -> N
 
 def test_first_calls_alone_do_not_settle_computing_work() -> None:
     assert not decide(evidence(warm=False), 1000, cores=8).settled
-    assert decide(evidence(warm=False, cpu_per_item_s=1e-4), 1000, cores=8).settled  # waiting
+    waiting = evidence(warm=False, cpu_per_item_s=1e-4, gil_held=0.0)
+    assert decide(waiting, 1000, cores=8).settled
 
 
 def test_items_that_never_blocked_are_not_waiting_whatever_their_cpu_ratio() -> None:
     # A throttled or overloaded machine: wall far above CPU, yet no blocking.
     starved = evidence(cpu_per_item_s=0.001, blocks_per_item=0.0)
     assert decide(starved, 1000, cores=8).plan.backend == "processes"
-    waiting = evidence(cpu_per_item_s=0.001, blocks_per_item=1.0)
+    waiting = evidence(cpu_per_item_s=0.001, blocks_per_item=1.0, gil_held=0.0)
     assert decide(waiting, 1000, cores=8).plan.backend == "threads"
 
 

@@ -14,7 +14,7 @@ The decision ladder (each rung measured, none guessed)::
     nothing measured yet            -> processes (start there, isolated)
     items far cheaper than a hand-off (< TINY_S each, >= TINY_MIN_ITEMS seen)
                                     -> the caller's thread (serial), unless isolated
-    items mostly wait (CPU < IO_MAX_BUSY of wall)
+    items mostly wait (CPU < IO_MAX_BUSY of wall, and the GIL not held)
                                     -> threads, as many as overlap the waiting, unless isolated
     items compute and hold the GIL (heartbeat >= GIL_HELD_MIN, or too short to tell)
                                     -> processes
@@ -454,7 +454,11 @@ def _ladder(  # noqa: PLR0911 - one return per rung, each explained
             unproven = f"not proven until {TINY_MIN_ITEMS} items were measured"
             return go("processes", f"{why}; {unproven}", False)
         return go("serial", f"{why}: the rest runs in your thread, a plain loop", True, size=1)
-    if e.busy < IO_MAX_BUSY:
+    # Waiting releases the GIL (sleep, sockets, files): a heartbeat that found
+    # it held means the items computed and the CPU figure was starved (a
+    # preempted worker on a loaded VM, where even the run queue misses time).
+    held = e.gil_held is not None and e.gil_held >= GIL_HELD_MIN
+    if e.busy < IO_MAX_BUSY and not held:
         why = f"{said}; the items mostly wait (CPU {e.busy:.0%} of wall)"
         if isolate is not None:
             overlap = "processes overlap the waiting one item per worker"
@@ -495,7 +499,7 @@ def _as_profile(e: Evidence) -> Profile:
 
     if e.item_s < TINY_S:
         workload = Workload.TINY
-    elif e.busy < IO_MAX_BUSY:
+    elif e.busy < IO_MAX_BUSY and not (e.gil_held is not None and e.gil_held >= GIL_HELD_MIN):
         workload = Workload.IO
     elif e.gil_held is not None and e.gil_held < GIL_HELD_MIN:
         workload = Workload.CPU_NATIVE
