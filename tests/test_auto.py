@@ -19,6 +19,7 @@ import pytest
 import powerpool as pp
 from auto_tasks import (
     CRASH_AT,
+    busy_for,
     crash_at_7,
     first_sleeps,
     hash_for,
@@ -30,6 +31,7 @@ from powerpool import ItemTimeoutError, WorkerCrashedError
 from powerpool._backends import BackendConfig
 from powerpool._backends._serial import SerialBackend
 from powerpool._decide import BATCH_ITEMS, Evidence, Trial, decide
+from powerpool._probes import Heartbeat
 from powerpool._speculate import UNDECIDED_MAX_CHUNK, Steer, code_key, forget
 from powerpool._task import Chunk, ChunkResult, Measures
 
@@ -465,3 +467,20 @@ def test_computing_work_is_remembered_as_the_workers_measured_it() -> None:
         tally.add("processes", _measured(1, 0.01, 0.01, blocks=0))
         tally.add("threads", _measured(1, 0.02, 0.005, blocks=3))
     assert steer._remembrance() == tally.evidence()
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize(("work", "held"), [(busy_for, True), (time.sleep, False)])
+def test_a_capped_heartbeat_stops_ticking_and_still_scores(work: Any, held: bool) -> None:
+    beat = Heartbeat(max_ticks=8)
+    beat.begin()
+    start = time.perf_counter()
+    work(0.3)  # long enough for far more than 8 ticks
+    end = time.perf_counter()
+    beat.end(start, end)
+    beat.stop()
+    estimate, _ = beat.gil_estimate()
+    assert estimate is not None
+    score, ticks, _ = estimate
+    assert ticks <= 9  # the cap, plus the final wait counted as a tick that only slept
+    assert (score >= 0.5) is held

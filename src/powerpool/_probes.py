@@ -178,7 +178,11 @@ class Heartbeat:
     :meth:`stop` joined it, and ``_started`` (an int) at any time.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, max_ticks: int | None = None) -> None:
+        # After max_ticks the heartbeat stops ticking (its score rests on those):
+        # each tick against GIL-holding code forces a GIL hand-off, which costs
+        # the sampled code a little (much more under gVisor); None: tick until stop().
+        self._max_ticks = max_ticks
         self._ticks: list[tuple[float, float]] = []  # (when it was due, when it woke)
         self._started = 0  # ticks begun; each costs exactly one voluntary switch (its sleep)
         self._rss_peak = 0
@@ -213,6 +217,11 @@ class Heartbeat:
         self._ready.set()
         while True:
             self._started += 1
+            if self._max_ticks is not None and self._started > self._max_ticks:
+                # Counted as a tick that only slept: this wait blocks once, then
+                # nothing more happens here until stop().
+                wait()
+                return
             due = perf() + HEARTBEAT_S
             if wait(HEARTBEAT_S):  # releases the GIL while it sleeps
                 return

@@ -84,9 +84,11 @@ A chunk sent before a switch finishes on the old backend: chunks of 0.1 s
 time on a worker long after the run moved to threads. Smaller costs more
 round trips, but only until the decision (a few chunks per worker)."""
 
-PROBE_CHUNKS_PER_WORKER = 2
-"""Chunks per worker sent with the GIL heartbeat while undecided: the first
-one may be a first call (imports), the second is warm."""
+PROBE_CHUNKS = 4
+"""Chunks sent with the GIL heartbeat while undecided (the first ones, whatever
+the worker count): enough for GIL_MIN_SAMPLES even if some are first calls or
+too short to score. Per worker it was 32 probes on 16 cores, every item of a
+short run carrying a heartbeat that slows pure Python a little."""
 
 MAX_SWITCHES = 4
 """Switches one run may make: enough for a trial and a correction, few enough
@@ -221,7 +223,7 @@ class Steer:
             # workers already run the next chunks.
             count = self._workers or self._cores
             self._routes = [self._backend_for("processes", count)]
-            self._probes_left = PROBE_CHUNKS_PER_WORKER * count
+            self._probes_left = PROBE_CHUNKS
             self._deferred = self._deferred_probes = True
             return self._routes
         decision = self._decide()
@@ -381,7 +383,7 @@ class Steer:
             self._trial = True
         self._settled = decision.settled
         if first and not decision.settled and not self._deferred_probes:
-            self._probes_left = PROBE_CHUNKS_PER_WORKER * max(1, plan.workers)
+            self._probes_left = PROBE_CHUNKS
         if not first and names != old:
             elapsed = time.perf_counter() - self._started
             items = sum(c[1] for c in self._chunks.values())
