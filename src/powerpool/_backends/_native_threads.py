@@ -26,9 +26,16 @@ from __future__ import annotations
 import contextlib
 import os
 import sys
+from collections.abc import Iterator
 from typing import Any
 
-__all__ = ["NATIVE_LIBRARY_MODULES", "NATIVE_THREAD_VARS", "limit_native_threads", "prepare"]
+__all__ = [
+    "NATIVE_LIBRARY_MODULES",
+    "NATIVE_THREAD_VARS",
+    "capped_for_fork",
+    "limit_native_threads",
+    "prepare",
+]
 
 NATIVE_THREAD_VARS = (
     "OMP_NUM_THREADS",
@@ -68,6 +75,40 @@ def prepare() -> None:
         _scanner, _scanned_for = None, ()
 
 
+_forked_with: int | None = None
+"""The cap the parent had set on its own pools while it forked this process
+(see :func:`capped_for_fork`), or None."""
+
+
+@contextlib.contextmanager
+def capped_for_fork(threads: int) -> Iterator[None]:
+    """Around forking workers: this process's pools capped at ``threads``, then restored.
+
+    Workers forked meanwhile inherit the capped pools and leave them alone.
+    Resizing OpenBLAS in a fresh fork instead re-creates its thread pool,
+    whose threads then spin for ~0.1 s: CPU taken from the first items of
+    every cold start (15 spinning threads per worker on 16 cores), and, in
+    a worker measuring its process's CPU, counted as the items' (4-19 ms
+    per 20 ms sleep, which made waiting work look CPU-bound to auto).
+    """
+    global _forked_with
+    if _scanner is None or _loaded() != _scanned_for:
+        yield
+        return
+    try:
+        limiter = _scanner.limit(limits=threads)
+    except Exception:  # a library that cannot be resized here: workers try themselves
+        yield
+        return
+    _forked_with = threads
+    try:
+        yield
+    finally:
+        _forked_with = None
+        with contextlib.suppress(Exception):
+            limiter.restore_original_limits()
+
+
 def limit_native_threads(
     threads: int, *, own_process: bool
 ) -> contextlib.AbstractContextManager[object]:
@@ -82,6 +123,8 @@ def limit_native_threads(
             os.environ[name] = str(threads)
     if not _loaded():
         return contextlib.nullcontext()
+    if own_process and _forked_with == threads and _loaded() == _scanned_for:
+        return contextlib.nullcontext()  # forked with the parent's pools capped (capped_for_fork)
     if _loaded() != _scanned_for:
         prepare()
     if _scanner is None:  # threadpoolctl could not read them: the environment is all we did

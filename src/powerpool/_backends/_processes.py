@@ -28,6 +28,7 @@ cache in :mod:`._proc_functions`, a chunk's header fields and outcomes in
 
 from __future__ import annotations
 
+import contextlib
 import os
 import pickle
 import threading
@@ -52,6 +53,7 @@ from .._system import usable_cores
 from .._task import Chunk, ChunkResult, Item, Measures, Outcome
 from . import _proc_workers
 from ._base import BackendConfig, Deliver
+from ._native_threads import capped_for_fork
 from ._native_threads import prepare as prepare_native_limits
 from ._proc_chunks import (
     Pending,
@@ -144,9 +146,12 @@ class ProcessBackend:
         self._alive = self._context.Pipe(duplex=False)
         self._wake_r, self._wake_w = os.pipe()
         os.set_blocking(self._wake_w, False)
-        if self._context.get_start_method() == "fork":
+        forking = self._context.get_start_method() == "fork"
+        if forking:
             prepare_native_limits()  # once here, not in every forked worker
-        self._workers: list[Worker] = [self._start_worker(slot) for slot in range(self.workers)]
+        capped = capped_for_fork(self._native_threads) if forking else contextlib.nullcontext()
+        with capped:
+            self._workers: list[Worker] = [self._start_worker(s) for s in range(self.workers)]
         # Started after the workers so that a fork above saw a single thread.
         self._dispatcher = threading.Thread(
             target=self._dispatch_forever, name="powerpool-dispatcher", daemon=True

@@ -249,8 +249,13 @@ def worker_main(  # noqa: PLR0911 - each return is one way a worker's life ends
         blocks_started = _voluntary_switches()
         queued_started = sched.waited_s()
         # CPU of the whole process (native thread pools count), except while
-        # the heartbeat runs: its own ticks would pass for the items' work.
-        cpu_clock = time.thread_time if beat is not None else time.process_time
+        # the heartbeat runs (its own ticks would pass for the items' work) and
+        # when native pools are capped at one thread (the items' native code
+        # then runs in this thread, and OpenBLAS's idle pool, re-created after
+        # the fork, spins for ~0.1 s: 4-19 ms of CPU per 20 ms sleep, taken for
+        # the items', made waiting work look CPU-bound).
+        single = beat is not None or native_threads == 1
+        cpu_clock = time.thread_time if single else time.process_time
         cpu_started = cpu_clock()
         started = time.perf_counter()
         ends: list[float] | None = [] if traced == TRACE_ITEMS else None
