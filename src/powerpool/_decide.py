@@ -457,8 +457,8 @@ def _ladder(  # noqa: PLR0911 - one return per rung, each explained
     # Waiting releases the GIL (sleep, sockets, files): a heartbeat that found
     # it held means the items computed and the CPU figure was starved (a
     # preempted worker on a loaded VM, where even the run queue misses time).
-    held = e.gil_held is not None and e.gil_held >= GIL_HELD_MIN
-    if e.busy < IO_MAX_BUSY and not held:
+    gil_held = e.gil_held is not None and e.gil_held >= GIL_HELD_MIN
+    if e.busy < IO_MAX_BUSY and not gil_held:
         why = f"{said}; the items mostly wait (CPU {e.busy:.0%} of wall)"
         if isolate is not None:
             overlap = "processes overlap the waiting one item per worker"
