@@ -183,6 +183,9 @@ class Heartbeat:
         # each tick against GIL-holding code forces a GIL hand-off, which costs
         # the sampled code a little (much more under gVisor); None: tick until stop().
         self._max_ticks = max_ticks
+        # The cap counts from begin(): until then (the sampled code not started
+        # yet, maybe a preempted caller) ticks are not capped.
+        self._begun_ticks: float = float("inf")
         self._ticks: list[tuple[float, float]] = []  # (when it was due, when it woke)
         self._started = 0  # ticks begun; each costs exactly one voluntary switch (its sleep)
         self._rss_peak = 0
@@ -217,7 +220,7 @@ class Heartbeat:
         self._ready.set()
         while True:
             self._started += 1
-            if self._max_ticks is not None and self._started > self._max_ticks:
+            if self._max_ticks is not None and self._started > self._begun_ticks + self._max_ticks:
                 # Counted as a tick that only slept: this wait blocks once, then
                 # nothing more happens here until stop().
                 wait()
@@ -231,6 +234,7 @@ class Heartbeat:
         """Call right before an item: counts start here, so the profiler's own
         code between items (holding the GIL) is not blamed on the item."""
         self._begun = self._counts()
+        self._begun_ticks = self._begun[0]
         self._rss_peak = max(self._rss_peak, self._probe.read())
 
     def end(self, start: float, end: float) -> None:
