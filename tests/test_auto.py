@@ -72,10 +72,28 @@ def test_a_segfault_fails_one_item_and_the_caller_lives() -> None:
         assert pool.map(abs, [-1, -2]) == [1, 2]  # still usable
 
 
+def _run_script(tmp_path: Path, source: str) -> subprocess.CompletedProcess[str]:
+    """Run ``source`` as a script in a fresh interpreter that imports what this
+    one can (powerpool from this checkout, the tests' task modules); it must exit 0."""
+    script = tmp_path / "script.py"
+    script.write_text(source, encoding="utf-8")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    done = subprocess.run(
+        [sys.executable, str(script)],
+        check=False,
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=100,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    return done
+
+
 @pytest.mark.timeout(120)
 def test_a_segfault_under_default_auto_does_not_kill_a_script(tmp_path: Path) -> None:
-    script = tmp_path / "crashy.py"
-    script.write_text(
+    done = _run_script(
+        tmp_path,
         "import powerpool as pp\n"
         "from auto_tasks import crash_at_7\n"
         "if __name__ == '__main__':\n"
@@ -83,20 +101,7 @@ def test_a_segfault_under_default_auto_does_not_kill_a_script(tmp_path: Path) ->
         "        pp.map(crash_at_7, range(100))\n"
         "    except pp.WorkerCrashedError as exc:\n"
         "        print('caught', type(exc).__name__)\n",
-        encoding="utf-8",
     )
-    tests = str(Path(__file__).parent)
-    src = str(Path(pp.__file__).parent.parent)
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([src, tests])}
-    done = subprocess.run(
-        [sys.executable, str(script)],
-        capture_output=True,
-        text=True,
-        timeout=100,
-        env=env,
-        check=False,
-    )
-    assert done.returncode == 0, done.stderr[-2000:]
     assert "caught WorkerCrashedError" in done.stdout
 
 
@@ -343,28 +348,13 @@ def test_code_identity() -> None:
 # --------------------------------------------------------------------------- the cold path
 
 
-def _run_script(script: Path) -> subprocess.CompletedProcess[str]:
-    """Run ``script`` in a fresh interpreter that imports what this one can."""
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
-    done = subprocess.run(
-        [sys.executable, str(script)],
-        check=False,
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=100,
-    )
-    assert done.returncode == 0, done.stderr
-    return done
-
-
 @pytest.mark.timeout(120)
 def test_a_cold_start_routes_work_before_loading_the_planner(tmp_path: Path) -> None:
     # In a fresh interpreter: routes() (after which the run sends its first
     # chunks) must not import the planner; the first decision (begin(), at the
     # first result) does.
-    script = tmp_path / "cold.py"
-    script.write_text(
+    done = _run_script(
+        tmp_path,
         "import sys\n"
         "from powerpool._speculate import Steer\n"
         "class Backend:\n"
@@ -377,9 +367,7 @@ def test_a_cold_start_routes_work_before_loading_the_planner(tmp_path: Path) -> 
         "print(made, 'powerpool._plan' in sys.modules)\n"
         "steer.begin()\n"
         "print('powerpool._plan' in sys.modules, steer.plan.backend, made)\n",
-        encoding="utf-8",
     )
-    done = _run_script(script)
     assert done.stdout.splitlines() == [
         "['processes'] False",
         "True processes ['processes']",  # decided, on the same backend (not started twice)
@@ -388,16 +376,14 @@ def test_a_cold_start_routes_work_before_loading_the_planner(tmp_path: Path) -> 
 
 @pytest.mark.timeout(120)
 def test_the_first_items_run_in_workers_forked_before_the_planner_loaded(tmp_path: Path) -> None:
-    script = tmp_path / "cold.py"
-    script.write_text(
+    done = _run_script(
+        tmp_path,
         "import sys\n"
         "import powerpool as pp\n"
         "from auto_tasks import planner_loaded\n"
         "print(sorted(set(pp.map(planner_loaded, range(6)))))\n"
         "print('powerpool._plan' in sys.modules)\n",
-        encoding="utf-8",
     )
-    done = _run_script(script)
     assert done.stdout.split() == ["[False]", "True"]
 
 
