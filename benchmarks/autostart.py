@@ -139,7 +139,7 @@ def _child(spec: dict[str, Any]) -> dict[str, Any]:
 
         from powerpool._backends import BackendConfig
         from powerpool._backends._processes import ProcessBackend
-        from powerpool._task import Chunk
+        from powerpool._chunk import Chunk
 
         cores = len(os.sched_getaffinity(0))
         for workers in sorted({1, 2, 4, 8, cores}):
@@ -180,9 +180,9 @@ def _compile() -> None:
 
 def _warm_plan() -> str:
     """The plan pp.map's warm pool ended with (a diagnostic; reads a private registry)."""
-    from powerpool import _api
+    from powerpool import _warm_pools
 
-    plans = [pool.last_plan for pool in _api._warm.values() if pool.last_plan is not None]
+    plans = [pool.last_plan for pool in _warm_pools._warm.values() if pool.last_plan is not None]
     if not plans:
         return "?"
     plan = plans[-1]

@@ -191,8 +191,8 @@ def powerpool_version() -> str | None:
 # Names under which the core may expose "stop every warm pool"; the first found wins.
 _WARM_SHUTDOWN_NAMES = (
     ("powerpool", "shutdown_warm_pools"),
-    ("powerpool._api", "shutdown_warm_pools"),
-    ("powerpool._api", "_shutdown_warm_pools"),
+    ("powerpool._warm_pools", "shutdown_warm_pools"),
+    ("powerpool._warm_pools", "_shutdown_warm_pools"),
     ("powerpool._pool", "shutdown_warm_pools"),
     ("powerpool._pool", "_shutdown_warm_pools"),
 )

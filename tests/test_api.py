@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 
 import powerpool as pp
-from powerpool import _api
+from powerpool import _warm_pools
 from powerpool._chunking import MAX_CHUNK_ITEMS
 from tasks import flaky, nap, square
 
@@ -385,21 +385,21 @@ def test_bad_input_starts_no_work(tmp_path: Path) -> None:
 def test_warm_pools_are_reused(backend: str) -> None:
     assert pp.map(square, range(3), backend=backend, workers=2) == [0, 1, 4]
     assert pp.map(square, range(3), backend=backend, workers=2, errors="skip") == [0, 1, 4]
-    assert len(_api._warm) == 1  # run options don't make a new pool
+    assert len(_warm_pools._warm) == 1  # run options don't make a new pool
 
 
 def test_many_option_sets_keep_a_bounded_number_of_warm_pools(backend: str) -> None:
     # native_threads shapes the workers, so each value keys its own warm pool (of one worker).
-    for threads in range(1, _api.MAX_WARM_POOLS + 3):
+    for threads in range(1, _warm_pools.MAX_WARM_POOLS + 3):
         results = pp.map(square, range(5), backend=backend, workers=1, native_threads=threads)
         assert results == [0, 1, 4, 9, 16]
-    assert len(_api._warm) <= _api.MAX_WARM_POOLS
+    assert len(_warm_pools._warm) <= _warm_pools.MAX_WARM_POOLS
 
 
 def test_a_live_imap_survives_warm_pool_eviction(parallel_backend: str) -> None:
     results = pp.imap(square, range(100_000), backend=parallel_backend, workers=1)
     assert next(results) == 0
-    for threads in range(2, 3 + _api.MAX_WARM_POOLS):
+    for threads in range(2, 3 + _warm_pools.MAX_WARM_POOLS):
         pp.map(square, range(3), backend=parallel_backend, workers=1, native_threads=threads)
     assert sum(1 for _ in results) == 99_999
 

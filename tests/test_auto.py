@@ -30,10 +30,10 @@ from auto_tasks import (
 from powerpool import ItemTimeoutError, WorkerCrashedError
 from powerpool._backends import BackendConfig
 from powerpool._backends._serial import SerialBackend
+from powerpool._chunk import Chunk, ChunkResult, Measures
 from powerpool._decide import BATCH_ITEMS, Evidence, Trial, decide
 from powerpool._probes import Heartbeat
 from powerpool._speculate import UNDECIDED_MAX_CHUNK, Steer, code_key, forget
-from powerpool._task import Chunk, ChunkResult, Measures
 
 ME = os.getpid()
 

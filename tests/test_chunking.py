@@ -10,10 +10,10 @@ from typing import Any, ClassVar
 
 import pytest
 
+from powerpool._chunk import Chunk, ChunkResult
 from powerpool._chunking import CHUNKS_PER_WORKER, ChunkSizer
 from powerpool._run import CHUNKS_IN_FLIGHT_PER_WORKER, Run, RunOptions
 from powerpool._stats import StatsLedger
-from powerpool._task import Chunk, ChunkResult
 
 pytestmark = pytest.mark.timeout(30)
 

@@ -31,6 +31,7 @@ import pytest
 import powerpool as pp
 from powerpool._backends import load
 from powerpool._backends._base import BackendConfig
+from powerpool._chunk import Chunk, ChunkResult, ItemLost
 from powerpool._errors import (
     BackendUnavailableError,
     InitializerError,
@@ -40,7 +41,6 @@ from powerpool._errors import (
     WorkerCrashedError,
 )
 from powerpool._stop import should_stop
-from powerpool._task import Chunk, ChunkResult, ItemLost
 
 distributed = pytest.importorskip("distributed")
 pytest.importorskip("distributed.diagnostics.plugin")

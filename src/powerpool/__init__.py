@@ -9,7 +9,6 @@ from typing import TYPE_CHECKING as _TYPE_CHECKING
 from typing import Any as _Any
 
 from ._aio import aimap, amap
-from ._api import imap, imap_unordered, map, shutdown_warm_pools
 from ._errors import (
     BackendUnavailableError,
     CheckpointMismatchError,
@@ -27,6 +26,7 @@ from ._pool import Pool, PoolState
 from ._recorder import RunReport
 from ._stats import PoolStats
 from ._stop import should_stop
+from ._warm_pools import imap, imap_unordered, map, shutdown_warm_pools
 
 if _TYPE_CHECKING:
     from ._plan import Plan, plan

@@ -23,7 +23,6 @@ import threading
 from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterable
 from typing import TYPE_CHECKING, Any
 
-from ._execute import is_coroutine_function
 from ._options import (
     MAP_OPTION_NAMES,
     RUN_OPTION_NAMES,
@@ -32,11 +31,12 @@ from ._options import (
     check_backend,
     check_names,
 )
+from ._prepare import is_coroutine_function
 
 if TYPE_CHECKING:
+    from ._chunk import ChunkResult
     from ._options import RunOptionsDict, Unpack
     from ._pool import Pool
-    from ._task import ChunkResult
 
 __all__ = ["aimap", "amap", "pool_aimap"]
 

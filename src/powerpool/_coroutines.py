@@ -41,9 +41,9 @@ from collections.abc import Callable
 from concurrent.futures import CancelledError
 from typing import Any, ClassVar, TypeVar
 
+from ._chunk import NO_KWARGS, Chunk, ChunkResult, Outcome
 from ._errors import InitializerError, ItemTimeoutError
 from ._stop import CancelFlag, StopToken, use
-from ._task import NO_KWARGS, Chunk, ChunkResult, Outcome
 
 __all__ = ["CoroutineEngine", "LoopInbox", "call", "close_loop", "run_private"]
 

@@ -3,7 +3,7 @@
 ``backend="auto"`` never samples the work in the caller's thread. The run
 starts at once on worker processes (see :mod:`powerpool._speculate`); each
 worker measures the chunks it runs (wall and CPU time, a GIL heartbeat on
-the first chunks, bytes on the wire: :class:`~powerpool._task.Measures`).
+the first chunks, bytes on the wire: :class:`~powerpool._chunk.Measures`).
 :class:`Tally` folds those per-chunk reports into an :class:`Evidence`
 record, and :func:`decide` turns evidence into a :class:`~powerpool._plan.Plan`
 — the same function for a running ``auto`` and for :func:`powerpool.plan`,
@@ -47,7 +47,7 @@ import dataclasses
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from ._task import ChunkResult, Measures
+from ._chunk import ChunkResult, Measures
 
 if TYPE_CHECKING:
     # Imported when first needed, not with this module: a cold auto run forks

@@ -21,8 +21,8 @@ from concurrent.futures import CancelledError, Future
 from typing import TYPE_CHECKING, Any, ParamSpec, TypeVar, overload
 
 from ._backends import load
+from ._chunk import ChunkResult
 from ._errors import PoolClosedError
-from ._execute import is_coroutine_function
 from ._options import (
     BackendName,
     PoolOptions,
@@ -40,6 +40,7 @@ from ._prepare import (
     default_workers,
     fn_name,
     input_length,
+    is_coroutine_function,
     isolation_reason,
     nested_backend,
     start_method_of,
@@ -50,7 +51,6 @@ from ._run import Run, RunOptions
 from ._stats import PoolStats, StatsLedger
 from ._submit import Submitter
 from ._system import usable_cores
-from ._task import ChunkResult
 
 if TYPE_CHECKING:
     from collections.abc import Awaitable

@@ -17,13 +17,14 @@ does not depend on the pool's own state lives here:
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import os
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
+from functools import partial
 from typing import TYPE_CHECKING, Any
 
 from ._backends import BackendConfig, load
-from ._execute import is_coroutine_function
 from ._options import (
     DASK_OPTION_NAMES,
     POOL_OPTION_NAMES,
@@ -53,6 +54,7 @@ __all__ = [
     "default_workers",
     "fn_name",
     "input_length",
+    "is_coroutine_function",
     "isolation_reason",
     "nested_backend",
     "start_method_of",
@@ -61,6 +63,16 @@ __all__ = [
 
 ASYNC_BACKENDS = ("asyncio",)
 """Backends that run coroutine functions (and only those)."""
+
+
+def is_coroutine_function(fn: object) -> bool:
+    """True for ``async def`` functions, partials of them and objects with async ``__call__``."""
+    while isinstance(fn, partial):
+        fn = fn.func
+    if inspect.iscoroutinefunction(fn):
+        return True
+    call = getattr(fn, "__call__", None)  # noqa: B004 - we want the bound __call__ itself
+    return call is not None and inspect.iscoroutinefunction(call)
 
 
 def default_workers(backend: str) -> int:

@@ -1,6 +1,6 @@
 """What happened in a run, recorded for a report (only when one is asked for).
 
-The pool core hands the :class:`Recorder` every :class:`~powerpool._task.ChunkResult`
+The pool core hands the :class:`Recorder` every :class:`~powerpool._chunk.ChunkResult`
 it absorbs; backends that can (the process engine) measure more when a chunk
 carries a recorder: the phases of the chunk in the worker and, for small
 chunks, each item's end. Without ``report=`` no recorder exists and nothing
@@ -28,14 +28,14 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, NamedTuple
 
+from ._chunk import IN_CALLER_WORKER
 from ._system import usable_cores
-from ._task import IN_CALLER_WORKER
 
 if TYPE_CHECKING:
     import logging
 
+    from ._chunk import ChunkResult
     from ._plan import Plan
-    from ._task import ChunkResult
 
 __all__ = [
     "ChunkSpan",
@@ -548,8 +548,8 @@ def failed_items(result: ChunkResult) -> list[tuple[int, str, str]]:
 
 def classify(exc: BaseException) -> tuple[str, str]:
     """The failure kind a report shows for an item's exception, and the exception in words."""
+    from ._chunk import ItemLost
     from ._errors import ItemTimeoutError, WorkerCrashedError
-    from ._task import ItemLost
 
     what = f"{type(exc).__name__}: {exc}"[:200]
     if isinstance(exc, ItemLost):

@@ -29,6 +29,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
 
 from ._backends._base import chunk_floor_s
+from ._chunk import Chunk, ChunkResult, Item, ItemLost, Outcome
 from ._chunking import ChunkSizer
 from ._errors import (
     InitializerError,
@@ -40,7 +41,6 @@ from ._errors import (
 from ._progress import Progress, ProgressMode
 from ._recorder import Recorder, failed_items
 from ._stats import StatsLedger
-from ._task import Chunk, ChunkResult, Item, ItemLost, Outcome
 
 if TYPE_CHECKING:
     from ._speculate import Steer

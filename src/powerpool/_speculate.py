@@ -66,8 +66,8 @@ from ._decide import (
 
 if TYPE_CHECKING:
     from ._backends import Backend
+    from ._chunk import ChunkResult
     from ._plan import Plan
-    from ._task import ChunkResult
 
 __all__ = ["Steer", "code_key", "forget", "plan_by_running"]
 

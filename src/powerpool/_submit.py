@@ -13,9 +13,9 @@ from collections.abc import Callable
 from concurrent.futures import Future
 from typing import TYPE_CHECKING, Any
 
+from ._chunk import Chunk, ChunkResult, Item, ItemLost
 from ._recorder import failed_items
 from ._run import Attempts
-from ._task import Chunk, ChunkResult, Item, ItemLost
 
 if TYPE_CHECKING:
     from ._backends import Backend

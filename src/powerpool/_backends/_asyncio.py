@@ -18,8 +18,8 @@ import threading
 from concurrent.futures import CancelledError
 from typing import ClassVar
 
+from .._chunk import Chunk, ChunkResult
 from .._coroutines import CoroutineEngine, close_loop
-from .._task import Chunk, ChunkResult
 from ._base import BackendConfig, Deliver
 
 __all__ = ["AsyncioBackend"]

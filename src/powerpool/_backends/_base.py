@@ -22,7 +22,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Protocol
 
-from .._task import Chunk, ChunkResult
+from .._chunk import Chunk, ChunkResult
 
 __all__ = ["Backend", "BackendConfig", "Deliver", "chunk_floor_s"]
 

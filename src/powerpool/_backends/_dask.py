@@ -1,7 +1,7 @@
 """The dask backend: the same pool, run on a ``distributed`` cluster (scale-out).
 
 This is the client side; what runs inside the workers is in ``_dask_worker``.
-Each :class:`~powerpool._task.Chunk` becomes exactly one dask task. The pool
+Each :class:`~powerpool._chunk.Chunk` becomes exactly one dask task. The pool
 core sizes chunks (``chunk_target_s``, ``chunk_floor_s``) and bounds how many
 are in flight (``workers``: the cluster's threads, re-read as workers come
 and go), so this module only maps chunks onto cluster futures and back::
@@ -70,6 +70,7 @@ from typing import Any, ClassVar, TypeVar
 
 from powerpool._backends._base import BackendConfig, Deliver
 from powerpool._backends._worker_logs import deliver as deliver_logs
+from powerpool._chunk import Chunk, ChunkResult, ItemLost, Outcome
 from powerpool._errors import (
     BackendUnavailableError,
     ItemTimeoutError,
@@ -78,7 +79,6 @@ from powerpool._errors import (
     SerializationError,
     WorkerCrashedError,
 )
-from powerpool._task import Chunk, ChunkResult, ItemLost, Outcome
 
 from ._dask_cluster import (
     _check_options,

@@ -16,8 +16,8 @@ import threading
 from collections.abc import Callable, Sequence
 from typing import Any
 
+from powerpool._chunk import Chunk
 from powerpool._errors import SerializationError
-from powerpool._task import Chunk
 
 from ._dask_worker import _dumps, _Shipped
 

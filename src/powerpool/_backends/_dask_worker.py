@@ -26,7 +26,7 @@ from typing import Any, NamedTuple
 
 from powerpool._backends._itemloop import KEYWORDS, ItemWatch, run_chunk
 from powerpool._backends._native_threads import limit_native_threads
-from powerpool._backends._wire import OUTCOMES, VALUES, ShippedError, encode
+from powerpool._backends._wire import OUTCOMES, VALUES, ShippedError, dumps, encode
 from powerpool._backends._worker_logs import ChunkCapture, captured
 from powerpool._errors import InitializerError
 from powerpool._stop import StopToken, running
@@ -35,15 +35,11 @@ from powerpool._stop import StopToken, running
 
 
 def _dumps(obj: object) -> bytes:
-    """Pickle ``obj``, with cloudpickle where plain pickle cannot (lambdas, ``__main__``)."""
-    try:
-        blob = pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL)
-    except Exception:
-        blob = b"__main__"  # fall through to cloudpickle below
-    # Same test as distributed's own: a reference to __main__ cannot be
-    # resolved in another process, so such objects are pickled by value.
-    if b"__main__" not in blob:
-        return blob
+    """Pickle ``obj`` by the one wire rule (:func:`_wire.dumps`), by value with cloudpickle."""
+    return dumps(obj, by_value=_cloudpickle)
+
+
+def _cloudpickle(obj: object) -> bytes:
     import cloudpickle
 
     data: bytes = cloudpickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL)

@@ -41,10 +41,10 @@ from collections.abc import Callable
 from itertools import starmap
 from typing import TYPE_CHECKING, Any
 
-from .._task import Outcome
+from .._chunk import Outcome
 
 if TYPE_CHECKING:
-    from .._task import Chunk
+    from .._chunk import Chunk
 
 __all__ = [
     "BARE",

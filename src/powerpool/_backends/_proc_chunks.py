@@ -16,11 +16,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from .._chunk import Chunk, ChunkResult, Item, ItemLost, Outcome
 from .._errors import SerializationError
-from .._execute import dumps
-from .._task import Chunk, ChunkResult, Item, ItemLost, Outcome
 from ._shm import Packed, Table, unpack
-from ._wire import salvage, unframe
+from ._wire import dumps, salvage, unframe
 from ._worker import BARE, KEYWORDS, STAR, TRACE_CHUNKS, TRACE_ITEMS
 
 __all__ = [

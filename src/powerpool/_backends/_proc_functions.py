@@ -15,9 +15,9 @@ from collections import OrderedDict
 from collections.abc import Callable
 from typing import Any
 
-from .._execute import dumps
+from .._chunk import Chunk
 from .._mainfn import digest
-from .._task import Chunk
+from ._wire import dumps
 
 __all__ = ["FN_CACHE", "FunctionCache", "dumps_function"]
 

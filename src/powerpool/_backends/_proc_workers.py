@@ -25,8 +25,8 @@ from multiprocessing.context import BaseContext
 from multiprocessing.process import BaseProcess
 from typing import TYPE_CHECKING
 
+from .._chunk import Chunk
 from .._mainfn import require_guard
-from .._task import Chunk
 from ._worker import WORKER_FN_CACHE
 
 if TYPE_CHECKING:

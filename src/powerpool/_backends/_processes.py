@@ -40,17 +40,16 @@ from multiprocessing.connection import wait
 from multiprocessing.process import BaseProcess
 from typing import Any, ClassVar
 
+from .._chunk import Chunk, ChunkResult, Item, Measures, Outcome
 from .._errors import (
     InitializerError,
     ItemTimeoutError,
     SerializationError,
     WorkerCrashedError,
 )
-from .._execute import dumps
 from .._mainfn import WORKER_NAME_PREFIX
 from .._recorder import WorkerTiming
 from .._system import usable_cores
-from .._task import Chunk, ChunkResult, Item, Measures, Outcome
 from . import _proc_workers
 from ._base import BackendConfig, Deliver
 from ._native_threads import capped_for_fork
@@ -76,6 +75,7 @@ from ._shm import (
     pack,
 )
 from ._transfer import open_buffers, receive_buffers, send_buffers
+from ._wire import dumps
 from ._worker import (
     LOADING,
     STARTING,

@@ -9,10 +9,10 @@ from __future__ import annotations
 import time
 from typing import ClassVar
 
+from .._chunk import IN_CALLER_WORKER, Chunk, ChunkResult, Measures, Outcome
 from .._errors import InitializerError
 from .._probes import thread_blocks
 from .._stop import CancelFlag, StopToken, running
-from .._task import IN_CALLER_WORKER, Chunk, ChunkResult, Measures, Outcome
 from ._base import BackendConfig, Deliver
 from ._itemloop import VALUES, chunk_entries, run_chunk
 

@@ -69,7 +69,7 @@ import weakref
 from collections.abc import Callable
 from typing import Any
 
-from ._wire import SalvagingUnpickler
+from ._wire import MAIN_MARK, SalvagingUnpickler
 
 __all__ = [
     "COPY",
@@ -98,7 +98,7 @@ pipe as messages of their own, read by the worker straight into the memory
 the array then uses; larger ones, and any object already sent once in the
 run, in a shared segment (written once, mapped by every chunk that uses it).
 Measured here, warm pool, 200 MB of distinct float64 arrays per map (median
-of 5, see /work/notes/wire.md): piped 0.15-0.25 s against segments 0.31-0.42 s
+of 5, see benchmarks/RESULTS.md, "Round 3"): piped 0.15-0.25 s against segments 0.31-0.42 s
 at every size from 0.5 MB to 16.8 MB; at 33.5 MB segments win 0.41 s to
 1.3 s. The cause is fresh pages, expensive on a VM: a piped buffer lands in
 the worker's recycled heap (see WORKER_MALLOC_KEEP_BYTES), up to glibc's
@@ -333,7 +333,7 @@ def pack(
     fresh allocation, the result itself) and the sender copies nothing in
     user space; a segment costs fresh shared pages on both sides on every
     chunk (measured, 200 x 1 MB bytes results, warm pool: see
-    /work/notes/wire.md). ``pipe_below``: out-of-band buffers (arrays)
+    benchmarks/RESULTS.md, "Round 3"). ``pipe_below``: out-of-band buffers (arrays)
     smaller than this are piped too (default :data:`PIPE_BELOW_BYTES`).
     """
     if pipe_below is None:
@@ -388,13 +388,13 @@ def _dumps(
     persistent_id: Callable[[Any], Any] | None,
     reset: Callable[[], None],
 ) -> bytes:
-    """By the rule of ``_execute.dumps``, with out-of-band buffers: plain pickle,
+    """By the rule of ``_wire.dumps``, with out-of-band buffers: plain pickle,
     else (or when the stream names ``__main__``, which workers never import)
     cloudpickle with ``__main__`` functions rebuilt by ``_mainfn``'s rules.
     ``reset`` forgets the buffers a first, abandoned attempt collected."""
     try:
         blob = _dump_with(pickle.Pickler, obj, buffer_callback, persistent_id)
-        if b"__main__" not in blob:
+        if MAIN_MARK not in blob:
             return blob
     except Exception:
         pass

@@ -22,9 +22,9 @@ from concurrent.futures import CancelledError
 from dataclasses import dataclass, field
 from typing import ClassVar
 
+from .._chunk import Chunk, ChunkResult, ItemLost, Measures, Outcome
 from .._errors import InitializerError, ItemTimeoutError
 from .._stop import CancelFlag, StopToken, running
-from .._task import Chunk, ChunkResult, ItemLost, Measures, Outcome
 from ._base import BackendConfig, Deliver
 from ._itemloop import VALUES, ItemWatch, chunk_entries, run_chunk
 

@@ -29,7 +29,7 @@ results (min of 5): one pickle per result costs the caller 3-5x the one
 ``loads`` (2-tuples 633 against 175 ns per item, small dicts 3 284 against
 662, Fractions 10 476 against 3 456: a ``loads`` call per item, and every
 item's pickle names its class again) and the worker 2-60x the one
-``dumps``; on 200 000 results with warm pools, see /work/notes/wire.md.
+``dumps``; on 200 000 results with warm pools, see benchmarks/RESULTS.md, "Round 3".
 The salvaging read is pure Python, ~100x a C ``loads``, and is paid only
 by a chunk that failed. It also removed the worker's check-load that the
 previous design paid on every chunk of containers or of new classes. The
@@ -37,7 +37,8 @@ price: a chunk that fails is unpickled twice, so constructors of its items
 before the bad one run twice in the caller.
 
 The same rules serve both out-of-process backends (the process workers and
-the Dask workers), so a result behaves the same wherever it was computed.
+the Dask workers), so a result behaves the same wherever it was computed;
+so does :func:`dumps`, the one rule for how functions and arguments travel.
 """
 
 from __future__ import annotations
@@ -51,24 +52,52 @@ from array import array
 from collections.abc import Callable
 from typing import Any, ClassVar, Final
 
+from .._chunk import Outcome
 from .._errors import RemoteTraceback, SerializationError
-from .._execute import dumps
-from .._task import Outcome
+from .._mainfn import by_value as by_value_in_workers
 
 __all__ = [
     "FRAMED",
+    "MAIN_MARK",
     "OUTCOMES",
     "VALUES",
     "ShippedError",
     "Broken",
     "SalvagingUnpickler",
     "decode",
+    "dumps",
     "encode",
     "format_error",
     "framed",
     "salvage",
     "unframe",
 ]
+
+
+MAIN_MARK: Final = b"__main__"
+"""In a pickle stream, a reference the workers could not resolve: they never
+import the user's script. A byte search (memchr speed); a false positive, a
+``"__main__"`` string in the data, only costs a by-value pass."""
+
+
+def dumps(obj: Any, by_value: Callable[[Any], bytes] = by_value_in_workers) -> bytes:
+    """How functions, arguments and results travel, on every out-of-process backend.
+
+    Plain pickle first: fast, and by reference, so workers import the real
+    module. By value for what plain pickle refuses (lambdas, closures) and
+    for anything that names ``__main__``. ``by_value`` is how: the process
+    engine's :func:`powerpool._mainfn.by_value` (a script's functions share
+    one namespace per worker, each global installed when its digest changes),
+    or plain cloudpickle on Dask, whose workers run tasks on threads that
+    namespace is not safe for yet.
+    """
+    try:
+        blob = pickle.dumps(obj, pickle.HIGHEST_PROTOCOL)
+    except Exception:
+        return by_value(obj)
+    if MAIN_MARK in blob:
+        return by_value(obj)
+    return blob
 
 
 class ShippedError:

@@ -4,7 +4,7 @@ Protocol on the worker's pipe (parent -> worker), one chunk per two messages::
 
     header  = pickle((chunk_id, fn_digest, fn_blob | None, epoch, convention, timed, traced,
                       shared, probe))     shared: None, or (access, table) of _shm segments;
-                                          probe: run auto's GIL heartbeat (see _task.Measures)
+                                          probe: run auto's GIL heartbeat (see _chunk.Measures)
     [out-of-band buffers, when shared: segments' descriptors (SCM_RIGHTS), then
      piped buffers as raw bytes (see _transfer)]
     payload = pickle([x, ...])                  convention BARE:     fn(x)
@@ -15,7 +15,7 @@ Protocol on the worker's pipe (parent -> worker), one chunk per two messages::
 worker -> parent, two messages per chunk (the parent's dispatcher reads only
 the small first one; the results are unpickled by the consumer's thread)::
 
-    pickle((chunk_id, busy_s, info))   info["measures"]: auto's evidence (_task.Measures)
+    pickle((chunk_id, busy_s, info))   info["measures"]: auto's evidence (_chunk.Measures)
     [out-of-band buffers, when info["table"] is given, as above]
     pickle(("values", [result, ...]))                 every item succeeded, or
     pickle(("outcomes", [(ok, value | ShippedError)])), or
@@ -61,7 +61,6 @@ from multiprocessing.connection import Connection
 from typing import Any
 
 from .._errors import SerializationError
-from .._execute import dumps
 from .._mainfn import Install, load, refresh
 from .._probes import SchedClock
 from .._stop import StopToken, running
@@ -76,7 +75,7 @@ from ._shm import (
     unpack,
 )
 from ._transfer import open_buffers, receive_buffers, send_buffers
-from ._wire import ShippedError, encode
+from ._wire import ShippedError, dumps, encode
 from ._worker_logs import forward_to_parent
 
 __all__ = [
