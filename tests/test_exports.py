@@ -17,7 +17,7 @@ import powerpool
 
 pytestmark = pytest.mark.timeout(60)
 
-LAZY = ("Plan", "Profile", "Workload", "plan", "profile")
+LAZY = ("Plan", "Profile", "RunReport", "Workload", "plan", "profile")
 """Names ``powerpool.__getattr__`` imports on first use."""
 
 HEAVY_MODULES = (
@@ -31,9 +31,10 @@ HEAVY_MODULES = (
     "pstats",
     "psutil",
     "tqdm",
+    "powerpool._recorder",
 )
-"""Modules ``import powerpool`` must not pull in: each costs tens of milliseconds
-or more, and only some runs need it."""
+"""Modules ``import powerpool`` must not pull in: each costs milliseconds to tens
+of milliseconds, and only some runs need it (the recorder: runs with ``report=``)."""
 
 IMPORT_BUDGET_S = 1.0
 
@@ -122,3 +123,20 @@ def test_import_is_fast_and_light() -> None:
 
 def _exists(module: str) -> bool:
     return importlib.util.find_spec(module) is not None
+
+
+def test_the_recorder_loads_only_for_a_report() -> None:
+    """A run without ``report=`` never imports the recorder (its dataclasses cost
+    ~7 ms of every cold start); one with it does."""
+    code = (
+        "import sys\n"
+        "import powerpool as pp\n"
+        "pp.map(abs, range(4), backend='processes')\n"
+        "before = 'powerpool._recorder' in sys.modules\n"
+        "pp.map(abs, range(4), backend='processes', report=True)\n"
+        "print(before, 'powerpool._recorder' in sys.modules)\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True
+    )
+    assert out.stdout.split() == ["False", "True"], out.stdout + out.stderr

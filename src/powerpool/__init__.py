@@ -23,7 +23,6 @@ from ._errors import (
 )
 from ._executor import Executor
 from ._pool import Pool, PoolState
-from ._recorder import RunReport
 from ._stats import PoolStats
 from ._stop import should_stop
 from ._warm_pools import imap, imap_unordered, map, shutdown_warm_pools
@@ -31,6 +30,7 @@ from ._warm_pools import imap, imap_unordered, map, shutdown_warm_pools
 if _TYPE_CHECKING:
     from ._plan import Plan, plan
     from ._profile import Profile, Workload, profile
+    from ._recorder import RunReport
 
 __version__ = "0.1.0"
 
@@ -83,12 +83,14 @@ _LAZY = {
     "Profile": "._profile",
     "Workload": "._profile",
     "profile": "._profile",
+    "RunReport": "._recorder",
 }
 
 
 def __getattr__(name: str) -> _Any:
-    # The profiler pulls in more of the standard library than most runs need;
-    # import it on first use (the pattern of concurrent.futures' __init__).
+    # The profiler pulls in more of the standard library than most runs need,
+    # and the run recorder is only for runs asked to report: import them on
+    # first use (the pattern of concurrent.futures' __init__).
     module = _LAZY.get(name)
     if module is None:
         raise AttributeError(f"module 'powerpool' has no attribute {name!r}")

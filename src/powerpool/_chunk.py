@@ -20,6 +20,7 @@ __all__ = [
     "ItemLost",
     "Measures",
     "Outcome",
+    "WorkerTiming",
 ]
 
 IN_CALLER_WORKER = "serial"
@@ -31,6 +32,23 @@ Item = tuple[int, tuple[Any, ...], dict[str, Any]]
 
 Outcome = tuple[bool, Any]
 """(True, result) or (False, exception) for one item."""
+
+
+class WorkerTiming(NamedTuple):
+    """A chunk's phases as its worker process measured them (``perf_counter`` clock)."""
+
+    received_s: float
+    """When the chunk's header arrived in the worker."""
+    receive_s: float
+    """Seconds spent receiving the arguments from the pipe (transfer)."""
+    unpack_s: float
+    """Seconds unpickling the arguments (and the function, the first time)."""
+    started_s: float
+    """When the first item started."""
+    item_ends_s: list[float] | None
+    """When each item ended (small chunks only, see ITEM_TRACE_MAX_ITEMS)."""
+    pickle_s: float
+    """Seconds pickling the results."""
 
 
 class Measures(NamedTuple):
@@ -225,7 +243,7 @@ class ChunkResult:
         when the backend does not say."""
         self.timing = timing
         """What a backend measured for the run recorder (a
-        :class:`~powerpool._recorder.WorkerTiming`), only for chunks with a
+        :class:`WorkerTiming`), only for chunks with a
         recorder; None otherwise."""
         self.nbytes = nbytes
         """Bytes the chunk's results took in transit (pickled, shared memory

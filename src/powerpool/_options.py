@@ -27,7 +27,6 @@ from collections.abc import Callable, Iterable, Mapping
 from typing import TYPE_CHECKING, Any, Literal, TypeAlias, TypedDict, cast, get_args
 
 from ._progress import ProgressMode
-from ._recorder import report_format
 from ._run import ErrorPolicy, RunOptions
 
 if TYPE_CHECKING:  # for ``**options: Unpack[PoolOptions]`` in the modules that take them
@@ -227,6 +226,8 @@ def check_report(report: object) -> None:
         return
     if not isinstance(report, (str, os.PathLike)):
         raise TypeError(f"report must be a path, True or None, got {report!r}")
+    from ._recorder import report_format  # only runs asking for a report load the recorder
+
     report_format(os.fspath(report))
     folder = os.path.dirname(os.path.abspath(os.fspath(report)))
     if not os.path.isdir(folder):

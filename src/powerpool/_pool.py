@@ -46,7 +46,6 @@ from ._prepare import (
     start_method_of,
     unmeasured_auto_plan,
 )
-from ._recorder import Recorder, RunReport
 from ._run import Run, RunOptions
 from ._stats import PoolStats, StatsLedger
 from ._submit import Submitter
@@ -59,6 +58,7 @@ if TYPE_CHECKING:
     from ._decide import Evidence
     from ._options import Unpack
     from ._plan import Plan
+    from ._recorder import Recorder, RunReport
     from ._speculate import Steer
 
 __all__ = ["Pool", "PoolState", "ReportTarget"]
@@ -351,6 +351,8 @@ class Pool:
         """The recorder of everything this pool runs (``Pool(report=...)``), made on first use."""
         with self._lock:
             if self._recorder is None:
+                from ._recorder import Recorder
+
                 self._recorder = Recorder()
             return self._recorder
 
@@ -423,6 +425,8 @@ class Pool:
             fn, source, star, input_length(iterables), self._backend_name, self._workers
         )
         if report:  # this call's own report
+            from ._recorder import Recorder
+
             prepared.recorder = Recorder()
             prepared.report_path = None if isinstance(report, bool) else report
         elif self._report:  # the pool's

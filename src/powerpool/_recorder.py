@@ -26,9 +26,9 @@ import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, NamedTuple
+from typing import TYPE_CHECKING, Any
 
-from ._chunk import IN_CALLER_WORKER
+from ._chunk import IN_CALLER_WORKER, WorkerTiming
 from ._system import usable_cores
 
 if TYPE_CHECKING:
@@ -44,7 +44,6 @@ __all__ = [
     "Recorder",
     "RunInfo",
     "RunReport",
-    "WorkerTiming",
     "classify",
     "failed_items",
     "report_format",
@@ -59,23 +58,6 @@ MAX_EVENTS = 10_000
 
 MAX_LOGS = 10_000
 """Worker log records whose time is kept for the report; the rest are counted."""
-
-
-class WorkerTiming(NamedTuple):
-    """A chunk's phases as its worker process measured them (``perf_counter`` clock)."""
-
-    received_s: float
-    """When the chunk's header arrived in the worker."""
-    receive_s: float
-    """Seconds spent receiving the arguments from the pipe (transfer)."""
-    unpack_s: float
-    """Seconds unpickling the arguments (and the function, the first time)."""
-    started_s: float
-    """When the first item started."""
-    item_ends_s: list[float] | None
-    """When each item ended (small chunks only, see ITEM_TRACE_MAX_ITEMS)."""
-    pickle_s: float
-    """Seconds pickling the results."""
 
 
 @dataclass(frozen=True)

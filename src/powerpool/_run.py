@@ -39,10 +39,10 @@ from ._errors import (
     WorkerError,
 )
 from ._progress import Progress, ProgressMode
-from ._recorder import Recorder, failed_items
 from ._stats import StatsLedger
 
 if TYPE_CHECKING:
+    from ._recorder import Recorder
     from ._speculate import Steer
 
 __all__ = ["Attempts", "ErrorPolicy", "Run", "RunOptions", "is_retryable"]
@@ -422,6 +422,8 @@ class Run:
     def _record(self, result: ChunkResult, values: list[Any] | None) -> None:
         """Give the run's recorder this chunk, with its failed items (report= only)."""
         assert self._recorder is not None
+        from ._recorder import failed_items  # loaded with the recorder already
+
         self._recorder.chunk(result, failed_items(result) if values is None else ())
 
     def _settle(self, item: Item, outcome: Outcome) -> None:

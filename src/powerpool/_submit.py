@@ -14,7 +14,6 @@ from concurrent.futures import Future
 from typing import TYPE_CHECKING, Any
 
 from ._chunk import Chunk, ChunkResult, Item, ItemLost
-from ._recorder import failed_items
 from ._run import Attempts
 
 if TYPE_CHECKING:
@@ -73,6 +72,8 @@ class Submitter:
             self._ledger.chunk(result.worker, result.busy_s)
             if recorder is not None:  # futures go in the pool's report (written at shutdown)
                 self.recorded = True
+                from ._recorder import failed_items
+
                 recorder.chunk(result, failed_items(result), kind="future")
             ok, value = result.outcomes[0]
             if ok:

@@ -40,7 +40,7 @@ from multiprocessing.connection import wait
 from multiprocessing.process import BaseProcess
 from typing import Any, ClassVar
 
-from .._chunk import Chunk, ChunkResult, Item, Measures, Outcome
+from .._chunk import Chunk, ChunkResult, Item, Measures, Outcome, WorkerTiming
 from .._errors import (
     InitializerError,
     ItemTimeoutError,
@@ -48,7 +48,6 @@ from .._errors import (
     WorkerCrashedError,
 )
 from .._mainfn import WORKER_NAME_PREFIX
-from .._recorder import WorkerTiming
 from .._system import usable_cores
 from . import _proc_workers
 from ._base import BackendConfig, Deliver
