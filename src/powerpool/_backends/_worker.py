@@ -23,7 +23,7 @@ the small first one; the results are unpickled by the consumer's thread)::
                                                       pickle failed (see _wire)
 
 ``info`` is a dict: "table" (large result buffers in shared memory, see
-_shm), "timing" (when ``traced``: see _recorder.WorkerTiming), "retire" and
+_shm), "timing" (when ``traced``: see _chunk.WorkerTiming), "retire" and
 "ran" (this worker reached its limits after running the first "ran" items,
 and exits: see _recycle), or "problem" (the payload would not unpickle
 here; the second message is empty and the parent finds the culprit items).
