@@ -260,6 +260,11 @@ class ChunkResult:
             self._decode = None
 
     @classmethod
+    def failed(cls, chunk: Chunk, error: BaseException, worker: str) -> ChunkResult:
+        """Every item of ``chunk`` failed with ``error`` before any ran (no compute time)."""
+        return cls(chunk, [(False, error)] * len(chunk), worker, 0.0)
+
+    @classmethod
     def of(
         cls,
         chunk: Chunk,

@@ -182,7 +182,7 @@ class CoroutineEngine:
             return
         if self._init_error is not None:
             error = InitializerError.wrap(self._init_error)
-            self._deliver(ChunkResult(chunk, [(False, error)] * len(chunk), self.name, 0.0))
+            self._deliver(ChunkResult.failed(chunk, error, self.name))
             return
         state = _Running(chunk, StopToken(self._flag, chunk.epoch))
         self._running[chunk] = state

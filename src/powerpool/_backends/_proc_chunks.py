@@ -4,7 +4,7 @@ What the chunk header tells a worker (:func:`calling_convention`,
 :func:`trace_level`), a chunk waiting for a worker (:class:`Pending`), and the
 outcomes the parent builds for a chunk: results decoded from a worker's reply
 (:func:`decoder`), items blamed after a death or a timeout (:func:`blame`),
-a whole chunk failed (:func:`all_failed`), items whose arguments cannot be
+a whole chunk failed (``ChunkResult.failed``), items whose arguments cannot be
 pickled told apart from the rest (:func:`sort_picklable`), and a chunk split
 in the parent put back together (:func:`merge_parts`).
 """
@@ -25,7 +25,6 @@ from ._worker import BARE, KEYWORDS, STAR, TRACE_CHUNKS, TRACE_ITEMS
 __all__ = [
     "ITEM_TRACE_MAX_ITEMS",
     "Pending",
-    "all_failed",
     "blame",
     "calling_convention",
     "decoder",
@@ -92,10 +91,6 @@ def decoder(
         return unframe(message)
 
     return decode
-
-
-def all_failed(chunk: Chunk, error: BaseException, worker: str) -> ChunkResult:
-    return ChunkResult(chunk, [(False, error)] * len(chunk), worker, 0.0)
 
 
 def sort_picklable(

@@ -55,7 +55,6 @@ from ._native_threads import capped_for_fork
 from ._native_threads import prepare as prepare_native_limits
 from ._proc_chunks import (
     Pending,
-    all_failed,
     blame,
     calling_convention,
     decoder,
@@ -178,7 +177,9 @@ class ProcessBackend:
                 closed = False
                 self._pending.append(Pending(chunk, payload))
         if closed:
-            self._deliver(all_failed(chunk, CancelledError("the pool was shut down"), "parent"))
+            self._deliver(
+                ChunkResult.failed(chunk, CancelledError("the pool was shut down"), "parent")
+            )
             return
         self._wake()
 
@@ -213,7 +214,7 @@ class ProcessBackend:
             error = SerializationError(
                 f"the arguments could not be unpickled in a worker process: {worker_problem}"
             )
-            self._deliver(all_failed(chunk, error, "parent"))
+            self._deliver(ChunkResult.failed(chunk, error, "parent"))
             return
         if not good:
             self._deliver(ChunkResult(chunk, [outcome for _, outcome in bad], "parent", 0.0))
@@ -361,7 +362,7 @@ class ProcessBackend:
                     f"the function {getattr(chunk.fn, '__qualname__', chunk.fn)!r} could not "
                     f"be pickled to send it to a worker process: {type(exc).__name__}: {exc}"
                 )
-                self._deliver(all_failed(chunk, error, "parent"))
+                self._deliver(ChunkResult.failed(chunk, error, "parent"))
                 continue
             worker = idle.pop()
             first = worker.remember(fn_id)
@@ -431,7 +432,7 @@ class ProcessBackend:
             cause = header[1]
             self._broken = lambda: InitializerError.wrap(cause)
             if chunk is not None:
-                self._deliver(all_failed(chunk, self._broken(), worker.name))
+                self._deliver(ChunkResult.failed(chunk, self._broken(), worker.name))
             return
         if chunk is None or chunk.id != header[0]:
             return
@@ -574,7 +575,7 @@ class ProcessBackend:
             pending, self._pending = list(self._pending), deque()
         for entry in pending:
             if entry.chunk.claim():
-                self._deliver(all_failed(entry.chunk, error(), "parent"))
+                self._deliver(ChunkResult.failed(entry.chunk, error(), "parent"))
 
     def _fail_everything(self, error: BaseException) -> None:
         with self._lock:
@@ -583,5 +584,5 @@ class ProcessBackend:
             if worker.chunk is not None:
                 chunk, worker.chunk = worker.chunk, None
                 worker.process.kill()
-                self._deliver(all_failed(chunk, error, worker.name))
+                self._deliver(ChunkResult.failed(chunk, error, worker.name))
         self._fail_pending(lambda: error)

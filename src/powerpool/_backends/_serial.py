@@ -9,7 +9,7 @@ from __future__ import annotations
 import time
 from typing import ClassVar
 
-from .._chunk import IN_CALLER_WORKER, Chunk, ChunkResult, Measures, Outcome
+from .._chunk import IN_CALLER_WORKER, Chunk, ChunkResult, Measures
 from .._errors import InitializerError
 from .._probes import thread_blocks
 from .._stop import CancelFlag, StopToken, running
@@ -41,8 +41,7 @@ class SerialBackend:
             return
         if self._init_error is not None:
             error = InitializerError.wrap(self._init_error)
-            failed: list[Outcome] = [(False, error)] * len(chunk)
-            self._deliver(ChunkResult(chunk, failed, IN_CALLER_WORKER, 0.0))
+            self._deliver(ChunkResult.failed(chunk, error, IN_CALLER_WORKER))
             return
         # Blocks tell waiting from a preempted caller's thread (a loaded
         # machine), so a tiny function is not taken for I/O (auto's evidence).

@@ -131,7 +131,7 @@ class ThreadBackend:
         if closed:
             if chunk.claim():
                 error = CancelledError("the pool was shut down")
-                self._deliver(ChunkResult(chunk, [(False, error)] * len(chunk), "threads", 0.0))
+                self._deliver(ChunkResult.failed(chunk, error, "threads"))
             return
 
     def cancel(self, epoch: int) -> None:
@@ -185,7 +185,7 @@ class ThreadBackend:
             if chunk.claim():
                 if self._init_error is not None:
                     error = InitializerError.wrap(self._init_error)
-                    self._deliver(ChunkResult(chunk, [(False, error)] * len(chunk), me.name, 0.0))
+                    self._deliver(ChunkResult.failed(chunk, error, me.name))
                 elif not self._run(me, chunk):
                     return  # abandoned after a timeout: a replacement already runs
             # Don't keep the finished chunk (its function, arguments and whatever
