@@ -10,6 +10,7 @@ import json
 import subprocess
 import sys
 import types
+from pathlib import Path
 
 import pytest
 
@@ -17,7 +18,7 @@ import powerpool
 
 pytestmark = pytest.mark.timeout(60)
 
-LAZY = ("Plan", "Profile", "RunReport", "Workload", "plan", "profile")
+LAZY = ("Executor", "Plan", "Profile", "RunReport", "Workload", "aimap", "amap", "plan", "profile")
 """Names ``powerpool.__getattr__`` imports on first use."""
 
 HEAVY_MODULES = (
@@ -31,12 +32,28 @@ HEAVY_MODULES = (
     "pstats",
     "psutil",
     "tqdm",
+    "hashlib",
+    "multiprocessing.forkserver",
+    "powerpool._aio",
+    "powerpool._executor",
+    "powerpool._profile",
     "powerpool._recorder",
 )
 """Modules ``import powerpool`` must not pull in: each costs milliseconds to tens
-of milliseconds, and only some runs need it (the recorder: runs with ``report=``)."""
+of milliseconds, and only some runs need it (the recorder: runs with ``report=``;
+the asyncio face and the Executor: code that uses them)."""
 
 IMPORT_BUDGET_S = 1.0
+
+COLD_MAP_SPARES = (
+    "asyncio",
+    "hashlib",
+    "powerpool._aio",
+    "powerpool._executor",
+    "powerpool._profile.measure",
+    "powerpool._recorder",
+)
+"""Modules a script's first ``pp.map`` (auto) must not load in the caller."""
 
 
 def _public(names: list[str]) -> set[str]:
@@ -140,3 +157,73 @@ def test_the_recorder_loads_only_for_a_report() -> None:
         [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True
     )
     assert out.stdout.split() == ["False", "True"], out.stdout + out.stderr
+
+
+def _fresh(code: str) -> list[str]:
+    """Run ``code`` in a fresh interpreter; its stdout, split into words."""
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True
+    )
+    return out.stdout.split()
+
+
+def test_the_lazy_names_load_their_modules_on_first_use() -> None:
+    code = (
+        "import sys\n"
+        "import powerpool\n"
+        "print('powerpool._aio' in sys.modules, 'powerpool._executor' in sys.modules)\n"
+        "powerpool.amap, powerpool.Executor\n"
+        "print('powerpool._aio' in sys.modules, 'powerpool._executor' in sys.modules)\n"
+        "print(powerpool.Executor.__module__)\n"
+    )
+    assert _fresh(code) == ["False", "False", "True", "True", "powerpool"]
+
+
+def test_the_planner_loads_without_the_profiler() -> None:
+    """auto loads the planner mid-run (while the workers start): the profiler's
+    records come with it, the profiler itself (sampling, cProfile hot spots)
+    only when ``pp.profile`` is used."""
+    code = (
+        "import sys\n"
+        "import powerpool._decide, powerpool._plan\n"
+        "print('powerpool._profile.measure' in sys.modules)\n"
+        "from powerpool._profile import profile, profile_calls\n"
+        "print('powerpool._profile.measure' in sys.modules)\n"
+        "print(profile.__name__, profile_calls.__name__)\n"
+    )
+    assert _fresh(code) == ["False", "True", "profile", "profile_calls"]
+
+
+def test_the_process_engine_loads_cloudpickle_before_its_workers_start() -> None:
+    """Workers forked after the engine loaded inherit cloudpickle (a script's
+    functions travel by value), instead of each importing it to load its
+    first function; the engine's digests do not load hashlib's OpenSSL."""
+    code = (
+        "import sys\n"
+        "import powerpool._backends._processes\n"
+        "print('cloudpickle' in sys.modules, 'hashlib' in sys.modules)\n"
+    )
+    assert _fresh(code) == ["True", "False"]
+
+
+def test_a_cold_map_leaves_the_heavy_modules_alone(tmp_path: Path) -> None:
+    """A script's first ``pp.map`` (auto: the process engine, then the planner)
+    loads neither hashlib nor the profiler, the asyncio face nor the Executor."""
+    script = tmp_path / "cold_map.py"
+    script.write_text(
+        "import sys\n"
+        "import powerpool as pp\n"
+        "\n"
+        "def square(x):\n"
+        "    return x * x\n"
+        "\n"
+        "if __name__ == '__main__':\n"
+        "    assert pp.map(square, range(8)) == [x * x for x in range(8)]\n"
+        "    pp.shutdown_warm_pools()\n"
+        f"    heavy = {COLD_MAP_SPARES!r}\n"
+        "    print(sorted(m for m in heavy if m in sys.modules))\n"
+    )
+    out = subprocess.run(
+        [sys.executable, str(script)], capture_output=True, text=True, timeout=60, check=True
+    )
+    assert out.stdout.strip() == "[]", out.stdout + out.stderr

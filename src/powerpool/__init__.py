@@ -8,7 +8,6 @@ from __future__ import annotations
 from typing import TYPE_CHECKING as _TYPE_CHECKING
 from typing import Any as _Any
 
-from ._aio import aimap, amap
 from ._errors import (
     BackendUnavailableError,
     CheckpointMismatchError,
@@ -21,13 +20,14 @@ from ._errors import (
     WorkerCrashedError,
     WorkerError,
 )
-from ._executor import Executor
 from ._pool import Pool, PoolState
 from ._stats import PoolStats
 from ._stop import should_stop
 from ._warm_pools import imap, imap_unordered, map, shutdown_warm_pools
 
 if _TYPE_CHECKING:
+    from ._aio import aimap, amap
+    from ._executor import Executor
     from ._plan import Plan, plan
     from ._profile import Profile, Workload, profile
     from ._recorder import RunReport
@@ -78,19 +78,23 @@ for _name in __all__:
 del _name
 
 _LAZY = {
+    "Executor": "._executor",
     "Plan": "._plan",
-    "plan": "._plan",
     "Profile": "._profile",
-    "Workload": "._profile",
-    "profile": "._profile",
     "RunReport": "._recorder",
+    "Workload": "._profile",
+    "aimap": "._aio",
+    "amap": "._aio",
+    "plan": "._plan",
+    "profile": "._profile",
 }
 
 
 def __getattr__(name: str) -> _Any:
     # The profiler pulls in more of the standard library than most runs need,
-    # and the run recorder is only for runs asked to report: import them on
-    # first use (the pattern of concurrent.futures' __init__).
+    # the run recorder is only for runs asked to report, the asyncio face and
+    # the Executor only for code that uses them: import them on first use (the
+    # pattern of concurrent.futures' __init__). It keeps import powerpool fast.
     module = _LAZY.get(name)
     if module is None:
         raise AttributeError(f"module 'powerpool' has no attribute {name!r}")

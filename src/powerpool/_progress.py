@@ -5,7 +5,6 @@ tqdm is imported only when a bar is actually shown.
 
 from __future__ import annotations
 
-import importlib.util
 import sys
 from typing import Any, Literal
 
@@ -25,10 +24,13 @@ def tqdm_class() -> Any:
     missing, falls back to text only after a TqdmWarning (an error under
     ``-W error``); checking first gives the same bar without the warning.
     """
-    if _in_notebook() and importlib.util.find_spec("ipywidgets") is not None:
-        from tqdm.notebook import tqdm as notebook_tqdm
+    if _in_notebook():
+        import importlib.util  # here, not at the top: it keeps import powerpool fast
 
-        return notebook_tqdm
+        if importlib.util.find_spec("ipywidgets") is not None:
+            from tqdm.notebook import tqdm as notebook_tqdm
+
+            return notebook_tqdm
     from tqdm.std import tqdm
 
     return tqdm

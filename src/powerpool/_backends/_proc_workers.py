@@ -13,7 +13,6 @@ from __future__ import annotations
 import atexit
 import contextlib
 import multiprocessing
-import multiprocessing.forkserver
 import sys
 import threading
 import time
@@ -91,6 +90,8 @@ def _preload_worker(context: BaseContext) -> bool:
     The user's own preload modules are kept. Once the server runs, its list is
     fixed: then only a list that already names ours is trusted.
     """
+    import multiprocessing.forkserver  # here: fork needs none of it; keeps a cold start fast
+
     server = getattr(multiprocessing.forkserver, "_forkserver", None)
     modules = list(getattr(server, "_preload_modules", None) or [])
     if _PRELOAD in modules:

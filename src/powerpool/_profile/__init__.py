@@ -46,8 +46,12 @@ The package, by concept:
 
 from __future__ import annotations
 
-from .measure import profile, profile_calls
+from typing import TYPE_CHECKING, Any
+
 from .record import Hotspot, Profile, Workload, format_bytes, format_seconds
+
+if TYPE_CHECKING:
+    from .measure import profile, profile_calls
 
 __all__ = [
     "Hotspot",
@@ -58,3 +62,14 @@ __all__ = [
     "profile",
     "profile_calls",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    # The records load with the package and the profiler on first use: auto
+    # loads the records mid-run to plan, and must not pay for the profiler.
+    # It keeps a cold pp.map fast.
+    if name in ("profile", "profile_calls"):
+        from . import measure
+
+        return getattr(measure, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
