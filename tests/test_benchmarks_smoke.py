@@ -8,6 +8,8 @@ suite cannot rot between the occasional full runs.
 from __future__ import annotations
 
 import json
+import os
+import subprocess
 import sys
 import threading
 import time
@@ -158,3 +160,27 @@ def test_watchdog_records_timeout(tmp_path: Path) -> None:
     assert cell.status == "timeout"
     assert cell.median_s is None
     _no_leaks(threads_before, children_before)
+
+
+@pytest.mark.timeout(120)
+def test_importcost_runs_and_writes_its_json(tmp_path: Path) -> None:
+    """``python -m benchmarks.importcost`` end to end, one repeat."""
+    out = tmp_path / "imports.json"
+    # It refuses to time imports that compile from source (see its docstring).
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONDONTWRITEBYTECODE"}
+    command = [sys.executable, "-m", "benchmarks.importcost", "--repeat", "1", "--json", str(out)]
+    done = subprocess.run(
+        command, check=False, cwd=ROOT, env=env, capture_output=True, text=True, timeout=100
+    )
+    assert done.returncode == 0, done.stderr
+    assert "import powerpool" in done.stdout
+    figures = json.loads(out.read_text())
+    assert set(figures["runs"]) == {
+        "import powerpool",
+        "pp.map's imports",
+        "import multiprocessing.pool",
+        "mp.Pool's imports",
+    }
+    assert all(len(times) == 1 and times[0] > 0 for times in figures["runs"].values())
+    pp_modules, _src = figures["modules"]["pp.map's imports"]
+    assert "powerpool._backends._processes" in pp_modules  # auto started the process engine
