@@ -13,7 +13,11 @@ in turn (a, b, c, d, a, b, ...) so a drifting load hits them alike:
   out of the figure.
 * **import multiprocessing.pool**, and **mp.Pool's imports**: the same two for
   ``with multiprocessing.Pool() as p: p.map(f, range(8))``, the peer.
-* with ``--baseline SRC``: the two powerpool rows again for the powerpool
+* **cold script**: the whole script, the clock read before its first import:
+  when the first item started on a worker (``first ms``) and when the map
+  returned (``total ms``), for ``pp.map`` and ``multiprocessing.Pool``. This
+  one counts what the workers import too, and the fork.
+* with ``--baseline SRC``: the powerpool rows again for the powerpool
   package under the folder SRC (another checkout's ``src``), to compare a
   change with what it changed in the same run.
 
@@ -54,6 +58,23 @@ if __name__ == "__main__":
         pool.map(f, range(8))
 """
 
+# The cold script: each item returns when it started; the clock is read first.
+_STAMPED = """
+import time
+t0 = time.time()
+{imports}
+def f(x):
+    return time.time()
+if __name__ == "__main__":
+    {run}
+    print(min(started) - t0, time.time() - t0)
+"""
+_PP_STAMPED = _STAMPED.format(imports="import powerpool as pp", run="started = pp.map(f, range(8))")
+_MP_STAMPED = _STAMPED.format(
+    imports="import multiprocessing",
+    run="with multiprocessing.Pool() as pool:\n        started = pool.map(f, range(8))",
+)
+
 _TIME = """
 import importlib, time
 started = time.perf_counter()
@@ -87,16 +108,31 @@ def _loaded_by(script: str, src: str | None = None) -> list[str]:
     return [n for n in names if not n.startswith("__") and "powerpool_" not in n]
 
 
-def _time(modules: list[str], src: str | None) -> float:
+def _run(code: str, src: str | None) -> list[float]:
     out = subprocess.run(
-        [sys.executable, "-c", _TIME.format(modules=modules)],
+        [sys.executable, "-c", code],
         capture_output=True,
         text=True,
         timeout=120,
         check=True,
         env=_env(src),
     )
-    return float(out.stdout)
+    return [float(word) for word in out.stdout.split()]
+
+
+def _table(runs: dict[str, list[list[float]]], columns: list[str], peer: str) -> None:
+    """Median and min (ms) of each column per row; the first column's median over ``peer``'s."""
+    peer_median = statistics.median(run[0] for run in runs[peer])
+    head = "".join(f" {c + ' med':>11} {c + ' min':>11}" for c in columns)
+    print(f"{'':32}{head} {'x peer':>7}")
+    for name, times in runs.items():
+        cells = ""
+        for column in range(len(columns)):
+            values = [run[column] for run in times]
+            cells += f" {statistics.median(values) * 1e3:11.1f} {min(values) * 1e3:11.1f}"
+        ratio = statistics.median(run[0] for run in times) / peer_median
+        print(f"{name:32}{cells} {ratio:7.2f}")
+    print(f"(ms; x peer: the median over {peer}'s)")
 
 
 def main() -> None:
@@ -118,22 +154,26 @@ def main() -> None:
         rows["pp.map's imports (baseline)"] = (["powerpool", *_loaded_by(_PP_MAP, base)], base)
     rows["import multiprocessing.pool"] = (["multiprocessing.pool"], None)
     rows["mp.Pool's imports"] = (["multiprocessing.pool", *_loaded_by(_MP_MAP)], None)
-    runs: dict[str, list[float]] = {name: [] for name in rows}
+    # name -> (script, PYTHONPATH), as above
+    scripts: dict[str, tuple[str, str | None]] = {"cold script: pp.map": (_PP_STAMPED, None)}
+    if args.baseline:
+        scripts["cold script: pp.map (baseline)"] = (_PP_STAMPED, base)
+    scripts["cold script: mp.Pool"] = (_MP_STAMPED, None)
+    runs: dict[str, list[list[float]]] = {name: [] for name in rows}
+    cold: dict[str, list[list[float]]] = {name: [] for name in scripts}
     for _ in range(args.repeat):
         for name, (modules, src) in rows.items():
-            runs[name].append(_time(modules, src))
-    peer = statistics.median(runs["import multiprocessing.pool"])
-    print(f"{'':32} {'median ms':>10} {'min ms':>8} {'x mp.pool':>10} {'modules':>8}")
-    for name, times in runs.items():
-        median = statistics.median(times)
-        print(
-            f"{name:32} {median * 1e3:10.1f} {min(times) * 1e3:8.1f}"
-            f" {median / peer:10.2f} {len(rows[name][0]):8}"
-        )
-    print(f"(median of {args.repeat} fresh interpreters each, {os.cpu_count()} cores)")
+            runs[name].append(_run(_TIME.format(modules=modules), src))
+        for name, (script, src) in scripts.items():
+            cold[name].append(_run(script, src))
+    print(f"median of {args.repeat} fresh interpreters each, {os.cpu_count()} cores\n")
+    _table(runs, ["import"], "import multiprocessing.pool")
+    lists = [f"{name} {len(modules)}" for name, (modules, _) in rows.items() if len(modules) > 1]
+    print("modules imported: " + ", ".join(lists) + "\n")
+    _table(cold, ["first", "total"], "cold script: mp.Pool")
     if args.json:
         with open(args.json, "w") as out:
-            json.dump({"runs": runs, "modules": rows}, out, indent=1)
+            json.dump({"runs": runs, "cold": cold, "modules": rows}, out, indent=1)
 
 
 if __name__ == "__main__":

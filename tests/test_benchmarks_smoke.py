@@ -181,6 +181,9 @@ def test_importcost_runs_and_writes_its_json(tmp_path: Path) -> None:
         "import multiprocessing.pool",
         "mp.Pool's imports",
     }
-    assert all(len(times) == 1 and times[0] > 0 for times in figures["runs"].values())
+    assert all(len(times) == 1 and times[0][0] > 0 for times in figures["runs"].values())
+    assert set(figures["cold"]) == {"cold script: pp.map", "cold script: mp.Pool"}
+    for first_s, total_s in figures["cold"]["cold script: pp.map"]:
+        assert 0 < first_s <= total_s
     pp_modules, _src = figures["modules"]["pp.map's imports"]
     assert "powerpool._backends._processes" in pp_modules  # auto started the process engine
