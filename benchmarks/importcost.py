@@ -87,37 +87,30 @@ print(time.perf_counter() - started)
 """
 
 
-def _env(src: str | None) -> dict[str, str] | None:
-    return None if src is None else {**os.environ, "PYTHONPATH": src}
-
-
-def _loaded_by(script: str, src: str | None = None) -> list[str]:
-    """The modules the caller's process imports running ``script`` as ``__main__``."""
-    code = _RECORD.format(body=f"exec(compile({script!r}, '<script>', 'exec'))")
-    out = subprocess.run(
+def _stdout(code: str, src: str | None) -> str:
+    """What ``python -c code`` prints, with powerpool from ``src`` (None: this environment's)."""
+    env = None if src is None else {**os.environ, "PYTHONPATH": src}
+    return subprocess.run(
         [sys.executable, "-c", code],
         capture_output=True,
         text=True,
         timeout=120,
         check=True,
-        env=_env(src),
-    )
-    names: list[str] = json.loads(out.stdout.splitlines()[-1])
+        env=env,
+    ).stdout
+
+
+def _loaded_by(script: str, src: str | None = None) -> list[str]:
+    """The modules the caller's process imports running ``script`` as ``__main__``."""
+    code = _RECORD.format(body=f"exec(compile({script!r}, '<script>', 'exec'))")
+    names: list[str] = json.loads(_stdout(code, src).splitlines()[-1])
     # __main__ aliases and private modules a C extension registers under a
     # dotted name of its own cannot be imported again by name.
     return [n for n in names if not n.startswith("__") and "powerpool_" not in n]
 
 
 def _run(code: str, src: str | None) -> list[float]:
-    out = subprocess.run(
-        [sys.executable, "-c", code],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=True,
-        env=_env(src),
-    )
-    return [float(word) for word in out.stdout.split()]
+    return [float(word) for word in _stdout(code, src).split()]
 
 
 def _table(runs: dict[str, list[list[float]]], columns: list[str], peer: str) -> None:
