@@ -14,8 +14,8 @@ in turn (a, b, c, d, a, b, ...) so a drifting load hits them alike:
 * **import multiprocessing.pool**, and **mp.Pool's imports**: the same two for
   ``with multiprocessing.Pool() as p: p.map(f, range(8))``, the peer.
 * **cold script**: the whole script, the clock read before its first import:
-  when the first item started on a worker (``first ms``) and when the map
-  returned (``total ms``), for ``pp.map`` and ``multiprocessing.Pool``. This
+  when the first item started on a worker (``first``) and when the map
+  returned (``total``), for ``pp.map`` and ``multiprocessing.Pool``. This
   one counts what the workers import too, and the fork.
 * with ``--baseline SRC``: the powerpool rows again for the powerpool
   package under the folder SRC (another checkout's ``src``), to compare a
