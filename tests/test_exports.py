@@ -43,8 +43,6 @@ HEAVY_MODULES = (
 of milliseconds, and only some runs need it (the recorder: runs with ``report=``;
 the asyncio face and the Executor: code that uses them)."""
 
-IMPORT_BUDGET_S = 1.0
-
 COLD_MAP_SPARES = (
     "asyncio",
     "hashlib",
@@ -117,25 +115,20 @@ def test_errors_inherit_what_people_already_catch() -> None:
             assert issubclass(obj, powerpool.PowerpoolError), name
 
 
-def test_import_is_fast_and_light() -> None:
+def test_import_is_light() -> None:
+    """``import powerpool`` loads none of the heavy optional modules. (What it
+    costs in milliseconds is measured by benchmarks/importcost.py, not here: a
+    test must pass on any machine, however slow or loaded.)"""
     code = (
-        "import json, sys, time\n"
-        "started = time.perf_counter()\n"
+        "import json, sys\n"
         "import powerpool\n"
-        "elapsed = time.perf_counter() - started\n"
         f"heavy = [m for m in {HEAVY_MODULES!r} if m in sys.modules]\n"
-        "print(json.dumps({'elapsed': elapsed, 'heavy': heavy}))\n"
+        "print(json.dumps(heavy))\n"
     )
-    best = None
-    for _ in range(3):  # a loaded machine can stall one start; take the best of three
-        out = subprocess.run(
-            [sys.executable, "-c", code], capture_output=True, text=True, timeout=30, check=True
-        )
-        report = json.loads(out.stdout)
-        assert report["heavy"] == [], f"import powerpool imported {report['heavy']}"
-        best = report["elapsed"] if best is None else min(best, report["elapsed"])
-    assert best is not None
-    assert best < IMPORT_BUDGET_S
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True
+    )
+    assert json.loads(out.stdout) == [], f"import powerpool imported {out.stdout}"
 
 
 def _exists(module: str) -> bool:

@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import math
 import multiprocessing
+import select
 import sys
 import threading
 import time
@@ -149,6 +151,51 @@ class Worker:
         if len(self.functions) > WORKER_FN_CACHE:
             self.functions.popitem(last=False)
         return True
+
+
+class Watch:
+    """What the dispatcher waits on: the wake pipe and every worker's pipe and
+    sentinel, in one poll set kept from one wait to the next.
+
+    ``multiprocessing.connection.wait`` builds a selector and registers every
+    descriptor on each call: 2 per worker on every wake-up of the dispatcher,
+    which comes about once per chunk (33 registrations per chunk with 16
+    workers, ~5 us each).
+    """
+
+    def __init__(self, wake_fd: int) -> None:
+        self._poll = select.poll()
+        self._poll.register(wake_fd, select.POLLIN)
+        self._wake_fd = wake_fd
+        self._fds: dict[int, tuple[Worker, bool]] = {}  # fd -> (worker, is its pipe)
+
+    def add(self, worker: Worker) -> None:
+        for fd, is_pipe in ((worker.conn.fileno(), True), (worker.process.sentinel, False)):
+            self._poll.register(fd, select.POLLIN)
+            self._fds[fd] = (worker, is_pipe)
+
+    def remove(self, worker: Worker, *, pipe_only: bool = False) -> None:
+        """Stop watching its pipe (at EOF a pipe is always ready) and, unless
+        ``pipe_only``, its sentinel: before either is closed."""
+        for fd, (owner, is_pipe) in list(self._fds.items()):
+            if owner is worker and (is_pipe or not pipe_only):
+                self._poll.unregister(fd)
+                del self._fds[fd]
+
+    def wait(self, timeout_s: float | None) -> tuple[bool, list[Worker], list[Worker]]:
+        """Block until something happens or ``timeout_s`` passes: (woken, the
+        workers with a message to read, the workers whose process may have ended)."""
+        ms = None if timeout_s is None else math.ceil(timeout_s * 1000)
+        woken = False
+        talking: list[Worker] = []
+        ended: list[Worker] = []
+        for fd, _ in self._poll.poll(ms):
+            if fd == self._wake_fd:
+                woken = True
+            elif fd in self._fds:
+                worker, is_pipe = self._fds[fd]
+                (talking if is_pipe else ended).append(worker)
+        return woken, talking, ended
 
 
 def stop_workers(workers: list[Worker], *, kill: bool) -> None:
