@@ -17,22 +17,22 @@ Resizing loaded pools goes through threadpoolctl, whose scan of the loaded
 libraries costs 50-150 ms (a loaded 2-core machine, numpy loaded): the
 scanner is kept and reused while the set of native-library modules loaded
 stays the same, and the process engine builds it in the parent before
-forking (:func:`prepare`), so forked workers only call the libraries'
-set-threads functions.
+forking (:func:`prepare`), so forked workers only set the counts (OpenBLAS's
+by its variable: see :func:`_set_openblas_count`). The caller's own pools
+are never touched.
 """
 
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import os
 import sys
-from collections.abc import Iterator
 from typing import Any
 
 __all__ = [
     "NATIVE_LIBRARY_MODULES",
     "NATIVE_THREAD_VARS",
-    "capped_for_fork",
     "limit_native_threads",
     "prepare",
 ]
@@ -75,40 +75,6 @@ def prepare() -> None:
         _scanner, _scanned_for = None, ()
 
 
-_forked_with: int | None = None
-"""The cap the parent had set on its own pools while it forked this process
-(see :func:`capped_for_fork`), or None."""
-
-
-@contextlib.contextmanager
-def capped_for_fork(threads: int) -> Iterator[None]:
-    """Around forking workers: this process's pools capped at ``threads``, then restored.
-
-    Workers forked meanwhile inherit the capped pools and leave them alone.
-    Resizing OpenBLAS in a fresh fork instead re-creates its thread pool,
-    whose threads then spin for ~0.1 s: CPU taken from the first items of
-    every cold start (15 spinning threads per worker on 16 cores), and, in
-    a worker measuring its process's CPU, counted as the items' (4-19 ms
-    per 20 ms sleep, which made waiting work look CPU-bound to auto).
-    """
-    global _forked_with
-    if _scanner is None or _loaded() != _scanned_for:
-        yield
-        return
-    try:
-        limiter = _scanner.limit(limits=threads)
-    except Exception:  # a library that cannot be resized here: workers try themselves
-        yield
-        return
-    _forked_with = threads
-    try:
-        yield
-    finally:
-        _forked_with = None
-        with contextlib.suppress(Exception):
-            limiter.restore_original_limits()
-
-
 def limit_native_threads(
     threads: int, *, own_process: bool
 ) -> contextlib.AbstractContextManager[object]:
@@ -123,11 +89,44 @@ def limit_native_threads(
             os.environ[name] = str(threads)
     if not _loaded():
         return contextlib.nullcontext()
-    if own_process and _forked_with == threads and _loaded() == _scanned_for:
-        return contextlib.nullcontext()  # forked with the parent's pools capped (capped_for_fork)
     if _loaded() != _scanned_for:
         prepare()
     if _scanner is None:  # threadpoolctl could not read them: the environment is all we did
         return contextlib.nullcontext()
+    if own_process:
+        for library in _scanner.lib_controllers:
+            if not _set_openblas_count(library, threads):
+                library.set_num_threads(threads)
+        return contextlib.nullcontext()
     limiter: contextlib.AbstractContextManager[object] = _scanner.limit(limits=threads)
     return limiter
+
+
+def _set_openblas_count(library: Any, threads: int) -> bool:
+    """Set a pthreads OpenBLAS's thread count by its variable; False where that cannot be done.
+
+    Why not its API: a fork leaves OpenBLAS's thread pool shut down (its
+    atfork handler), and ``openblas_set_num_threads`` first re-creates the
+    whole pool, one thread per core, whose threads then spin for ~0.1 s
+    before they sleep: 15 threads per worker on 16 cores, ~110 ms of CPU per
+    worker measured on 2 cores, taken from the items and counted as theirs
+    (it made 20 ms sleeps look CPU-bound to auto). Capping the parent's pool
+    around the fork instead moved the same spin into the caller, on every
+    cold start (~130 ms of CPU on 2 cores, measured). Writing
+    ``blas_cpu_number``, the count OpenBLAS reads before each call, starts
+    no thread: at one thread no pool is ever made; at more, the first
+    threaded call makes it, as in any fresh process. Only for the pthreads
+    build, and only where the variable reads back what the API reports.
+    """
+    if getattr(library, "internal_api", None) != "openblas":
+        return False
+    if getattr(library, "threading_layer", None) != "pthreads":
+        return False
+    try:
+        count = ctypes.c_int.in_dll(library.dynlib, "blas_cpu_number")
+        if count.value != library.get_num_threads():
+            return False
+        count.value = threads
+    except (AttributeError, ValueError, OSError):
+        return False
+    return bool(library.get_num_threads() == threads)
