@@ -333,12 +333,15 @@ class ProcessBackend:
         if self._broken is not None:
             self._fail_pending(self._broken)
             return
-        # No is_alive() (a waitpid per worker per chunk): a dead worker's
-        # sentinel is seen in the same wait as its last message.
         idle = [w for w in self._workers if w.chunk is None and not w.retiring and not w.hung_up]
         busy = sum(1 for w in self._workers if w.chunk is not None)
         del idle[self._throttle.room(busy, len(idle)) :]  # fewer at once after an OOM death
         while idle:
+            # Liveness is asked of the one worker about to get a chunk (a waitpid),
+            # not of every worker each time this runs (once or twice per chunk).
+            if not idle[-1].process.is_alive():
+                idle.pop()  # dead, its sentinel not handled yet: _on_death will
+                continue
             with self._lock:
                 if not self._pending:
                     return
