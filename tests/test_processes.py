@@ -238,6 +238,42 @@ def test_native_threads_are_limited_in_workers(
             assert all(n == expected for n in blas), blas
 
 
+def test_starting_workers_leaves_the_callers_blas_threads_alone(tmp_path: Path) -> None:
+    """A cold start with numpy loaded touches neither the caller's BLAS thread count
+    nor its pool: resizing OpenBLAS around the fork re-created the caller's pool,
+    whose threads then spun (~0.1 s each) while the workers computed. The
+    caller, idle after the map, must burn no CPU; the workers are still capped."""
+    script = tmp_path / "cold.py"
+    script.write_text(
+        textwrap.dedent(
+            """
+            import json, time
+            import numpy
+            from threadpoolctl import threadpool_info
+            import powerpool as pp
+
+            def blas():
+                return [i["num_threads"] for i in threadpool_info() if i["user_api"] == "blas"]
+
+            before = blas()
+            with pp.Pool("processes", workers=2, progress=False) as pool:
+                seen = pool.map(abs, range(4))
+                idle_from = time.process_time()
+                time.sleep(0.3)
+                idle_cpu = time.process_time() - idle_from
+            print(json.dumps({"before": before, "after": blas(), "idle_cpu": idle_cpu}))
+            """
+        )
+    )
+    out = subprocess.run(
+        [sys.executable, str(script)], capture_output=True, text=True, timeout=120, check=True
+    )
+    report = json.loads(out.stdout)
+    assert report["after"] == report["before"]
+    # Idle means idle: a spinning BLAS pool burns ~0.1 s of CPU per thread here.
+    assert report["idle_cpu"] < 0.05, report
+
+
 # -- warm reuse and start methods ---------------------------------------------------------
 
 
