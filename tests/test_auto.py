@@ -12,6 +12,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -31,7 +32,7 @@ from powerpool import ItemTimeoutError, WorkerCrashedError
 from powerpool._backends import BackendConfig
 from powerpool._backends._serial import SerialBackend
 from powerpool._chunk import Chunk, ChunkResult, Measures
-from powerpool._decide import BATCH_ITEMS, Evidence, Trial, decide
+from powerpool._decide import BATCH_ITEMS, Decision, Evidence, Tally, Trial, decide
 from powerpool._probes import Heartbeat
 from powerpool._speculate import UNDECIDED_MAX_CHUNK, Steer, code_key, forget
 
@@ -453,6 +454,46 @@ def test_computing_work_is_remembered_as_the_workers_measured_it() -> None:
         tally.add("processes", _measured(1, 0.01, 0.01, blocks=0))
         tally.add("threads", _measured(1, 0.02, 0.005, blocks=3))
     assert steer._remembrance() == tally.evidence()
+
+
+@pytest.mark.parametrize(("cpu_s", "moved"), [(0.2, True), (0.01, False)])
+def test_threads_adding_up_to_one_core_are_measured_again_in_workers(
+    cpu_s: float, moved: bool
+) -> None:
+    """A run that began on threads (a remembered waiting function) whose threads'
+    CPU adds up to what one GIL allows is moved to worker processes, undecided,
+    to be measured alone there: on threads a wait for the GIL looks like I/O.
+    Threads that add up to little CPU (real waiting) stay."""
+    steer = Steer(
+        abs,
+        total=1000,
+        cores=2,
+        workers=None,
+        isolate=None,
+        explain=False,
+        backend_for=lambda name, workers: SimpleNamespace(name=name, workers=workers),
+        on_plan=lambda plan: None,
+    )
+    waiting = Tally("f")
+    for _ in range(8):
+        waiting.add("processes", _measured(1, 0.02, 0.0001, blocks=1))
+    plan = decide(waiting.evidence(), 1000, cores=2).plan
+    assert plan.backend == "threads"
+    steer._apply(Decision(plan, settled=True), first=True)
+    steer._threads_since = time.perf_counter() - 0.2  # the threads have run for 0.2 s
+    routes = None
+    for _ in range(10):  # ten chunks, cpu_s of CPU in all
+        routes = steer.observe("threads", _measured(1, 0.2, cpu_s / 10, blocks=1)) or routes
+    if moved:
+        assert routes is not None
+        assert [b.name for b in routes] == ["processes"]
+        assert not steer.settled
+        assert steer.plan is not None
+        assert "one GIL" in steer.plan.reasons[0]
+    else:
+        assert routes is None
+        assert steer.plan is not None
+        assert steer.plan.backend == "threads"
 
 
 @pytest.mark.timeout(60)

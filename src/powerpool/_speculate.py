@@ -100,6 +100,18 @@ look waits twice as long. A run whose items change (a remembered tiny
 function given heavy inputs) is caught within a few chunks; a steady one
 pays for a handful of decisions in all, not one per chunk."""
 
+GIL_BOUND_CORES = (0.75, 1.25)
+"""Threads whose CPU adds up to between these many cores may be queueing for
+the GIL, not waiting: one GIL lets pure Python use one core at a time, so
+computing items on many threads add up to ~1 core, however many there are.
+Waiting items add up to far less; native code that releases the GIL to more
+(on 2+ cores). Such a run is re-measured on worker processes: only there is
+an item measured alone (on threads a wait for the GIL looks like I/O)."""
+
+GIL_BOUND_MIN_S = 0.05
+"""Wall time a run must have spent on threads before its threads' CPU rate is
+trusted: thread start-up and the first chunks make the rate noisy before."""
+
 MEMORY_SIZE = 256
 """Functions whose settled plan is remembered (least recently used dropped)."""
 
@@ -160,6 +172,7 @@ class Steer:
         self._backend_for = backend_for
         self._on_plan = on_plan
         name = getattr(fn, "__qualname__", None) or getattr(fn, "__name__", None) or repr(fn)
+        self._name = name
         self._tally = Tally(name)
         self._prior: Evidence | None = None  # remembered from an earlier call, if used
         self._key = code_key(fn)
@@ -175,6 +188,8 @@ class Steer:
         self._was_settled = False
         self._trial = False
         self._chunks: dict[str, list[int]] = {}  # backend -> [chunks, items] it ran
+        self._threads_cpu = 0.0  # CPU seconds the threads' chunks took, since threads began
+        self._threads_since: float | None = None  # when the run began on threads
         self.plan: Plan | None = None
         """The plan being followed now."""
 
@@ -260,7 +275,9 @@ class Steer:
             self._deferred = False
             self._apply(self._decide(), first=True)
 
-    def observe(self, backend: str, result: ChunkResult) -> list[Backend] | None:
+    def observe(  # noqa: PLR0911 - each return is one reason to keep or change the routes
+        self, backend: str, result: ChunkResult
+    ) -> list[Backend] | None:
         """Take one finished chunk; new routes when the run should switch, else None."""
         self.begin()
         counts = self._chunks.setdefault(backend, [0, 0])
@@ -268,6 +285,10 @@ class Steer:
         counts[1] += len(result.chunk)
         self._tally.add(backend, result)
         self._since_switch += 1
+        if backend == "threads" and result.measures is not None:
+            self._threads_cpu += result.measures.cpu_s
+            if self._gil_bound():
+                return self._remeasure_alone()
         if self._trial:
             if not self._tally.trial_done():
                 return None
@@ -352,6 +373,42 @@ class Steer:
 
     # -- internals ----------------------------------------------------------------
 
+    def _gil_bound(self) -> bool:
+        """Whether a run measured on threads alone looks held back by the GIL (see
+        GIL_BOUND_CORES): its threads' CPU adds up to about one core."""
+        if self._tally.alone or self._cores < 2 or self._threads_since is None:
+            return False
+        if len(self._switches) >= MAX_SWITCHES or self._isolate is not None:
+            return False
+        elapsed = time.perf_counter() - self._threads_since
+        if elapsed < GIL_BOUND_MIN_S:
+            return False
+        low, high = GIL_BOUND_CORES
+        return low <= self._threads_cpu / elapsed <= high
+
+    def _remeasure_alone(self) -> list[Backend]:
+        """Move the run to worker processes, undecided, with the GIL heartbeat:
+        the next chunks are measured alone and decide where the rest runs."""
+        rate = self._threads_cpu / (time.perf_counter() - (self._threads_since or 0.0))
+        cold = decide(
+            Tally(self._name).evidence(),
+            self._total,
+            cores=self._cores,
+            workers=self._workers,
+        )
+        why = (
+            f"on threads the items used {rate:.1f} cores together, what one GIL allows: "
+            "they may compute, not wait; measuring them alone on worker processes"
+        )
+        plan = dataclasses.replace(cold.plan, reasons=(why, *cold.plan.reasons))
+        self._prior = None  # this run's own evidence decides from here on
+        if self._key is not None:
+            with _memory_lock:  # nor does the next call start from the old memory
+                _memory.pop(self._key, None)
+        self._apply(Decision(plan, settled=False))
+        self._probes_left = PROBE_CHUNKS
+        return self._routes
+
     def _remembered(self) -> Evidence | None:
         if self._key is None:
             return None
@@ -393,6 +450,10 @@ class Steer:
             )
             self._since_switch = 0
             self._next_look = RECHECK_FIRST
+        if names == ["threads"] and old != names:
+            self._threads_since, self._threads_cpu = time.perf_counter(), 0.0
+        elif names != ["threads"]:
+            self._threads_since = None
         newly_settled = decision.settled and not self._was_settled
         self._was_settled = self._was_settled or decision.settled
         self._routes = routes
