@@ -112,6 +112,16 @@ GIL_BOUND_MIN_S = 0.05
 """Wall time a run must have spent on threads before its threads' CPU rate is
 trusted: thread start-up and the first chunks make the rate noisy before."""
 
+LANES_GROWTH = 1.25
+"""Factor by which the decided thread count must exceed the running threads
+backend's before the run moves to a bigger one. The first decision on
+waiting work rests on the first-call chunks, whose CPU per item includes
+the worker's warm-up (~0.1 ms against a 20 ms sleep's ~0.05 ms): the lanes
+priced on it are too few (100 where warm chunks say 200). Growing costs a
+new backend's thread starts (~0.1 ms each) while the old one's threads sit
+idle; below 25% more lanes that buys less than it costs. Never shrinks:
+surplus threads only wait for the GIL."""
+
 MEMORY_SIZE = 256
 """Functions whose settled plan is remembered (least recently used dropped)."""
 
@@ -187,6 +197,7 @@ class Steer:
         self._deferred_probes = False  # routes() already counted the probe chunks
         self._was_settled = False
         self._trial = False
+        self._first_call_lanes = False  # the threads' count rests on first-call chunks only
         self._chunks: dict[str, list[int]] = {}  # backend -> [chunks, items] it ran
         self._threads_cpu = 0.0  # CPU seconds the threads' chunks took, since threads began
         self._threads_since: float | None = None  # when the run began on threads
@@ -308,9 +319,9 @@ class Steer:
         if len(self._switches) >= MAX_SWITCHES:
             self._settled = True
             return None
-        before = [b.name for b in self._routes]
+        before = self._routes
         self._apply(decision)
-        return self._routes if [b.name for b in self._routes] != before else None
+        return self._routes if self._routes is not before else None
 
     def final_plan(self) -> Plan | None:
         """The plan as it ran: workers and mean chunk size used on the last backend."""
@@ -409,6 +420,17 @@ class Steer:
         self._probes_left = PROBE_CHUNKS
         return self._routes
 
+    def _more_lanes(self, plan: Plan) -> bool:
+        """Whether ``plan`` wants LANES_GROWTH times the threads the run has now,
+        which were counted on first-call chunks (see LANES_GROWTH).
+
+        Only then: counted on warm chunks, the lanes are as well priced as
+        they get, and each growth is a new backend's worth of thread starts.
+        """
+        if not self._first_call_lanes or plan.backend != "threads" or len(self._routes) != 1:
+            return False
+        return plan.workers >= LANES_GROWTH * max(1, self._routes[0].workers)
+
     def _remembered(self) -> Evidence | None:
         if self._key is None:
             return None
@@ -429,25 +451,34 @@ class Steer:
         plan = decision.plan
         names = ["processes", "threads"] if decision.trial else [plan.backend]
         old = [b.name for b in self._routes]
-        routes = [] if names != old else self._routes  # same backends: keep them as they are
-        for name in names if names != old else ():
+        grow = names == old and self._more_lanes(plan)
+        changed = names != old or grow
+        routes = [] if changed else self._routes  # same backends: keep them as they are
+        for name in names if changed else ():
             count = plan.workers if name == plan.backend else (self._workers or self._cores)
             if name == "serial":
                 count = 1
             routes.append(self._backend_for(name, count))
+        if changed:
+            self._first_call_lanes = (
+                plan.backend == "threads"
+                and self._workers is None
+                and self._prior is None
+                and not self._tally.evidence().warm
+            )
         if decision.trial:
             self._tally.start_trial(*names)
             self._trial = True
         self._settled = decision.settled
         if first and not decision.settled and not self._deferred_probes:
             self._probes_left = PROBE_CHUNKS
-        if not first and names != old:
+        if not first and changed:
             elapsed = time.perf_counter() - self._started
             items = sum(c[1] for c in self._chunks.values())
-            self._switches.append(
-                f"{'+'.join(old)} -> {'+'.join(names)} after {items} items "
-                f"({elapsed * 1000:.0f} ms)"
-            )
+            was, now = "+".join(old), "+".join(names)
+            if grow:
+                was, now = f"{was} x{self._routes[0].workers}", f"{now} x{plan.workers}"
+            self._switches.append(f"{was} -> {now} after {items} items ({elapsed * 1000:.0f} ms)")
             self._since_switch = 0
             self._next_look = RECHECK_FIRST
         if names == ["threads"] and old != names:
@@ -463,7 +494,7 @@ class Steer:
             return
         if first:
             head = "decided" if decision.settled else "starting, deciding as the items run"
-        elif names != old:
+        elif changed:
             head = f"switching {self._switches[-1]}"
         elif newly_settled:
             head = "decided"
