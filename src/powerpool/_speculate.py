@@ -14,6 +14,8 @@ Design (auto v2)::
                               processes -> caller    (items proven tiny)
                               processes + threads    (native code: a side-by-side trial,
                                                       the faster per worker keeps the rest)
+                              threads -> more threads (lanes counted on first calls,
+                                                      recounted on warm chunks)
 
 * **No serial sample.** The first chunks go to worker processes the moment
   the call is made (one item each, a few per worker, probed), so every core
