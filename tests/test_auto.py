@@ -388,7 +388,9 @@ def test_the_first_items_run_in_workers_forked_before_the_planner_loaded(tmp_pat
     assert done.stdout.split() == ["[False]", "True"]
 
 
-def _steer() -> Steer:
+def _steer(backend_for: Any = None) -> Steer:
+    """A steer for a 1000-item run on 2 cores; ``backend_for`` makes its routes
+    (by default none may be made)."""
     return Steer(
         abs,
         total=1000,
@@ -396,7 +398,7 @@ def _steer() -> Steer:
         workers=None,
         isolate=None,
         explain=False,
-        backend_for=lambda name, workers: pytest.fail("no backend needed"),
+        backend_for=backend_for or (lambda name, workers: pytest.fail("no backend needed")),
         on_plan=lambda plan: None,
     )
 
@@ -464,16 +466,7 @@ def test_threads_adding_up_to_one_core_are_measured_again_in_workers(
     CPU adds up to what one GIL allows is moved to worker processes, undecided,
     to be measured alone there: on threads a wait for the GIL looks like I/O.
     Threads that add up to little CPU (real waiting) stay."""
-    steer = Steer(
-        abs,
-        total=1000,
-        cores=2,
-        workers=None,
-        isolate=None,
-        explain=False,
-        backend_for=lambda name, workers: SimpleNamespace(name=name, workers=workers),
-        on_plan=lambda plan: None,
-    )
+    steer = _steer(lambda name, workers: SimpleNamespace(name=name, workers=workers))
     waiting = Tally("f")
     for _ in range(8):
         waiting.add("processes", _measured(1, 0.02, 0.0001, blocks=1))
