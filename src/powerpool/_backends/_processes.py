@@ -28,6 +28,7 @@ cache in :mod:`._proc_functions`, a chunk's header fields and outcomes in
 
 from __future__ import annotations
 
+import contextlib
 import os
 import pickle
 import threading
@@ -49,6 +50,7 @@ from .._mainfn import WORKER_NAME_PREFIX
 from .._system import usable_cores
 from . import _proc_workers
 from ._base import BackendConfig, Deliver
+from ._native_threads import capped_for_fork
 from ._native_threads import prepare as prepare_native_limits
 from ._proc_chunks import (
     Pending,
@@ -144,7 +146,9 @@ class ProcessBackend:
         forking = self._context.get_start_method() == "fork"
         if forking:
             prepare_native_limits()  # once here, not in every forked worker
-        self._workers: list[Worker] = [self._start_worker(s) for s in range(self.workers)]
+        capped = capped_for_fork(self._native_threads) if forking else contextlib.nullcontext()
+        with capped:
+            self._workers: list[Worker] = [self._start_worker(s) for s in range(self.workers)]
         self._watch = Watch(self._wake_r)
         for worker in self._workers:
             self._watch.add(worker)
