@@ -300,8 +300,9 @@ class Steer:
         self._since_switch += 1
         if backend == "threads" and result.measures is not None:
             self._threads_cpu += result.measures.cpu_s
-            if self._gil_bound():
-                return self._remeasure_alone()
+            cores = self._gil_bound_cores()
+            if cores is not None:
+                return self._remeasure_alone(cores)
         if self._trial:
             if not self._tally.trial_done():
                 return None
@@ -386,23 +387,23 @@ class Steer:
 
     # -- internals ----------------------------------------------------------------
 
-    def _gil_bound(self) -> bool:
-        """Whether a run measured on threads alone looks held back by the GIL (see
-        GIL_BOUND_CORES): its threads' CPU adds up to about one core."""
+    def _gil_bound_cores(self) -> float | None:
+        """The cores a run measured on threads alone used together, when that is
+        about one, what one GIL allows (see GIL_BOUND_CORES); None otherwise."""
         if self._tally.alone or self._cores < 2 or self._threads_since is None:
-            return False
+            return None
         if len(self._switches) >= MAX_SWITCHES or self._isolate is not None:
-            return False
+            return None
         elapsed = time.perf_counter() - self._threads_since
         if elapsed < GIL_BOUND_MIN_S:
-            return False
+            return None
+        cores = self._threads_cpu / elapsed
         low, high = GIL_BOUND_CORES
-        return low <= self._threads_cpu / elapsed <= high
+        return cores if low <= cores <= high else None
 
-    def _remeasure_alone(self) -> list[Backend]:
+    def _remeasure_alone(self, cores: float) -> list[Backend]:
         """Move the run to worker processes, undecided, with the GIL heartbeat:
         the next chunks are measured alone and decide where the rest runs."""
-        rate = self._threads_cpu / (time.perf_counter() - (self._threads_since or 0.0))
         cold = decide(
             Tally(self._name).evidence(),
             self._total,
@@ -410,7 +411,7 @@ class Steer:
             workers=self._workers,
         )
         why = (
-            f"on threads the items used {rate:.1f} cores together, what one GIL allows: "
+            f"on threads the items used {cores:.1f} cores together, what one GIL allows: "
             "they may compute, not wait; measuring them alone on worker processes"
         )
         plan = dataclasses.replace(cold.plan, reasons=(why, *cold.plan.reasons))

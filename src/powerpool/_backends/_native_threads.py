@@ -147,12 +147,17 @@ def limit_native_threads(
     return limiter
 
 
+def _pthreads_openblas(library: Any) -> bool:
+    return (
+        getattr(library, "internal_api", None) == "openblas"
+        and getattr(library, "threading_layer", None) == "pthreads"
+    )
+
+
 def _count_variable(library: Any) -> ctypes.c_int | None:
     """A pthreads OpenBLAS's ``blas_cpu_number``, where the library exports it and
     it reads back what the API reports; None otherwise."""
-    if getattr(library, "internal_api", None) != "openblas":
-        return None
-    if getattr(library, "threading_layer", None) != "pthreads":
+    if not _pthreads_openblas(library):
         return None
     try:
         count = ctypes.c_int.in_dll(library.dynlib, "blas_cpu_number")
@@ -165,11 +170,7 @@ def _count_variable(library: Any) -> ctypes.c_int | None:
 
 def _respawns(library: Any) -> bool:
     """Whether a forked worker could resize ``library`` only by re-creating its pool."""
-    return (
-        getattr(library, "internal_api", None) == "openblas"
-        and getattr(library, "threading_layer", None) == "pthreads"
-        and _count_variable(library) is None
-    )
+    return _pthreads_openblas(library) and _count_variable(library) is None
 
 
 def _set_openblas_count(library: Any, threads: int) -> bool:
