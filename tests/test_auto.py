@@ -6,6 +6,7 @@ check where items ran (by pid), what the plan says, and what came back.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import re
 import subprocess
@@ -34,7 +35,9 @@ from powerpool._backends._serial import SerialBackend
 from powerpool._chunk import Chunk, ChunkResult, Measures
 from powerpool._decide import BATCH_ITEMS, Decision, Evidence, Tally, Trial, decide
 from powerpool._probes import Heartbeat
+from powerpool._run import CHUNKS_IN_FLIGHT_PER_WORKER, Run, RunOptions
 from powerpool._speculate import UNDECIDED_MAX_CHUNK, Steer, code_key, forget
+from powerpool._stats import StatsLedger
 
 ME = os.getpid()
 
@@ -333,6 +336,18 @@ def test_items_that_never_blocked_are_not_waiting_whatever_their_cpu_ratio() -> 
     assert decide(waiting, 1000, cores=8).plan.backend == "threads"
 
 
+def test_low_cpu_with_neither_blocks_nor_a_gil_score_is_not_yet_waiting() -> None:
+    # Probe chunks count no blocks, and a 2 ms item is too short for a GIL
+    # score: on a starved machine its CPU ratio alone once sent computing
+    # items to threads (in the caller's process). It takes one more chunk.
+    unproven = evidence(cpu_per_item_s=0.0005, gil_held=None, gil_samples=0)
+    d = decide(unproven, 1000, cores=8)
+    assert (d.plan.backend, d.settled) == ("processes", False)
+    blocked = dataclasses.replace(unproven, blocks_per_item=1.0)
+    d = decide(blocked, 1000, cores=8)
+    assert (d.plan.backend, d.settled) == ("threads", True)
+
+
 def test_the_users_worker_count_is_kept() -> None:
     assert decide(evidence(), 1000, cores=8, workers=3).plan.workers == 3
 
@@ -401,6 +416,69 @@ def _steer(backend_for: Any = None) -> Steer:
         backend_for=backend_for or (lambda name, workers: pytest.fail("no backend needed")),
         on_plan=lambda plan: None,
     )
+
+
+class _InstantBackend:
+    """Runs each chunk in submit() and delivers at once; counts the chunks it got."""
+
+    name = "processes"
+    chunk_target_s = 0.1
+
+    def __init__(self, workers: int) -> None:
+        self.workers = workers
+        self.submitted = 0
+
+    def submit(self, chunk: Chunk) -> None:
+        self.submitted += 1
+        values = [chunk.fn(*args, **kwargs) for _, args, kwargs in chunk.items]
+        measures = Measures(0.002 * len(values), self.submitted <= self.workers)
+        assert chunk.on_done is not None
+        busy_s = 0.002 * len(values)
+        result = ChunkResult(chunk, None, "w", busy_s, values=values, measures=measures)
+        chunk.on_done(result)
+
+
+def test_a_cold_run_sends_the_workers_more_before_its_first_decision() -> None:
+    # The first decision loads the planner (~10 ms on a cold interpreter):
+    # the chunk the first result freed must be on its way before, not after.
+    backend = _InstantBackend(2)
+    steer = Steer(
+        abs,
+        total=100,
+        cores=2,
+        workers=None,
+        isolate=None,
+        explain=False,
+        backend_for=lambda name, workers: backend,
+        on_plan=lambda plan: None,
+    )
+    sent_at_decision: list[int] = []
+    begin = steer.begin
+
+    def recording_begin() -> None:
+        if steer.deciding:
+            sent_at_decision.append(backend.submitted)
+        begin()
+
+    steer.begin = recording_begin  # type: ignore[method-assign]
+    ids = iter(range(10**6))
+    run = Run(
+        backend=None,
+        fn=abs,
+        source=iter(range(100)),
+        star=False,
+        options=RunOptions(),
+        ordered=True,
+        with_index=False,
+        total=100,
+        epoch=0,
+        ledger=StatsLedger(),
+        new_chunk_id=lambda: next(ids),
+        steer=steer,
+    )
+    assert [v for block in run for v in block] == list(range(100))
+    window = CHUNKS_IN_FLIGHT_PER_WORKER * backend.workers
+    assert sent_at_decision == [window + 1]
 
 
 def test_undecided_chunks_hold_little_work() -> None:

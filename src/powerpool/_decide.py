@@ -14,7 +14,8 @@ The decision ladder (each rung measured, none guessed)::
     nothing measured yet            -> processes (start there, isolated)
     items far cheaper than a hand-off (< TINY_S each, >= TINY_MIN_ITEMS seen)
                                     -> the caller's thread (serial), unless isolated
-    items mostly wait (CPU < IO_MAX_BUSY of wall, and the GIL not held)
+    items mostly wait (CPU < IO_MAX_BUSY of wall, the GIL not held, and seen to
+    wait: they blocked, or the heartbeat found the GIL released)
                                     -> threads, as many as overlap the waiting, unless isolated
     items compute and hold the GIL (heartbeat >= GIL_HELD_MIN, or too short to tell)
                                     -> processes
@@ -460,6 +461,12 @@ def _ladder(  # noqa: PLR0911 - one return per rung, each explained
     gil_held = e.gil_held is not None and e.gil_held >= GIL_HELD_MIN
     if e.busy < IO_MAX_BUSY and not gil_held:
         why = f"{said}; the items mostly wait (CPU {e.busy:.0%} of wall)"
+        if e.blocks_per_item is None and e.gil_held is None:
+            # Low CPU alone is no proof: under the heartbeat (blocks not
+            # counted) a computing item on a starved machine waits too, for
+            # its own GIL while the heartbeat sits in the run queue.
+            unproven = "not proven until the items are seen to block (a starved CPU idles too)"
+            return go("processes", f"{why}; {unproven}", False)
         if isolate is not None:
             overlap = "processes overlap the waiting one item per worker"
             return go("processes", f"{why}, but {isolate}: {overlap}", waited)

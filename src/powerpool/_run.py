@@ -312,24 +312,7 @@ class Run:
         announced = False  # the steer was told that the first chunks are out
         try:
             while True:
-                # Refill each route while its window has room: retries first,
-                # then new input. When ordered, results waiting for an earlier
-                # item also count against the window, or one slow item would
-                # let memory grow.
-                for route in self._routes:
-                    if route.backend.workers != route.workers:
-                        self._resize(route)
-                    while route.in_flight < route.window and (
-                        in_flight == 0
-                        or self._waiting_count <= self._window * self._sizer.next_size()
-                    ):
-                        chunk = self._take(input_done, route)
-                        if chunk is None:
-                            input_done = True  # retries are taken first: only input is left
-                            break
-                        route.backend.submit(chunk)
-                        route.in_flight += 1
-                        in_flight += 1
+                in_flight, input_done = self._refill(in_flight, input_done)
                 if not announced and self._steer is not None:
                     announced = True
                     self._steer.started()
@@ -352,6 +335,10 @@ class Run:
                 in_flight -= 1
                 self._absorb(result)
                 if self._steer is not None:
+                    if self._steer.deciding:
+                        # The first decision loads the planner (~10 ms): the
+                        # workers get their next chunks first, not after it.
+                        in_flight, input_done = self._refill(in_flight, input_done)
                     switch = self._steer.observe(route.backend.name, result)
                     if switch is not None:
                         before = "+".join(route.backend.name for route in self._routes)
@@ -372,6 +359,26 @@ class Run:
             wall = time.perf_counter() - started
             self.speedup = self._busy_s / wall if wall > 0 and self._busy_s > 0 else None
             self._ledger.end()
+
+    def _refill(self, in_flight: int, input_done: bool) -> tuple[int, bool]:
+        """Send chunks to each route while its window has room: retries first,
+        then new input. When ordered, results waiting for an earlier item also
+        count against the window, or one slow item would let memory grow.
+        Returns the chunks now in flight and whether the input is used up."""
+        for route in self._routes:
+            if route.backend.workers != route.workers:
+                self._resize(route)
+            while route.in_flight < route.window and (
+                in_flight == 0 or self._waiting_count <= self._window * self._sizer.next_size()
+            ):
+                chunk = self._take(input_done, route)
+                if chunk is None:
+                    input_done = True  # retries are taken first: only input is left
+                    break
+                route.backend.submit(chunk)
+                route.in_flight += 1
+                in_flight += 1
+        return in_flight, input_done
 
     def _resize(self, route: _Route) -> None:
         """Follow a backend's capacity (a cluster's workers come and go)."""

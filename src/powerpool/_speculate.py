@@ -282,6 +282,12 @@ class Steer:
         if self._explain:
             self.begin()
 
+    @property
+    def deciding(self) -> bool:
+        """Whether the next :meth:`observe` takes the run's first decision (a cold
+        start): the planner loads then, so the run refills its workers first."""
+        return self._deferred
+
     def begin(self) -> None:
         """Take the first decision now if :meth:`routes` left it for later (a no-op otherwise)."""
         if self._deferred:
