@@ -367,8 +367,8 @@ def test_code_identity() -> None:
 @pytest.mark.timeout(120)
 def test_a_cold_start_routes_work_before_loading_the_planner(tmp_path: Path) -> None:
     # In a fresh interpreter: routes() (after which the run sends its first
-    # chunks) must not import the planner; the first decision (begin(), at the
-    # first result) does.
+    # chunks) must not import the planner, nor the first decision (begin(), at
+    # the first result) when it keeps the run where it is; reading the plan does.
     done = _run_script(
         tmp_path,
         "import sys\n"
@@ -382,11 +382,13 @@ def test_a_cold_start_routes_work_before_loading_the_planner(tmp_path: Path) -> 
         "steer.routes()\n"
         "print(made, 'powerpool._plan' in sys.modules)\n"
         "steer.begin()\n"
-        "print('powerpool._plan' in sys.modules, steer.plan.backend, made)\n",
+        "print('powerpool._plan' in sys.modules, made)\n"
+        "print(steer.plan.backend, 'powerpool._plan' in sys.modules)\n",
     )
     assert done.stdout.splitlines() == [
         "['processes'] False",
-        "True processes ['processes']",  # decided, on the same backend (not started twice)
+        "False ['processes']",  # decided, on the same backend (not started twice)
+        "processes True",  # the plan itself is built when read
     ]
 
 
@@ -400,7 +402,30 @@ def test_the_first_items_run_in_workers_forked_before_the_planner_loaded(tmp_pat
         "print(sorted(set(pp.map(planner_loaded, range(6)))))\n"
         "print('powerpool._plan' in sys.modules)\n",
     )
-    assert done.stdout.split() == ["[False]", "True"]
+    # Nor does the caller load it afterwards: a run that stayed on processes
+    # builds its plan only when the plan is read.
+    assert done.stdout.split() == ["[False]", "False"]
+
+
+@pytest.mark.timeout(120)
+def test_a_cold_run_that_stays_on_processes_loads_the_planner_after_its_items(
+    tmp_path: Path,
+) -> None:
+    # The planner's first import, mid-run, competes with the workers and the
+    # dispatcher; a run that stays where it started never needs it until its
+    # plan is read (the pool reads it when the run ends).
+    done = _run_script(
+        tmp_path,
+        "import sys\n"
+        "import powerpool as pp\n"
+        "from auto_tasks import where_2ms\n"
+        "with pp.Pool(progress=False) as pool:\n"
+        "    loaded = ['powerpool._plan' in sys.modules for _ in pool.imap(where_2ms, range(60))]\n"
+        "    plan = pool.last_plan\n"
+        "    moved = any(r.startswith('switches') for r in plan.reasons)\n"
+        "    print(plan.backend, moved or not any(loaded), 'powerpool._plan' in sys.modules)\n",
+    )
+    assert done.stdout.split() == ["processes", "True", "True"]
 
 
 def _steer(backend_for: Any = None) -> Steer:
@@ -550,7 +575,7 @@ def test_threads_adding_up_to_one_core_are_measured_again_in_workers(
         waiting.add("processes", _measured(1, 0.02, 0.0001, blocks=1))
     plan = decide(waiting.evidence(), 1000, cores=2).plan
     assert plan.backend == "threads"
-    steer._apply(Decision(plan, settled=True), first=True)
+    steer._apply(Decision.of(plan, settled=True), first=True)
     steer._threads_since = time.perf_counter() - 0.2  # the threads have run for 0.2 s
     routes = None
     for _ in range(10):  # ten chunks, cpu_s of CPU in all

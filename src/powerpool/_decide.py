@@ -39,16 +39,20 @@ throughput, not by CPU/wall ratios.
 
 The worker count, chunk size and predicted speed-up come from the planner's
 cost model (:func:`~powerpool._plan.plan_from_profile`) applied to the
-measured figures; the backend is the ladder's.
+measured figures; the backend is the ladder's. The model is consulted only
+where the ladder needs it (the threads' count, a cluster) or when the plan is
+read (see :class:`Decision`): a run that stays where it started never loads it.
 """
 
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from ._chunk import ChunkResult, Measures
+from ._units import format_seconds
 
 if TYPE_CHECKING:
     # Imported when first needed, not with this module: a cold auto run forks
@@ -187,8 +191,6 @@ class Evidence:
 
     def describe(self) -> str:
         """One line: ``12 items on processes: 5.1 ms each, CPU 99%, GIL held 97%``."""
-        from ._profile import format_seconds
-
         where = "+".join(self.measured_on) or "nowhere"
         words = [f"{self.items} items on {where}: {format_seconds(self.item_s)} each"]
         words += [
@@ -206,16 +208,60 @@ class Evidence:
         return ", ".join(words)
 
 
-@dataclass(frozen=True)
 class Decision:
-    """The plan for the evidence so far, and whether more evidence could change it."""
+    """The verdict for the evidence so far: where the items run, on how many
+    workers, whether more evidence could change it; and the full plan.
 
-    plan: Plan
-    """Backend, workers, chunk size, reasons and predicted speed-up."""
+    The plan (the planner's cost model: chunk size, predicted speed-up, its
+    reasons) is built when first read. A cold run that stays on the worker
+    processes it started on never reads it mid-run, and so never loads the
+    planner while its workers compute: on 2 cores that import, taken mid-run
+    against the workers and the dispatcher, cost a cold 300-item run ~40 ms
+    (paired runs) against ~8 ms at rest.
+    """
+
+    __slots__ = ("_build", "_plan", "backend", "settled", "trial", "workers")
+
+    backend: str
+    """Where the items run: processes, threads, serial (your thread) or dask."""
+    workers: int
+    """Workers (threads, processes) on that backend."""
     settled: bool
     """True once the evidence suffices: later chunks no longer move the decision."""
-    trial: bool = False
+    trial: bool
     """True when the evidence asks for threads and processes side by side."""
+
+    def __init__(
+        self,
+        backend: str,
+        workers: int,
+        settled: bool,
+        build: Callable[[], Plan],
+        *,
+        trial: bool = False,
+    ) -> None:
+        self.backend, self.workers, self.settled, self.trial = backend, workers, settled, trial
+        self._build: Callable[[], Plan] | None = build
+        self._plan: Plan | None = None
+
+    @classmethod
+    def of(cls, plan: Plan, settled: bool) -> Decision:
+        """A decision for a plan already built."""
+        decision = cls(plan.backend, plan.workers, settled, lambda: plan)
+        decision._plan = plan
+        return decision
+
+    @property
+    def plan(self) -> Plan:
+        """Backend, workers, chunk size, reasons and predicted speed-up (built on first read)."""
+        if self._plan is None:
+            assert self._build is not None
+            self._plan, self._build = self._build(), None
+        return self._plan
+
+    def __repr__(self) -> str:
+        how = "settled" if self.settled else ("trial" if self.trial else "undecided")
+        return f"<Decision {self.backend} x{self.workers}, {how}>"
 
 
 class _Side:
@@ -406,14 +452,9 @@ def decide(
     planner's model says this machine alone would take too long.
     Pure: no clock, no I/O.
     """
-    decision = _ladder(
+    return _ladder(
         evidence, n_items, cores=cores, workers=workers, isolate=isolate, address=address
     )
-    plan = decision.plan
-    if isolate is not None and not any(isolate in reason for reason in plan.reasons):
-        plan = dataclasses.replace(plan, reasons=(isolate, *plan.reasons))
-        decision = dataclasses.replace(decision, plan=plan)
-    return decision
 
 
 def _ladder(  # noqa: PLR0911 - one return per rung, each explained
@@ -427,16 +468,35 @@ def _ladder(  # noqa: PLR0911 - one return per rung, each explained
 ) -> Decision:
     said = f"measured {e.describe()}"
     count = workers or cores
+
+    def isolated(plan: Plan) -> Plan:
+        if isolate is None or any(isolate in reason for reason in plan.reasons):
+            return plan
+        return dataclasses.replace(plan, reasons=(isolate, *plan.reasons))
+
     if e.items == 0:
         why = "nothing measured yet: the items start on worker processes at once, each measured"
-        return Decision(_plan("processes", count, n_items, cores, f"{why} where it runs"), False)
-    from ._plan import plan_from_profile
-    from ._profile import format_seconds
+        reason = f"{why} where it runs"
+        return Decision(
+            "processes",
+            count,
+            False,
+            lambda: isolated(_plan("processes", count, n_items, cores, reason)),
+        )
+    models: list[Plan] = []
 
-    model = plan_from_profile(_as_profile(e), n_items, cores=cores, address=address)
+    def model() -> Plan:
+        """The planner's cost model for this evidence (loads the planner on first use)."""
+        if not models:
+            from ._plan import plan_from_profile
+
+            models.append(plan_from_profile(_as_profile(e), n_items, cores=cores, address=address))
+        return models[0]
 
     def go(backend: str, reason: str, settled: bool, *, size: int = count) -> Decision:
-        return Decision(_from_model(model, backend, size, reason), settled)
+        return Decision(
+            backend, size, settled, lambda: isolated(_from_model(model(), backend, size, reason))
+        )
 
     # A first call may include imports and warm-up: computing (or tiny) is
     # only settled on warm chunks. Waiting is not something warm-up fakes.
@@ -470,7 +530,7 @@ def _ladder(  # noqa: PLR0911 - one return per rung, each explained
         if isolate is not None:
             overlap = "processes overlap the waiting one item per worker"
             return go("processes", f"{why}, but {isolate}: {overlap}", waited)
-        lanes = workers or (model.workers if model.backend == "threads" else cores)
+        lanes = workers or (model().workers if model().backend == "threads" else cores)
         return go("threads", f"{why}: {lanes} threads overlap the waiting", waited, size=lanes)
     if e.gil_held is None or e.gil_held >= GIL_HELD_MIN:
         held = (
@@ -479,8 +539,8 @@ def _ladder(  # noqa: PLR0911 - one return per rung, each explained
             else f"the heartbeat found the GIL held {e.gil_held:.0%} of the time"
         )
         why = f"{said}; the items compute and {held}"
-        if model.backend == "dask":  # a cluster address, and more work than this machine's
-            return go("dask", f"{why}: {model.reasons[-1]}", enough, size=0)
+        if address is not None and model().backend == "dask":  # more than this machine's work
+            return go("dask", f"{why}: {model().reasons[-1]}", enough, size=0)
         return go("processes", f"{why}: processes run them in parallel", enough)
     why = f"{said}; the items compute outside the GIL (held {e.gil_held:.0%})"
     if e.gil_samples < GIL_MIN_SAMPLES:  # one noisy heartbeat is no reason to try threads
@@ -490,9 +550,9 @@ def _ladder(  # noqa: PLR0911 - one return per rung, each explained
     t = e.trial
     if t is None:
         trial = "threads and processes now run real chunks side by side, the faster per worker"
-        return dataclasses.replace(
-            go("processes", f"{why}: {trial} keeps the rest", False), trial=True
-        )
+        decision = go("processes", f"{why}: {trial} keeps the rest", False)
+        decision.trial = True  # not settled: the trial's chunks decide
+        return decision
     side = (
         f"{why}; side by side, threads ran {t.threads_items_per_s:.1f} items/s per worker, "
         f"processes {t.processes_items_per_s:.1f}"

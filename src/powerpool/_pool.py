@@ -126,12 +126,10 @@ class Pool:
         )
         # Plans by function, so a later submit(fn) runs where auto measured fn
         # should run; weak, so plans don't keep functions (or closures) alive.
-        self._plans: weakref.WeakKeyDictionary[Callable[..., Any], Plan] = (
+        self._plans: weakref.WeakKeyDictionary[Callable[..., Any], Callable[[], Plan | None]] = (
             weakref.WeakKeyDictionary()
         )
-        self.last_plan: Plan | None = None
-        """The plan ``auto`` follows in the current run, or followed in the most recent
-        one, with the workers and chunk sizes used (None before one)."""
+        self._last_plan: Plan | Callable[[], Plan | None] | None = None
         self.steer: Steer | None = None
         """The steer of the running (or most recent) ``auto`` run."""
         self.last_evidence: Evidence | None = None
@@ -466,8 +464,20 @@ class Pool:
             self._check_open()
             return self._backend(name, workers)
 
-    def _set_plan(self, plan: Plan) -> None:
-        self.last_plan = plan
+    @property
+    def last_plan(self) -> Plan | None:
+        """The plan ``auto`` follows in the current run, or followed in the most recent
+        one, with the workers and chunk sizes used (None before one)."""
+        plan = self._last_plan
+        # Mid-run, the steer's plan is built when read (see _decide.Decision).
+        return plan() if callable(plan) else plan
+
+    @last_plan.setter
+    def last_plan(self, plan: Plan | None) -> None:
+        self._last_plan = plan
+
+    def _set_plan(self, plan_now: Callable[[], Plan | None]) -> None:
+        self._last_plan = plan_now
 
     def _results(
         self, prepared: Prepared, options: RunOptions, ordered: bool, with_index: bool
@@ -557,16 +567,20 @@ class Pool:
                 used.shutdown(wait=False, kill=True)
             raise
         finally:
-            final = None
+            predicted = None
             if steer is not None:
                 self.last_evidence = steer.evidence()
-                final = steer.final_plan()
-                if final is not None:
-                    self.last_plan = final
-                    with contextlib.suppress(TypeError):  # not weak-referenceable
-                        self._plans[prepared.fn] = final
+                ran = steer.finish()  # the plan as it ran, built when read
+                self._last_plan = ran
+                with contextlib.suppress(TypeError):  # not weak-referenceable
+                    self._plans[prepared.fn] = ran
+
+                def predicted() -> float | None:
+                    plan = ran()
+                    return plan.expected_speedup if plan is not None else None
+
             self._ledger.run_done(
-                predicted=final.expected_speedup if final is not None else None,
+                predicted=predicted,
                 actual=run.speedup,
                 in_caller=steer.in_process_items if steer is not None else 0,
             )
@@ -592,8 +606,11 @@ def _route(result: ChunkResult) -> None:
         on_done(result)
 
 
-def _lookup(plans: weakref.WeakKeyDictionary[Callable[..., Any], Plan], fn: Any) -> Plan | None:
+def _lookup(
+    plans: weakref.WeakKeyDictionary[Callable[..., Any], Callable[[], Plan | None]], fn: Any
+) -> Plan | None:
     try:
-        return plans.get(fn)
+        ran = plans.get(fn)
     except TypeError:
         return None
+    return ran() if ran is not None else None

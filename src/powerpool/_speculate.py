@@ -172,7 +172,7 @@ class Steer:
         explain: bool,
         address: str | None = None,
         backend_for: Callable[[str, int], Backend],
-        on_plan: Callable[[Plan], None],
+        on_plan: Callable[[Callable[[], Plan | None]], None],
     ) -> None:
         self._fn = fn
         self._total = total
@@ -203,8 +203,12 @@ class Steer:
         self._chunks: dict[str, list[int]] = {}  # backend -> [chunks, items] it ran
         self._threads_cpu = 0.0  # CPU seconds the threads' chunks took, since threads began
         self._threads_since: float | None = None  # when the run began on threads
-        self.plan: Plan | None = None
-        """The plan being followed now."""
+        self._shown: Decision | None = None  # the decision whose plan is being followed
+
+    @property
+    def plan(self) -> Plan | None:
+        """The plan being followed now (built when first read: see :class:`Decision`)."""
+        return self._shown.plan if self._shown is not None else None
 
     # -- what the run asks ------------------------------------------------------
 
@@ -258,15 +262,12 @@ class Steer:
         if remembered is not None:
             # The same function of the same evidence, for this run's size.
             again = self._decide(remembered)
-            if again.settled and (self._isolate is None or again.plan.backend not in _IN_PROCESS):
-                plan = again.plan
+            if again.settled and (self._isolate is None or again.backend not in _IN_PROCESS):
                 why = (
                     f"as measured on an earlier call of the same code ({remembered.describe()}); "
                     "still measuring, so a change in the items switches backend"
                 )
-                decision = Decision(
-                    dataclasses.replace(plan, reasons=(why, *plan.reasons)), settled=True
-                )
+                decision = _with_reason(again, why, settled=True)
         self._apply(decision, first=True)
         return self._routes
 
@@ -323,7 +324,7 @@ class Steer:
         decision = self._decide()
         if not decision.settled and not decision.trial:
             if self._prior is None:  # a remembered plan stands until this run's own settles
-                self.plan = decision.plan
+                self._shown = decision
             return None
         if len(self._switches) >= MAX_SWITCHES:
             self._settled = True
@@ -332,8 +333,36 @@ class Steer:
         self._apply(decision)
         return self._routes if self._routes is not before else None
 
+    def finish(self) -> Callable[[], Plan | None]:
+        """The run has ended: keep what it measured for the next call of the same
+        code, and return the plan as it ran (:meth:`final_plan`'s), built when
+        first called: a run that never moved never loads the planner's model
+        (see :class:`~powerpool._decide.Decision`) unless its plan is read."""
+        own = self._remembrance()
+        if self._key is not None and self._tally.alone and self._decide(own).settled:
+            # Only evidence that settles a decision by itself replaces what was kept.
+            with _memory_lock:
+                _memory[self._key] = own
+                _memory.move_to_end(self._key)
+                while len(_memory) > MEMORY_SIZE:
+                    _memory.popitem(last=False)
+        built: list[Plan | None] = []
+
+        def ran() -> Plan | None:
+            if not built:
+                built.append(self._as_ran())
+            return built[0]
+
+        if self._explain:
+            ran()  # printed as the run ends
+        return ran
+
     def final_plan(self) -> Plan | None:
-        """The plan as it ran: workers and mean chunk size used on the last backend."""
+        """The plan as it ran: workers and mean chunk size used on the last backend
+        (and what the run measured kept, as :meth:`finish` does)."""
+        return self.finish()()
+
+    def _as_ran(self) -> Plan | None:
         plan = self.plan
         if plan is None:
             return None
@@ -349,14 +378,6 @@ class Steer:
         final = dataclasses.replace(plan, workers=workers, chunksize=chunksize, reasons=reasons)
         if self._explain:
             print(f"powerpool auto: ran\n{final}", file=sys.stderr, flush=True)
-        own = self._remembrance()
-        if self._key is not None and self._tally.alone and self._decide(own).settled:
-            # Only evidence that settles a decision by itself replaces what was kept.
-            with _memory_lock:
-                _memory[self._key] = own
-                _memory.move_to_end(self._key)
-                while len(_memory) > MEMORY_SIZE:
-                    _memory.popitem(last=False)
         return final
 
     def _remembrance(self) -> Evidence:
@@ -375,7 +396,7 @@ class Steer:
         if not items:
             return own
         better = dataclasses.replace(own, cpu_per_item_s=cpu / items)
-        waiting = better.busy < IO_MAX_BUSY and self._decide(better).plan.backend == "threads"
+        waiting = better.busy < IO_MAX_BUSY and self._decide(better).backend == "threads"
         return better if waiting else own
 
     def evidence(self) -> Evidence:
@@ -420,25 +441,29 @@ class Steer:
             f"on threads the items used {cores:.1f} cores together, what one GIL allows: "
             "they may compute, not wait; measuring them alone on worker processes"
         )
-        plan = dataclasses.replace(cold.plan, reasons=(why, *cold.plan.reasons))
         self._prior = None  # this run's own evidence decides from here on
         if self._key is not None:
             with _memory_lock:  # nor does the next call start from the old memory
                 _memory.pop(self._key, None)
-        self._apply(Decision(plan, settled=False))
+        self._apply(_with_reason(cold, why, settled=False))
         self._probes_left = PROBE_CHUNKS
         return self._routes
 
-    def _more_lanes(self, plan: Plan) -> bool:
-        """Whether ``plan`` wants LANES_GROWTH times the threads the run has now,
-        which were counted on first-call chunks (see LANES_GROWTH).
+    def _more_lanes(self, decision: Decision) -> bool:
+        """Whether ``decision`` wants LANES_GROWTH times the threads the run has
+        now, which were counted on first-call chunks (see LANES_GROWTH).
 
         Only then: counted on warm chunks, the lanes are as well priced as
         they get, and each growth is a new backend's worth of thread starts.
         """
-        if not self._first_call_lanes or plan.backend != "threads" or len(self._routes) != 1:
+        threads = decision.backend == "threads"
+        if not self._first_call_lanes or not threads or len(self._routes) != 1:
             return False
-        return plan.workers >= LANES_GROWTH * max(1, self._routes[0].workers)
+        return decision.workers >= LANES_GROWTH * max(1, self._routes[0].workers)
+
+    def _plan_now(self) -> Plan | None:
+        """The plan being followed now, for the pool's ``last_plan`` (read when asked)."""
+        return self.plan
 
     def _remembered(self) -> Evidence | None:
         if self._key is None:
@@ -457,20 +482,19 @@ class Steer:
         )
 
     def _apply(self, decision: Decision, *, first: bool = False) -> None:
-        plan = decision.plan
-        names = ["processes", "threads"] if decision.trial else [plan.backend]
+        names = ["processes", "threads"] if decision.trial else [decision.backend]
         old = [b.name for b in self._routes]
-        grow = names == old and self._more_lanes(plan)
+        grow = names == old and self._more_lanes(decision)
         changed = names != old or grow
         routes = [] if changed else self._routes  # same backends: keep them as they are
         for name in names if changed else ():
-            count = plan.workers if name == plan.backend else (self._workers or self._cores)
+            count = decision.workers if name == decision.backend else (self._workers or self._cores)
             if name == "serial":
                 count = 1
             routes.append(self._backend_for(name, count))
         if changed:
             self._first_call_lanes = (
-                plan.backend == "threads"
+                decision.backend == "threads"
                 and self._workers is None
                 and self._prior is None
                 and not self._tally.evidence().warm
@@ -486,7 +510,7 @@ class Steer:
             items = sum(c[1] for c in self._chunks.values())
             was, now = "+".join(old), "+".join(names)
             if grow:
-                was, now = f"{was} x{self._routes[0].workers}", f"{now} x{plan.workers}"
+                was, now = f"{was} x{self._routes[0].workers}", f"{now} x{decision.workers}"
             self._switches.append(f"{was} -> {now} after {items} items ({elapsed * 1000:.0f} ms)")
             self._since_switch = 0
             self._next_look = RECHECK_FIRST
@@ -497,8 +521,8 @@ class Steer:
         newly_settled = decision.settled and not self._was_settled
         self._was_settled = self._was_settled or decision.settled
         self._routes = routes
-        self.plan = plan
-        self._on_plan(plan)
+        self._shown = decision
+        self._on_plan(self._plan_now)
         if not self._explain:
             return
         if first:
@@ -509,7 +533,17 @@ class Steer:
             head = "decided"
         else:
             return
-        print(f"powerpool auto: {head}\n{plan}", file=sys.stderr, flush=True)
+        print(f"powerpool auto: {head}\n{decision.plan}", file=sys.stderr, flush=True)
+
+
+def _with_reason(decision: Decision, why: str, *, settled: bool) -> Decision:
+    """``decision`` with ``why`` as its first reason, settled or not (its plan built when read)."""
+
+    def build() -> Plan:
+        plan = decision.plan
+        return dataclasses.replace(plan, reasons=(why, *plan.reasons))
+
+    return Decision(decision.backend, decision.workers, settled, build)
 
 
 def plan_by_running(

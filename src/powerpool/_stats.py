@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
 
@@ -77,7 +77,7 @@ class StatsLedger:
         self._active = 0
         self._since = 0.0
         self._wall = 0.0
-        self.predicted: float | None = None
+        self.predicted: Callable[[], float | None] | None = None
         self.actual: float | None = None
         self.in_caller = 0
 
@@ -100,9 +100,14 @@ class StatsLedger:
             self.backend, self.workers = backend, workers
 
     def run_done(
-        self, *, predicted: float | None, actual: float | None, in_caller: int = 0
+        self,
+        *,
+        predicted: Callable[[], float | None] | None,
+        actual: float | None,
+        in_caller: int = 0,
     ) -> None:
-        """Speed-ups of the run that just ended (see PoolStats)."""
+        """Speed-ups of the run that just ended (see PoolStats); the predicted one is
+        read when asked for (auto's plan is built when first read)."""
         with self._lock:
             self.predicted, self.actual, self.in_caller = predicted, actual, in_caller
 
@@ -118,6 +123,9 @@ class StatsLedger:
             self.retried += retried
 
     def snapshot(self) -> PoolStats:
+        predicted = self.predicted
+        # Outside the lock: the first read of auto's plan loads the planner.
+        predicted_speedup = predicted() if predicted is not None else None
         with self._lock:
             wall = self._wall
             if self._active:
@@ -131,7 +139,7 @@ class StatsLedger:
                 chunks=self.chunks,
                 wall_s=wall,
                 busy_s_by_worker=MappingProxyType(dict(self._busy)),
-                predicted_speedup=self.predicted,
+                predicted_speedup=predicted_speedup,
                 actual_speedup=self.actual,
                 items_in_caller=self.in_caller,
             )

@@ -1,6 +1,6 @@
 """The profiler's frozen records: :class:`Profile`, :class:`Hotspot`, :class:`Workload`.
 
-Also the unit formatters (``1.2 ms``, ``1.5 KiB``) that every report shares.
+Also re-exports the unit formatters (``1.2 ms``, ``1.5 KiB``, from :mod:`powerpool._units`).
 """
 
 from __future__ import annotations
@@ -8,6 +8,8 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
+
+from .._units import format_bytes, format_seconds
 
 if TYPE_CHECKING:
     from .._lineprof import LineTiming
@@ -209,21 +211,3 @@ class Profile:
         from .._report_html import text_html
 
         return text_html(str(self))
-
-
-def format_seconds(seconds: float) -> str:
-    """``0.0000012`` -> ``"1.2 us"``; ``0.25`` -> ``"250 ms"``."""
-    if seconds >= 1:
-        return f"{seconds:.2f} s"
-    if seconds >= 1e-3:
-        return f"{seconds * 1e3:.3g} ms"
-    return f"{seconds * 1e6:.3g} us"
-
-
-def format_bytes(size: float) -> str:
-    """``1536`` -> ``"1.5 KiB"``."""
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if size < 1024 or unit == "GiB":
-            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
-        size /= 1024
-    raise AssertionError("unreachable")  # pragma: no cover
