@@ -336,8 +336,9 @@ class Run:
                 self._absorb(result)
                 if self._steer is not None:
                     if self._steer.deciding:
-                        # The first decision loads the planner (~10 ms): the
-                        # workers get their next chunks first, not after it.
+                        # The first decision takes the caller's thread a few
+                        # ms (more when the run moves and the planner's model
+                        # loads): the workers get their next chunks first.
                         in_flight, input_done = self._refill(in_flight, input_done)
                     switch = self._steer.observe(route.backend.name, result)
                     if switch is not None:

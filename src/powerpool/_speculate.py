@@ -250,9 +250,9 @@ class Steer:
         self._prior = remembered
         if remembered is None:
             # Cold: the first chunks go to worker processes before anything is
-            # decided; the planner (a few imports, tens of ms on a cold
-            # interpreter) loads at the first result (begin()), while the
-            # workers already run the next chunks.
+            # decided; the first decision comes at the first result (begin()),
+            # while the workers already run the next chunks, and loads the
+            # planner's model only if the run moves (see Decision).
             count = self._workers or self._cores
             self._routes = [self._backend_for("processes", count)]
             self._probes_left = PROBE_CHUNKS
@@ -277,7 +277,7 @@ class Steer:
         A cold start decides at the first result (:meth:`observe`): until then
         the caller's thread only waits, so the process engine's dispatcher
         (a thread of this process) sends the first chunks without competing
-        for the GIL with the planner's imports. With ``explain=True`` the
+        for the GIL with the decision's imports. With ``explain=True`` the
         starting plan is printed now instead.
         """
         if self._explain:
@@ -286,7 +286,9 @@ class Steer:
     @property
     def deciding(self) -> bool:
         """Whether the next :meth:`observe` takes the run's first decision (a cold
-        start): the planner loads then, so the run refills its workers first."""
+        start): the run refills its workers first, so that none waits while the
+        decision is taken (its first steps cost the caller a few ms of CPU, more
+        when the run moves and loads the planner's model)."""
         return self._deferred
 
     def begin(self) -> None:
