@@ -215,9 +215,9 @@ class Decision:
     The plan (the planner's cost model: chunk size, predicted speed-up, its
     reasons) is built when first read. A cold run that stays on the worker
     processes it started on never reads it mid-run, and so never loads the
-    planner while its workers compute: on 2 cores that import, taken mid-run
-    against the workers and the dispatcher, cost a cold 300-item run ~40 ms
-    (paired runs) against ~8 ms at rest.
+    planner while its workers compute: on 2 cores that import, at the first
+    result, took ~10 ms of the caller's CPU and left a worker idle ~15 ms
+    (paired cold runs of 300 heavy-tailed items).
     """
 
     __slots__ = ("_build", "_plan", "backend", "settled", "trial", "workers")
