@@ -7,11 +7,13 @@ check where items ran (by pid), what the plan says, and what came back.
 from __future__ import annotations
 
 import dataclasses
+import gc
 import os
 import re
 import subprocess
 import sys
 import time
+import weakref
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -350,6 +352,35 @@ def test_low_cpu_with_neither_blocks_nor_a_gil_score_is_not_yet_waiting() -> Non
 
 def test_the_users_worker_count_is_kept() -> None:
     assert decide(evidence(), 1000, cores=8, workers=3).plan.workers == 3
+
+
+class _Held:
+    """Something a closure holds (a stand-in for a big array), weakly referenceable."""
+
+
+def _closure_over_held() -> tuple[Any, weakref.ref[_Held]]:
+    held = _Held()
+
+    def fn(x: int) -> int:
+        return x + (1 if held else 0)
+
+    return fn, weakref.ref(held)
+
+
+@pytest.mark.timeout(120)
+def test_an_auto_run_keeps_no_earlier_function_alive() -> None:
+    # The pool keeps each function's plan for submit() in a weak dictionary:
+    # neither that plan (built when read) nor anything else may keep the
+    # function, and what its closure holds, alive once the caller drops it.
+    with pp.Pool(progress=False) as pool:
+        first, held = _closure_over_held()
+        pool.map(first, range(20))
+        second, _ = _closure_over_held()
+        pool.map(second, range(20))  # the pool's last steer now holds this one
+        del first
+        gc.collect()
+        assert held() is None
+        assert pool.last_plan is not None  # the plan is still there to read
 
 
 def test_code_identity() -> None:

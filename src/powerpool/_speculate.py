@@ -348,14 +348,24 @@ class Steer:
                 _memory.move_to_end(self._key)
                 while len(_memory) > MEMORY_SIZE:
                     _memory.popitem(last=False)
+        # The values the plan is built from, not the steer: the pool keeps this
+        # by function in a weak dictionary, which the steer (holding the
+        # function) would keep from ever letting go.
+        shown, explain = self._shown, self._explain
+        workers = self._routes[0].workers if self._routes else None
+        chunks = {name: (c[0], c[1]) for name, c in self._chunks.items()}
+        switches = tuple(self._switches)
         built: list[Plan | None] = []
 
         def ran() -> Plan | None:
             if not built:
-                built.append(self._as_ran())
+                plan = None if shown is None else _as_ran(shown.plan, workers, chunks, switches)
+                if explain and plan is not None:
+                    print(f"powerpool auto: ran\n{plan}", file=sys.stderr, flush=True)
+                built.append(plan)
             return built[0]
 
-        if self._explain:
+        if explain:
             ran()  # printed as the run ends
         return ran
 
@@ -363,24 +373,6 @@ class Steer:
         """The plan as it ran: workers and mean chunk size used on the last backend
         (and what the run measured kept, as :meth:`finish` does)."""
         return self.finish()()
-
-    def _as_ran(self) -> Plan | None:
-        plan = self.plan
-        if plan is None:
-            return None
-        used = self._chunks.get(plan.backend)
-        chunksize = max(1, round(used[1] / used[0])) if used and used[0] else plan.chunksize
-        workers = self._routes[0].workers if self._routes else plan.workers
-        reasons = plan.reasons
-        if self._switches:
-            reasons = (*reasons, "switches: " + "; ".join(self._switches))
-        ran = ", ".join(f"{name} {c[1]} items in {c[0]} chunks" for name, c in self._chunks.items())
-        if ran:
-            reasons = (*reasons, f"ran: {ran}")
-        final = dataclasses.replace(plan, workers=workers, chunksize=chunksize, reasons=reasons)
-        if self._explain:
-            print(f"powerpool auto: ran\n{final}", file=sys.stderr, flush=True)
-        return final
 
     def _remembrance(self) -> Evidence:
         """This run's evidence as the next call of the same code will start from it.
@@ -536,6 +528,31 @@ class Steer:
         else:
             return
         print(f"powerpool auto: {head}\n{decision.plan}", file=sys.stderr, flush=True)
+
+
+def _as_ran(
+    plan: Plan,
+    workers: int | None,
+    chunks: dict[str, tuple[int, int]],
+    switches: tuple[str, ...],
+) -> Plan:
+    """``plan`` as a run followed it: the workers and mean chunk size it used on
+    the plan's backend (``chunks``: backend -> (chunks, items)), and the
+    switches it made."""
+    used = chunks.get(plan.backend)
+    chunksize = max(1, round(used[1] / used[0])) if used and used[0] else plan.chunksize
+    reasons = plan.reasons
+    if switches:
+        reasons = (*reasons, "switches: " + "; ".join(switches))
+    ran = ", ".join(f"{name} {c[1]} items in {c[0]} chunks" for name, c in chunks.items())
+    if ran:
+        reasons = (*reasons, f"ran: {ran}")
+    return dataclasses.replace(
+        plan,
+        workers=plan.workers if workers is None else workers,
+        chunksize=chunksize,
+        reasons=reasons,
+    )
 
 
 def _with_reason(decision: Decision, why: str, *, settled: bool) -> Decision:
