@@ -606,7 +606,7 @@ def test_threads_adding_up_to_one_core_are_measured_again_in_workers(
         waiting.add("processes", _measured(1, 0.02, 0.0001, blocks=1))
     plan = decide(waiting.evidence(), 1000, cores=2).plan
     assert plan.backend == "threads"
-    steer._apply(Decision.of(plan, settled=True), first=True)
+    steer._apply(Decision(plan.backend, plan.workers, True, lambda: plan), first=True)
     steer._threads_since = time.perf_counter() - 0.2  # the threads have run for 0.2 s
     routes = None
     for _ in range(10):  # ten chunks, cpu_s of CPU in all

@@ -244,13 +244,6 @@ class Decision:
         self._build: Callable[[], Plan] | None = build
         self._plan: Plan | None = None
 
-    @classmethod
-    def of(cls, plan: Plan, settled: bool) -> Decision:
-        """A decision for a plan already built."""
-        decision = cls(plan.backend, plan.workers, settled, lambda: plan)
-        decision._plan = plan
-        return decision
-
     @property
     def plan(self) -> Plan:
         """Backend, workers, chunk size, reasons and predicted speed-up (built on first read)."""

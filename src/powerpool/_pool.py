@@ -129,7 +129,9 @@ class Pool:
         self._plans: weakref.WeakKeyDictionary[Callable[..., Any], Callable[[], Plan | None]] = (
             weakref.WeakKeyDictionary()
         )
-        self._last_plan: Plan | Callable[[], Plan | None] | None = None
+        # The last plan, as a function: mid-run and after a run, auto's plan is
+        # built when first read (see _decide.Decision).
+        self._last_plan: Callable[[], Plan | None] = _no_plan
         self.steer: Steer | None = None
         """The steer of the running (or most recent) ``auto`` run."""
         self.last_evidence: Evidence | None = None
@@ -435,7 +437,8 @@ class Pool:
         plan = unmeasured_auto_plan(fn, self._workers, prepared.total)
         if plan is not None:
             prepared.backend, prepared.workers = plan.backend, plan.workers
-            self.last_plan = prepared.plan = plan
+            prepared.plan = plan
+            self._last_plan = lambda: plan
             if explain:
                 print(f"powerpool auto: decided\n{plan}", file=sys.stderr, flush=True)
             return prepared
@@ -468,13 +471,7 @@ class Pool:
     def last_plan(self) -> Plan | None:
         """The plan ``auto`` follows in the current run, or followed in the most recent
         one, with the workers and chunk sizes used (None before one)."""
-        plan = self._last_plan
-        # Mid-run, the steer's plan is built when read (see _decide.Decision).
-        return plan() if callable(plan) else plan
-
-    @last_plan.setter
-    def last_plan(self, plan: Plan | None) -> None:
-        self._last_plan = plan
+        return self._last_plan()
 
     def _set_plan(self, plan_now: Callable[[], Plan | None]) -> None:
         self._last_plan = plan_now
@@ -604,6 +601,10 @@ def _route(result: ChunkResult) -> None:
     on_done = result.chunk.on_done
     if on_done is not None:
         on_done(result)
+
+
+def _no_plan() -> Plan | None:
+    return None
 
 
 def _lookup(
