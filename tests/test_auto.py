@@ -6,7 +6,6 @@ check where items ran (by pid), what the plan says, and what came back.
 
 from __future__ import annotations
 
-import dataclasses
 import gc
 import os
 import re
@@ -36,10 +35,10 @@ from powerpool._backends import BackendConfig
 from powerpool._backends._serial import SerialBackend
 from powerpool._chunk import Chunk, ChunkResult, Measures
 from powerpool._decide import BATCH_ITEMS, Decision, Evidence, Tally, Trial, decide
+from powerpool._ledger import StatsLedger
 from powerpool._probes import Heartbeat
 from powerpool._run import CHUNKS_IN_FLIGHT_PER_WORKER, Run, RunOptions
 from powerpool._speculate import UNDECIDED_MAX_CHUNK, Steer, code_key, forget
-from powerpool._stats import StatsLedger
 
 ME = os.getpid()
 
@@ -345,7 +344,7 @@ def test_low_cpu_with_neither_blocks_nor_a_gil_score_is_not_yet_waiting() -> Non
     unproven = evidence(cpu_per_item_s=0.0005, gil_held=None, gil_samples=0)
     d = decide(unproven, 1000, cores=8)
     assert (d.plan.backend, d.settled) == ("processes", False)
-    blocked = dataclasses.replace(unproven, blocks_per_item=1.0)
+    blocked = unproven._replace(blocks_per_item=1.0)
     d = decide(blocked, 1000, cores=8)
     assert (d.plan.backend, d.settled) == ("threads", True)
 

@@ -7,7 +7,6 @@ make of given figures.
 
 from __future__ import annotations
 
-import dataclasses
 from typing import Any
 
 import pytest
@@ -52,7 +51,7 @@ def test_waits_with_little_cpu_get_lanes_for_few_rounds_and_computing_ones_do_no
     assert plan.backend == "threads"
     assert plan.workers * 2 >= 400  # 400 waits in at most two rounds
     # 5 ms of pure Python per item: more threads would only queue for the GIL.
-    mixed = dataclasses.replace(WAITS, wall_per_item_s=0.025, cpu_per_item_s=0.005)
+    mixed = WAITS._replace(wall_per_item_s=0.025, cpu_per_item_s=0.005)
     plan = decide(mixed, 400, cores=2).plan
     assert plan.backend == "threads"
     assert plan.workers < 50

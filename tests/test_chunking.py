@@ -12,8 +12,8 @@ import pytest
 
 from powerpool._chunk import Chunk, ChunkResult
 from powerpool._chunking import CHUNKS_PER_WORKER, ChunkSizer
+from powerpool._ledger import StatsLedger
 from powerpool._run import CHUNKS_IN_FLIGHT_PER_WORKER, Run, RunOptions
-from powerpool._stats import StatsLedger
 
 pytestmark = pytest.mark.timeout(30)
 

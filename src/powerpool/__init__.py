@@ -21,7 +21,6 @@ from ._errors import (
     WorkerError,
 )
 from ._pool import Pool, PoolState
-from ._stats import PoolStats
 from ._stop import should_stop
 from ._warm_pools import imap, imap_unordered, map, shutdown_warm_pools
 
@@ -31,6 +30,7 @@ if _TYPE_CHECKING:
     from ._plan import Plan, plan
     from ._profile import Profile, Workload, profile
     from ._recorder import RunReport
+    from ._stats import PoolStats
 
 __version__ = "0.1.0"
 
@@ -81,6 +81,7 @@ _LAZY = {
     "Executor": "._executor",
     "Plan": "._plan",
     "Profile": "._profile",
+    "PoolStats": "._stats",
     "RunReport": "._recorder",
     "Workload": "._profile",
     "aimap": "._aio",
@@ -93,8 +94,10 @@ _LAZY = {
 def __getattr__(name: str) -> _Any:
     # The profiler pulls in more of the standard library than most runs need,
     # the run recorder is only for runs asked to report, the asyncio face and
-    # the Executor only for code that uses them: import them on first use (the
-    # pattern of concurrent.futures' __init__). It keeps import powerpool fast.
+    # the Executor only for code that uses them, PoolStats only for code that
+    # asks for statistics (a dataclass: 1-2 ms to create): import them on first
+    # use (the pattern of concurrent.futures' __init__). It keeps import
+    # powerpool fast.
     module = _LAZY.get(name)
     if module is None:
         raise AttributeError(f"module 'powerpool' has no attribute {name!r}")

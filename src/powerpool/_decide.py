@@ -48,8 +48,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable
-from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NamedTuple
 
 from ._chunk import ChunkResult, Measures
 from ._units import format_seconds
@@ -115,8 +114,8 @@ this fraction of the processes': threads need no pickling, share memory and
 start at once, so a near tie goes to them."""
 
 
-@dataclass(frozen=True)
-class Trial:
+# Named tuples, not dataclasses: see "Records" in docs/architecture.md.
+class Trial(NamedTuple):
     """Throughput of the same function on threads and on processes, measured side by side."""
 
     threads_items_per_s: float
@@ -130,8 +129,7 @@ class Trial:
         return self.threads_items_per_s >= TRIAL_THREADS_WITHIN * self.processes_items_per_s
 
 
-@dataclass(frozen=True)
-class Evidence:
+class Evidence(NamedTuple):
     """What the workers measured about one function's items."""
 
     function: str

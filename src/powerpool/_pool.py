@@ -9,7 +9,6 @@ a single map is done by :class:`~powerpool._run.Run`.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import enum
 import itertools
 import sys
@@ -23,6 +22,7 @@ from typing import TYPE_CHECKING, Any, ParamSpec, TypeVar, overload
 from ._backends import load
 from ._chunk import ChunkResult
 from ._errors import PoolClosedError
+from ._ledger import StatsLedger
 from ._options import (
     BackendName,
     PoolOptions,
@@ -47,7 +47,6 @@ from ._prepare import (
     unmeasured_auto_plan,
 )
 from ._run import Run, RunOptions
-from ._stats import PoolStats, StatsLedger
 from ._submit import Submitter
 from ._system import usable_cores
 
@@ -60,6 +59,7 @@ if TYPE_CHECKING:
     from ._plan import Plan
     from ._recorder import Recorder, RunReport
     from ._speculate import Steer
+    from ._stats import PoolStats
 
 __all__ = ["Pool", "PoolState", "ReportTarget"]
 
@@ -334,7 +334,7 @@ class Pool:
         if backend is not None:
             self._backends.move_to_end(key)
             return backend
-        backend = load(name)(dataclasses.replace(self._config, workers=count), _route)
+        backend = load(name)(self._config._replace(workers=count), _route)
         self._backends[key] = backend
         if len(self._backends) > MAX_LIVE_BACKENDS and not self._runs and not self._futures:
             # Only while nothing runs: a live map may be using the oldest one.

@@ -16,11 +16,9 @@ does not depend on the pool's own state lives here:
 
 from __future__ import annotations
 
-import dataclasses
 import inspect
 import os
 from collections.abc import Callable, Iterable, Iterator, Mapping
-from dataclasses import dataclass
 from functools import partial
 from typing import TYPE_CHECKING, Any
 
@@ -89,30 +87,54 @@ def default_workers(backend: str) -> int:
     return cores
 
 
-@dataclass
 class Prepared:
-    """A run whose backend is decided but which has not started."""
+    """A run whose backend is decided but which has not started.
 
-    fn: Callable[..., Any]
-    """The function to run."""
-    source: Iterator[Any]
-    """The inputs not consumed yet: argument tuples if ``star``, else single arguments."""
-    star: bool
-    """Whether ``source`` yields argument tuples (several iterables were given)."""
-    total: int | None
-    """Number of inputs, when every iterable has a length."""
-    backend: str
-    """The backend that will run them ("auto": the steer chooses)."""
-    workers: int | None
-    """Its workers (None: the backend's default)."""
-    steer: Steer | None = None
-    """For auto: what chooses (and changes) the backend as the items run."""
-    plan: Plan | None = None
-    """auto's plan for this run (None when the caller chose the backend)."""
-    recorder: Recorder | None = None
-    """Where this run is recorded, when a report was asked for."""
-    report_path: str | os.PathLike[str] | None = None
-    """Where the report is written as the run ends (None: only ``last_report``)."""
+    A slotted class, not a dataclass: see "Records" in docs/architecture.md.
+    """
+
+    __slots__ = (
+        "backend",
+        "fn",
+        "plan",
+        "recorder",
+        "report_path",
+        "source",
+        "star",
+        "steer",
+        "total",
+        "workers",
+    )
+
+    def __init__(
+        self,
+        fn: Callable[..., Any],
+        source: Iterator[Any],
+        star: bool,
+        total: int | None,
+        backend: str,
+        workers: int | None,
+    ) -> None:
+        self.fn = fn
+        """The function to run."""
+        self.source = source
+        """The inputs not consumed yet: argument tuples if ``star``, else single arguments."""
+        self.star = star
+        """Whether ``source`` yields argument tuples (several iterables were given)."""
+        self.total = total
+        """Number of inputs, when every iterable has a length."""
+        self.backend = backend
+        """The backend that will run them ("auto": the steer chooses)."""
+        self.workers = workers
+        """Its workers (None: the backend's default)."""
+        self.steer: Steer | None = None
+        """For auto: what chooses (and changes) the backend as the items run."""
+        self.plan: Plan | None = None
+        """auto's plan for this run (None when the caller chose the backend)."""
+        self.recorder: Recorder | None = None
+        """Where this run is recorded, when a report was asked for."""
+        self.report_path: str | os.PathLike[str] | None = None
+        """Where the report is written as the run ends (None: only ``last_report``)."""
 
 
 def fn_name(fn: Callable[..., Any]) -> str:
@@ -149,6 +171,8 @@ def _nested_plan(plan: Plan) -> Plan:
         f"inside a powerpool worker process: nested work stays within this worker's "
         f"share of the cores ({share}), on threads or in-line, never on more processes"
     )
+    import dataclasses  # Plan's module imported it already
+
     return dataclasses.replace(
         plan, backend=name, workers=workers or plan.workers, reasons=(*plan.reasons, why)
     )

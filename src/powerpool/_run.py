@@ -25,8 +25,7 @@ import time
 from collections import deque
 from collections.abc import AsyncGenerator, Callable, Generator, Iterator, Sequence
 from concurrent.futures import CancelledError
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, NamedTuple
 
 from ._backends._base import chunk_floor_s
 from ._chunk import Chunk, ChunkResult, Item, ItemLost, Outcome
@@ -39,9 +38,9 @@ from ._errors import (
     WorkerError,
 )
 from ._progress import Progress, ProgressMode
-from ._stats import StatsLedger
 
 if TYPE_CHECKING:
+    from ._ledger import StatsLedger
     from ._recorder import Recorder
     from ._speculate import Steer
 
@@ -69,8 +68,8 @@ _WAIT: list[Any] = []
 """What Run._steps yields when it needs the next chunk result (a block is never empty)."""
 
 
-@dataclass(frozen=True)
-class RunOptions:
+# Not a dataclass: see "Records" in docs/architecture.md (cold-start cost).
+class RunOptions(NamedTuple):
     """Per-run settings (a pool's defaults, overridable per call)."""
 
     chunksize: int | None = None
@@ -99,14 +98,16 @@ def is_retryable(exc: BaseException, options: RunOptions) -> bool:
     return isinstance(exc, options.retry_on)
 
 
-@dataclass
 class Attempts:
     """How often one item ran and failed, and what to do about its latest failure."""
 
-    retries: int = 0
-    """Re-runs after failures (limited by ``RunOptions.retries``)."""
-    losses: int = 0
-    """Re-runs because a crash elsewhere took the item down (limited by MAX_LOSSES)."""
+    __slots__ = ("losses", "retries")
+
+    def __init__(self) -> None:
+        self.retries = 0
+        """Re-runs after failures (limited by ``RunOptions.retries``)."""
+        self.losses = 0
+        """Re-runs because a crash elsewhere took the item down (limited by MAX_LOSSES)."""
 
     def after(self, exc: BaseException, options: RunOptions) -> BaseException | None:
         """None if the item should run again (counted here); else the error to report.

@@ -389,7 +389,7 @@ class Steer:
         items, cpu = self._tally.warm_cpu()
         if not items:
             return own
-        better = dataclasses.replace(own, cpu_per_item_s=cpu / items)
+        better = own._replace(cpu_per_item_s=cpu / items)
         waiting = better.busy < IO_MAX_BUSY and self._decide(better).backend == "threads"
         return better if waiting else own
 

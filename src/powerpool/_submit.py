@@ -18,9 +18,9 @@ from ._run import Attempts
 
 if TYPE_CHECKING:
     from ._backends import Backend
+    from ._ledger import StatsLedger
     from ._recorder import Recorder
     from ._run import RunOptions
-    from ._stats import StatsLedger
 
 __all__ = ["Submitter"]
 

@@ -19,8 +19,8 @@ unpicklable value) are reported as outcomes, never raised from ``submit``.
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
-from typing import Any, ClassVar, Protocol
+from types import MappingProxyType
+from typing import Any, ClassVar, NamedTuple, Protocol
 
 from .._chunk import Chunk, ChunkResult
 
@@ -29,8 +29,8 @@ __all__ = ["Backend", "BackendConfig", "Deliver", "chunk_floor_s"]
 Deliver = Callable[[ChunkResult], None]
 
 
-@dataclass(frozen=True)
-class BackendConfig:
+# A named tuple, not a dataclass: see "Records" in docs/architecture.md.
+class BackendConfig(NamedTuple):
     """Settings that shape the workers themselves (not a single run)."""
 
     workers: int
@@ -49,7 +49,7 @@ class BackendConfig:
     """RSS in bytes past which a worker process is replaced after its current item."""
     writable_arguments: bool = False
     """Large arguments arrive in workers copy-on-write instead of read-only."""
-    options: Mapping[str, Any] = field(default_factory=dict)
+    options: Mapping[str, Any] = MappingProxyType({})
     """Backend-specific settings (e.g. ``address`` and ``client`` for dask)."""
 
 

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import pickle
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any
 
 from .._chunk import Chunk, ChunkResult, Item, ItemLost, Outcome
@@ -43,12 +42,14 @@ limit would show shorter items one by one, but the chunk sizer's ramp-up
 visible share of a run of trivial ones (measured: benchmarks/report_cost.py)."""
 
 
-@dataclass(eq=False)
 class Pending:
     """A chunk waiting for an idle worker, its arguments already pickled."""
 
-    chunk: Chunk
-    payload: Packed
+    __slots__ = ("chunk", "payload")
+
+    def __init__(self, chunk: Chunk, payload: Packed) -> None:
+        self.chunk = chunk
+        self.payload = payload
 
 
 def trace_level(chunk: Chunk) -> int:

@@ -20,7 +20,6 @@ import threading
 import time
 import weakref
 from collections import OrderedDict
-from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
 from multiprocessing.context import BaseContext
 from multiprocessing.process import BaseProcess
@@ -111,28 +110,43 @@ def _preload_worker(context: BaseContext) -> bool:
     return True
 
 
-@dataclass(eq=False)
 class Worker:
-    """One worker process and the ledger of what it holds."""
+    """One worker process and the ledger of what it holds.
 
-    process: BaseProcess
-    """The worker process (its sentinel tells the dispatcher when it dies)."""
-    conn: Connection
-    """The parent's end of this worker's pipe."""
-    slot: int
-    """Index of its (position, started) pair in the shared status array."""
-    chunk: Chunk | None = None
-    """The chunk it is running; None when idle (the ledger)."""
-    sent_at: float = 0.0
-    """time.monotonic() when the chunk was sent: a deadline never starts earlier."""
-    sent_bytes: int = 0
-    """Size of the chunk's pickled arguments (reported with its result, for auto)."""
-    functions: OrderedDict[bytes, None] = field(default_factory=OrderedDict)
-    """Digests of the functions this worker holds, least recently used first."""
-    retiring: bool = False
-    """It reached its limits (_recycle) and exits after its last results: send it nothing."""
-    hung_up: bool = False
-    """Its pipe reached EOF: the process is exiting; only its sentinel is still awaited."""
+    A slotted class, not a dataclass: see "Records" in docs/architecture.md.
+    """
+
+    __slots__ = (
+        "chunk",
+        "conn",
+        "functions",
+        "hung_up",
+        "process",
+        "retiring",
+        "sent_at",
+        "sent_bytes",
+        "slot",
+    )
+
+    def __init__(self, process: BaseProcess, conn: Connection, slot: int) -> None:
+        self.process = process
+        """The worker process (its sentinel tells the dispatcher when it dies)."""
+        self.conn = conn
+        """The parent's end of this worker's pipe."""
+        self.slot = slot
+        """Index of its (position, started) pair in the shared status array."""
+        self.chunk: Chunk | None = None
+        """The chunk it is running; None when idle (the ledger)."""
+        self.sent_at = 0.0
+        """time.monotonic() when the chunk was sent: a deadline never starts earlier."""
+        self.sent_bytes = 0
+        """Size of the chunk's pickled arguments (reported with its result, for auto)."""
+        self.functions: OrderedDict[bytes, None] = OrderedDict()
+        """Digests of the functions this worker holds, least recently used first."""
+        self.retiring = False
+        """It reached its limits (_recycle) and exits after its last results: send it nothing."""
+        self.hung_up = False
+        """Its pipe reached EOF: the process is exiting; only its sentinel is still awaited."""
 
     @property
     def name(self) -> str:

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import os
 import signal
-from dataclasses import dataclass
+from typing import NamedTuple
 
 from .._errors import WorkerCrashedError
 
@@ -54,8 +54,8 @@ def rss_bytes() -> int:
             return 0
 
 
-@dataclass(frozen=True)
-class Limits:
+# A named tuple, not a dataclass: see "Records" in docs/architecture.md.
+class Limits(NamedTuple):
     """When a worker process is replaced by a fresh one."""
 
     max_tasks: int | None = None
