@@ -220,3 +220,36 @@ def test_a_cold_map_leaves_the_heavy_modules_alone(tmp_path: Path) -> None:
         [sys.executable, str(script)], capture_output=True, text=True, timeout=60, check=True
     )
     assert out.stdout.strip() == "[]", out.stdout + out.stderr
+
+
+def test_a_cold_map_creates_no_dataclass(tmp_path: Path) -> None:
+    """The records a cold ``pp.map`` builds are named tuples or slotted classes:
+    creating a dataclass costs 1-2 ms (see "Records" in docs/architecture.md).
+    The user-facing ones (``PoolStats``, ``Plan``) load when first asked for."""
+    script = tmp_path / "cold_records.py"
+    script.write_text(
+        "import dataclasses, sys\n"
+        "import powerpool as pp\n"
+        "\n"
+        "def square(x):\n"
+        "    return x * x\n"
+        "\n"
+        "if __name__ == '__main__':\n"
+        "    assert pp.map(square, range(8)) == [x * x for x in range(8)]\n"
+        "    pp.shutdown_warm_pools()\n"
+        "    made = sorted(\n"
+        "        f'{name}.{attr}'\n"
+        "        for name, module in list(sys.modules.items()) if name.startswith('powerpool')\n"
+        "        for attr, obj in vars(module).items()\n"
+        "        if isinstance(obj, type) and dataclasses.is_dataclass(obj)\n"
+        "        and obj.__module__ == name\n"
+        "    )\n"
+        "    print(made)\n"
+        "    with pp.Pool() as pool:\n"
+        "        stats = pool.stats()\n"
+        "    print(type(stats).__name__, 'powerpool._stats' in sys.modules)\n"
+    )
+    out = subprocess.run(
+        [sys.executable, str(script)], capture_output=True, text=True, timeout=60, check=True
+    )
+    assert out.stdout.splitlines() == ["[]", "PoolStats True"], out.stdout + out.stderr
