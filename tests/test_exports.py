@@ -199,34 +199,10 @@ def test_the_process_engine_loads_cloudpickle_before_its_workers_start() -> None
     assert _fresh(code) == ["True", "False"]
 
 
-def test_a_cold_map_leaves_the_heavy_modules_alone(tmp_path: Path) -> None:
-    """A script's first ``pp.map`` (auto: the process engine, then the planner)
-    loads neither hashlib nor the profiler, the asyncio face nor the Executor."""
+def _after_a_cold_map(tmp_path: Path, then: str) -> list[str]:
+    """Run a script whose first ``pp.map`` (auto) squares 8 numbers, then ``then``
+    (lines indented for the script's main block); its stdout lines."""
     script = tmp_path / "cold_map.py"
-    script.write_text(
-        "import sys\n"
-        "import powerpool as pp\n"
-        "\n"
-        "def square(x):\n"
-        "    return x * x\n"
-        "\n"
-        "if __name__ == '__main__':\n"
-        "    assert pp.map(square, range(8)) == [x * x for x in range(8)]\n"
-        "    pp.shutdown_warm_pools()\n"
-        f"    heavy = {COLD_MAP_SPARES!r}\n"
-        "    print(sorted(m for m in heavy if m in sys.modules))\n"
-    )
-    out = subprocess.run(
-        [sys.executable, str(script)], capture_output=True, text=True, timeout=60, check=True
-    )
-    assert out.stdout.strip() == "[]", out.stdout + out.stderr
-
-
-def test_a_cold_map_creates_no_dataclass(tmp_path: Path) -> None:
-    """The records a cold ``pp.map`` builds are named tuples or slotted classes:
-    creating a dataclass costs 1-2 ms (see "Records" in docs/architecture.md).
-    The user-facing ones (``PoolStats``, ``Plan``) load when first asked for."""
-    script = tmp_path / "cold_records.py"
     script.write_text(
         "import dataclasses, sys\n"
         "import powerpool as pp\n"
@@ -236,7 +212,31 @@ def test_a_cold_map_creates_no_dataclass(tmp_path: Path) -> None:
         "\n"
         "if __name__ == '__main__':\n"
         "    assert pp.map(square, range(8)) == [x * x for x in range(8)]\n"
-        "    pp.shutdown_warm_pools()\n"
+        "    pp.shutdown_warm_pools()\n" + then
+    )
+    out = subprocess.run(
+        [sys.executable, str(script)], capture_output=True, text=True, timeout=60, check=True
+    )
+    return out.stdout.splitlines()
+
+
+def test_a_cold_map_leaves_the_heavy_modules_alone(tmp_path: Path) -> None:
+    """A script's first ``pp.map`` (auto: the process engine, then the planner)
+    loads neither hashlib nor the profiler, the asyncio face nor the Executor."""
+    printed = _after_a_cold_map(
+        tmp_path,
+        f"    heavy = {COLD_MAP_SPARES!r}\n"
+        "    print(sorted(m for m in heavy if m in sys.modules))\n",
+    )
+    assert printed == ["[]"]
+
+
+def test_a_cold_map_creates_no_dataclass(tmp_path: Path) -> None:
+    """The records a cold ``pp.map`` builds are named tuples or slotted classes:
+    creating a dataclass costs 1-2 ms (see "Records" in docs/architecture.md).
+    The user-facing ones (``PoolStats``, ``Plan``) load when first asked for."""
+    printed = _after_a_cold_map(
+        tmp_path,
         "    made = sorted(\n"
         "        f'{name}.{attr}'\n"
         "        for name, module in list(sys.modules.items()) if name.startswith('powerpool')\n"
@@ -247,9 +247,6 @@ def test_a_cold_map_creates_no_dataclass(tmp_path: Path) -> None:
         "    print(made)\n"
         "    with pp.Pool() as pool:\n"
         "        stats = pool.stats()\n"
-        "    print(type(stats).__name__, 'powerpool._stats' in sys.modules)\n"
+        "    print(type(stats).__name__, 'powerpool._stats' in sys.modules)\n",
     )
-    out = subprocess.run(
-        [sys.executable, str(script)], capture_output=True, text=True, timeout=60, check=True
-    )
-    assert out.stdout.splitlines() == ["[]", "PoolStats True"], out.stdout + out.stderr
+    assert printed == ["[]", "PoolStats True"]
