@@ -8,11 +8,13 @@ see, across processes, what they did.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import functools
 import importlib.util
 import itertools
 import os
+import pickle
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -463,6 +465,17 @@ def test_stats_is_a_frozen_record(backend: str) -> None:
     assert isinstance(stats, pp.PoolStats)
     with pytest.raises(dataclasses.FrozenInstanceError):
         stats.items_done = 0  # type: ignore[misc]
+
+
+def test_stats_pickle_and_copy_whole_and_still_read_only() -> None:
+    with Pool("threads", workers=2) as pool:
+        pool.map(square, range(6))
+        stats = pool.stats()
+    for again in (pickle.loads(pickle.dumps(stats)), copy.deepcopy(stats), copy.copy(stats)):
+        assert again == stats
+        assert again.busy_s_by_worker == stats.busy_s_by_worker != {}
+        with pytest.raises(TypeError):
+            again.busy_s_by_worker["thread-0"] = 0.0  # type: ignore[index]
 
 
 def test_stats_count_failures_of_imap_unordered(backend: str) -> None:

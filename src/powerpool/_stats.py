@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from types import MappingProxyType
+from typing import Any
 
 __all__ = ["PoolStats"]
 
@@ -57,3 +59,15 @@ class PoolStats:
         from ._report_html import stats_html
 
         return stats_html(self)
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        """Pickle (and ``copy.deepcopy``) through a plain dict: the read-only
+        mapping of busy seconds does not pickle itself."""
+        state = {name: getattr(self, name) for name in self.__dataclass_fields__}
+        state["busy_s_by_worker"] = dict(self.busy_s_by_worker)
+        return (_rebuild, (state,))
+
+
+def _rebuild(state: dict[str, Any]) -> PoolStats:
+    busy = MappingProxyType(state.pop("busy_s_by_worker"))
+    return PoolStats(busy_s_by_worker=busy, **state)
