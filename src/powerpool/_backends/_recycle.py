@@ -19,13 +19,14 @@ workers at once for a while, so the retried item gets the memory it needs.
 
 from __future__ import annotations
 
-import os
 import signal
+from collections.abc import Callable
 from typing import NamedTuple
 
 from .._errors import WorkerCrashedError
+from .._probes import RssProbe
 
-__all__ = ["Budget", "Limits", "Throttle", "oom_error", "rss_bytes"]
+__all__ = ["Budget", "Limits", "Throttle", "oom_error", "rss_reader"]
 
 OOM_SUSPECT_BYTES = 256 * 1024 * 1024
 """A worker SIGKILLed with at least this RSS (or past max_worker_memory) is
@@ -37,21 +38,26 @@ THROTTLE_RECOVERY_CHUNKS_PER_WORKER = 2
 per worker have finished: long enough for the re-queued item to run in the
 room it lacked, short enough that one bad item does not slow a long run."""
 
-_PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
+
+def rss_reader() -> Callable[[], int]:
+    """This process's resident set size in bytes, as a function to call often.
+
+    ``/proc/self/statm`` is opened once and re-read (~1 us a reading): opening
+    it for each reading cost 20-40 us, paid per chunk by every worker. Where
+    it cannot be read, psutil (0 if that fails too). Make one per process: a
+    forked child's ``/proc/self`` is not its parent's.
+    """
+    probe = RssProbe()
+    return probe.read if probe.read() else _psutil_rss
 
 
-def rss_bytes() -> int:
-    """This process's resident set size in bytes (0 if it cannot be read)."""
+def _psutil_rss() -> int:
     try:
-        with open("/proc/self/statm", "rb") as statm:
-            return int(statm.read().split()[1]) * _PAGE
-    except (OSError, ValueError, IndexError):
-        try:
-            import psutil
+        import psutil
 
-            return int(psutil.Process().memory_info().rss)
-        except Exception:
-            return 0
+        return int(psutil.Process().memory_info().rss)
+    except Exception:
+        return 0
 
 
 # A named tuple, not a dataclass: see "Records" in docs/architecture.md.
@@ -70,10 +76,11 @@ class Limits(NamedTuple):
 class Budget:
     """A worker's count of items and memory against its :class:`Limits`."""
 
-    def __init__(self, limits: Limits) -> None:
+    def __init__(self, limits: Limits, rss_now: Callable[[], int]) -> None:
         self.limits = limits
         self.tasks = 0
-        self.rss = rss_bytes() if limits.max_memory is not None else 0
+        self._rss_now = rss_now
+        self.rss = rss_now() if limits.max_memory is not None else 0
         self.retire: str | None = None
         """Why this worker retires after the current chunk; None while it may go on."""
 
@@ -84,7 +91,7 @@ class Budget:
         if limits.max_tasks is not None and self.tasks >= limits.max_tasks:
             self.retire = f"ran {self.tasks} items (max_tasks_per_child={limits.max_tasks})"
         elif limits.max_memory is not None:
-            rss = rss_bytes()
+            rss = self._rss_now()
             growth, self.rss = max(0, rss - self.rss), rss
             if rss + growth > limits.max_memory:
                 self.retire = (

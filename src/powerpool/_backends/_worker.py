@@ -67,7 +67,7 @@ from .._stop import StopToken, running
 from .._system import set_worker_cores
 from ._itemloop import BARE, KEYWORDS, STAR, ItemWatch, run_chunk
 from ._native_threads import limit_native_threads
-from ._recycle import Budget, Limits, rss_bytes
+from ._recycle import Budget, Limits, rss_reader
 from ._shm import (
     Packed,
     keep_freed_memory,
@@ -147,9 +147,11 @@ def worker_main(  # noqa: PLR0911 - each return is one way a worker's life ends
     # Ctrl-C goes to the whole process group; the parent decides what stops.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
 
+    rss_now = rss_reader()  # before the watch thread, which reads it too
+
     def record_rss() -> None:
         if rss is not None:
-            rss[slot] = rss_bytes()
+            rss[slot] = rss_now()
 
     _watch_parent(*alive, record_rss)
     if init_blob is None:
@@ -167,7 +169,7 @@ def worker_main(  # noqa: PLR0911 - each return is one way a worker's life ends
     limit_native_threads(native_threads, own_process=True)  # for good: the process is ours
     set_worker_cores(native_threads)  # nested maps stay within this share
     keep_freed_memory()  # big results and arguments reuse pages (see _shm)
-    budget = Budget(limits) if limits else None
+    budget = Budget(limits, rss_now) if limits else None
     # A typed view of the shared status array: item assignment through it
     # costs ~30 ns, a third of ctypes' own __setitem__ (paid once per item).
     view: Any = memoryview(status).cast("B").cast("d")
