@@ -37,6 +37,15 @@ __all__ = ["JOIN_GRACE_S", "Worker", "choose_context", "exiting", "live", "stop_
 _TRACKER_PATCHERS = ("joblib.externals.loky.backend.resource_tracker",)
 """Modules that, once imported, make every forkserver worker import them too."""
 
+SERVER_PRELOADS = ("numpy", "scipy", "pandas", "sklearn", "torch")
+"""Heavy libraries the fork server imports when the caller already has. A
+worker forked from the server then starts with them, instead of importing
+them to unpickle its first function: numpy alone took each worker ~130 ms,
+on every cold pool and every replaced worker, in a process with a thread
+alive (where powerpool starts workers through the fork server: a Jupyter
+kernel, a program that used a thread pool). Only what the caller imported:
+its functions likely need it, and it is known to import here."""
+
 
 JOIN_GRACE_S = 5.0
 """How long shutdown waits for an idle worker to exit before killing it."""
@@ -106,7 +115,10 @@ def _preload_worker(context: BaseContext) -> bool:
     # would then import joblib to unpickle it (1-2 s on a loaded machine)
     # unless the server already has.
     patchers = [name for name in _TRACKER_PATCHERS if name in sys.modules]
-    context.set_forkserver_preload([m for m in modules if m != "__main__"] + patchers + [_PRELOAD])
+    # Before _PRELOAD, whose scan of native thread pools then sees them.
+    heavy = [name for name in SERVER_PRELOADS if name in sys.modules and name not in modules]
+    preload = [m for m in modules if m != "__main__"] + patchers + heavy + [_PRELOAD]
+    context.set_forkserver_preload(preload)
     return True
 
 
