@@ -386,6 +386,11 @@ class ProcessBackend:
                 nbytes for _, nbytes in payload.table or ()
             )
             worker.sent_at = time.monotonic()
+            if self._status[2 * worker.slot] >= 0:
+                # A position left from its last chunk: the worker sent those results
+                # and was stopped (or descheduled) before it cleared the slot. A
+                # death or a timeout before it reads this chunk blames no item.
+                self._status[2 * worker.slot] = -1
             try:
                 worker.conn.send_bytes(header)
                 if payload.table is not None:

@@ -37,10 +37,12 @@ and, once, before any of those: pickle(("ready",)) when the initializer (if
 any) has run, or instead pickle(("init-error", ShippedError)) when it raised;
 the worker then exits.
 
-Shared memory, written only by this worker, read by the parent's dispatcher:
+Shared memory, written by this worker (by the parent only where said), read
+by the parent's dispatcher:
 ``status[2*slot]`` is the position in the chunk of the item now running
 (-1 while the chunk is being unpacked; STARTING, set by the parent, until the
-initializer has run) and ``status[2*slot+1]`` the
+initializer has run; the parent also resets a position this worker left
+from its previous chunk to -1 when it sends the next) and ``status[2*slot+1]`` the
 ``time.monotonic()`` at which it started (0 when idle). That lets the parent
 blame exactly the right item when this process dies or runs late, without a
 message per item.
