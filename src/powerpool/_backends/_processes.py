@@ -389,7 +389,8 @@ class ProcessBackend:
             if self._status[2 * worker.slot] >= 0:
                 # A position left from its last chunk: the worker sent those results
                 # and was stopped (or descheduled) before it cleared the slot. A
-                # death or a timeout before it reads this chunk blames no item.
+                # death before it reads this chunk then blames no item, and a
+                # timeout names the chunk's first item, as for any chunk not started.
                 self._status[2 * worker.slot] = -1
             try:
                 worker.conn.send_bytes(header)
